@@ -1,0 +1,420 @@
+"""Which model a state dict holds, and its hyper-parameters, from key names and shapes alone.
+
+The result has the structure of an official CompVis YAML's `model.params` (unet_config,
+first_stage_config, cond_stage_config, schedule, scale_factor, ...), so a YAML given by the
+user and a detected configuration are built by the same code.
+
+Shapes fix almost everything. What they cannot fix comes from the known official families,
+keyed by what is detectable, and can always be overridden by a config:
+  * attention heads (heads x head-width is all a weight shows): SD 1.x and the LDM BERT models
+    use 8 heads, SD 2.x 64-channel heads, cin256-v2 one head, the legacy-attention LDMs with
+    scale-shift norm / resblock up-down / channel_mult 1,4,8 use 8 heads, other LDMs 32-channel heads;
+  * parameterization: SD 2.x 768 models predict v, 512 models eps, with identical weights'
+    shapes; v is chosen when the file's metadata says so or its name contains "768" or a "v"
+    token (768-v-ema.ckpt, v2-1_768-ema-pruned.safetensors), eps otherwise;
+  * the noise schedule and scale_factor, per family (SD: 0.00085/0.012, 0.18215; LDM:
+    0.0015/0.0155 for concat SR and the KL churches model, 0.0015/0.0205 for inpainting,
+    0.0015/0.0195 otherwise; scale_factor 1.0 except KL-f8 text models).
+"""
+
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Optional
+
+from .errors import LatentgenError
+
+UNET_PREFIX = "model.diffusion_model."
+FIRST_STAGE_PREFIX = "first_stage_model."
+COND_STAGE_PREFIX = "cond_stage_model."
+AUTOENCODER_ROOTS = ("encoder.", "decoder.", "quant_conv.", "post_quant_conv.", "quantize.")
+
+UNET_TARGET = "ldm.modules.diffusionmodules.openaimodel.UNetModel"
+KL_TARGET = "ldm.models.autoencoder.AutoencoderKL"
+VQ_TARGET = "ldm.models.autoencoder.VQModelInterface"
+CLIP_TARGET = "ldm.modules.encoders.modules.FrozenCLIPEmbedder"
+OPENCLIP_TARGET = "ldm.modules.encoders.modules.FrozenOpenCLIPEmbedder"
+BERT_TARGET = "ldm.modules.encoders.modules.BERTEmbedder"
+CLASS_TARGET = "ldm.modules.encoders.modules.ClassEmbedder"
+MINILM_TARGET = "latentgen.models.text.MiniLMEmbedder"
+IDENTITY_TARGET = "torch.nn.Identity"
+UNCONDITIONAL = "__is_unconditional__"
+FIRST_STAGE = "__is_first_stage__"
+
+# What CompVis' DDPM / LatentDiffusion assume when a YAML leaves a key out.
+COMPVIS_DEFAULTS = {
+    "timesteps": 1000, "beta_schedule": "linear", "linear_start": 1e-4, "linear_end": 2e-2,
+    "cosine_s": 8e-3, "parameterization": "eps", "scale_factor": 1.0, "concat_mode": True,
+}
+
+Shapes = dict[str, tuple[int, ...]]
+
+
+def shapes_of(state_dict: Mapping[str, Any]) -> Shapes:
+    """Key -> shape, from tensors (any device, `meta` included) or from shapes."""
+    return {key: tuple(getattr(value, "shape", value)) for key, value in state_dict.items()}
+
+
+def sub_shapes(shapes: Shapes, prefix: str) -> Shapes:
+    return {key[len(prefix):]: shape for key, shape in shapes.items() if key.startswith(prefix)}
+
+
+def indices(shapes: Shapes, prefix: str) -> list[int]:
+    """The sorted N of keys `prefix + "N." + ...`."""
+    found = {int(m.group(1)) for key in shapes if (m := re.match(re.escape(prefix) + r"(\d+)\.", key))}
+    return sorted(found)
+
+
+def has_prefix(shapes: Shapes, prefix: str) -> bool:
+    return any(key.startswith(prefix) for key in shapes)
+
+
+def is_standalone_autoencoder(shapes: Shapes) -> bool:
+    return "encoder.conv_in.weight" in shapes and "decoder.conv_out.weight" in shapes
+
+
+# ---- UNet -----------------------------------------------------------------------------------
+
+
+def _block_kind(shapes: Shapes, prefix: str) -> str:
+    """What sits at `prefix` inside a TimestepEmbedSequential: resblock, attention, transformer, conv, down."""
+    if f"{prefix}in_layers.2.weight" in shapes:
+        return "resblock"
+    if f"{prefix}proj_in.weight" in shapes:
+        return "transformer"
+    if f"{prefix}qkv.weight" in shapes:
+        return "attention"
+    if f"{prefix}op.weight" in shapes:
+        return "down"
+    if f"{prefix}conv.weight" in shapes:
+        return "up"
+    return "unknown"
+
+
+def detect_unet(shapes: Shapes) -> dict:
+    """UNetModel constructor parameters (heads excepted, see `attention_heads`)."""
+    if "input_blocks.0.0.weight" not in shapes or "out.2.weight" not in shapes:
+        raise LatentgenError("the diffusion model has no input_blocks.0.0 / out.2 convolution: not a CompVis UNet")
+    model_channels, in_channels = shapes["input_blocks.0.0.weight"][:2]
+    out_channels = shapes["out.2.weight"][0]
+
+    # Output blocks: each level holds num_res_blocks + 1 blocks and ends (except the last) in an upsampler.
+    outputs = indices(shapes, "output_blocks.")
+    upsampler_at = {}
+    for n in outputs:
+        for part in indices(shapes, f"output_blocks.{n}.")[1:]:
+            kind = _block_kind(shapes, f"output_blocks.{n}.{part}.")
+            if kind in ("up", "resblock"):
+                upsampler_at[n] = kind
+    if not upsampler_at:
+        raise LatentgenError("cannot find the UNet's upsamplers (conv_resample=False?): pass --config")
+    blocks_per_level = min(upsampler_at) + 1
+    num_res_blocks = blocks_per_level - 1
+    levels = len(outputs) // blocks_per_level
+    if levels * blocks_per_level != len(outputs):
+        raise LatentgenError(f"the UNet's {len(outputs)} output blocks do not split into levels of {blocks_per_level}")
+    widths = [shapes[f"output_blocks.{level * blocks_per_level}.0.out_layers.3.weight"][0] for level in range(levels)]
+    channel_mult = [width // model_channels for width in reversed(widths)]
+
+    # Input blocks: block 1 + level * (num_res_blocks + 1) + i is resblock i of level; attention follows it.
+    attention_resolutions, attention_prefix = [], None
+    for level in range(levels):
+        for i in range(num_res_blocks):
+            block = 1 + level * blocks_per_level + i
+            if _block_kind(shapes, f"input_blocks.{block}.1.") in ("transformer", "attention"):
+                attention_prefix = attention_prefix or f"input_blocks.{block}.1."
+                if 2**level not in attention_resolutions:
+                    attention_resolutions.append(2**level)
+    attention_resolutions.sort(reverse=True)
+
+    emb_width = shapes["input_blocks.1.0.emb_layers.1.weight"][0]
+    params: dict[str, Any] = {
+        "image_size": 64,
+        "in_channels": in_channels,
+        "out_channels": out_channels,
+        "model_channels": model_channels,
+        "attention_resolutions": attention_resolutions,
+        "num_res_blocks": num_res_blocks,
+        "channel_mult": channel_mult,
+    }
+    if emb_width == 2 * shapes["input_blocks.1.0.out_layers.3.weight"][0]:
+        params["use_scale_shift_norm"] = True
+    if "resblock" in upsampler_at.values():
+        params["resblock_updown"] = True
+    if "label_emb.weight" in shapes:
+        params["num_classes"] = shapes["label_emb.weight"][0]
+    elif "label_emb.0.0.weight" in shapes:
+        params["num_classes"] = "sequential"
+        params["adm_in_channels"] = shapes["label_emb.0.0.weight"][1]
+    attention_prefix = attention_prefix or ("middle_block.1." if has_prefix(shapes, "middle_block.1.") else None)
+    if attention_prefix and _block_kind(shapes, attention_prefix) == "transformer":
+        params["use_spatial_transformer"] = True
+        params["transformer_depth"] = len(indices(shapes, f"{attention_prefix}transformer_blocks."))
+        params["context_dim"] = shapes[f"{attention_prefix}transformer_blocks.0.attn2.to_k.weight"][1]
+        if len(shapes[f"{attention_prefix}proj_in.weight"]) == 2:
+            params["use_linear_in_transformer"] = True
+    return params
+
+
+def attention_heads(unet: dict, cond_target: Optional[str]) -> dict:
+    """The official families' head layout for a detected UNet (heads are not visible in shapes)."""
+    if unet.get("use_spatial_transformer"):
+        if cond_target == OPENCLIP_TARGET:
+            return {"num_head_channels": 64}
+        if cond_target in (CLIP_TARGET, BERT_TARGET) and unet["model_channels"] == 320:
+            return {"num_heads": 8}
+        if cond_target == CLASS_TARGET and unet["channel_mult"] == [1, 2, 3, 5]:
+            return {"num_heads": 1}
+        return {"num_head_channels": 32}
+    if unet.get("use_scale_shift_norm") or unet.get("resblock_updown") or unet["channel_mult"] == [1, 4, 8]:
+        return {"num_heads": 8}
+    return {"num_head_channels": 32}
+
+
+# ---- first stage ----------------------------------------------------------------------------
+
+
+def detect_first_stage(shapes: Shapes) -> dict:
+    """`first_stage_config` ({target, params: {embed_dim, [n_embed], ddconfig}}) of an autoencoder."""
+    required = ("encoder.conv_in.weight", "encoder.conv_out.weight", "decoder.conv_in.weight",
+                "decoder.conv_out.weight", "post_quant_conv.weight")
+    missing = [key for key in required if key not in shapes]
+    if missing:
+        raise LatentgenError(f"the autoencoder lacks {missing[0]!r}: not a CompVis first-stage model")
+    ch, in_channels = shapes["encoder.conv_in.weight"][:2]
+    levels = indices(shapes, "encoder.down.")
+    ch_mult = [shapes[f"encoder.down.{i}.block.0.conv1.weight"][0] // ch for i in levels]
+    resolution = 256  # not stored; CompVis trained every official autoencoder at 256
+    attn_resolutions = [resolution // 2**i for i in levels if has_prefix(shapes, f"encoder.down.{i}.attn.")]
+    z_channels = shapes["decoder.conv_in.weight"][1]
+    ddconfig: dict[str, Any] = {
+        "double_z": shapes["encoder.conv_out.weight"][0] == 2 * z_channels,
+        "z_channels": z_channels,
+        "resolution": resolution,
+        "in_channels": in_channels,
+        "out_ch": shapes["decoder.conv_out.weight"][0],
+        "ch": ch,
+        "ch_mult": ch_mult,
+        "num_res_blocks": len(indices(shapes, "encoder.down.0.block.")),
+        "attn_resolutions": attn_resolutions,
+        "dropout": 0.0,
+    }
+    if not has_prefix(shapes, "encoder.mid.attn_1."):
+        ddconfig = {"attn_type": "none", **ddconfig}
+    params: dict[str, Any] = {"embed_dim": shapes["post_quant_conv.weight"][1]}
+    if "quantize.embedding.weight" in shapes:
+        params["n_embed"] = shapes["quantize.embedding.weight"][0]
+        return {"target": VQ_TARGET, "params": {**params, "ddconfig": ddconfig}}
+    return {"target": KL_TARGET, "params": {**params, "ddconfig": ddconfig}}
+
+
+# ---- cond stage -----------------------------------------------------------------------------
+
+
+def detect_cond_stage(shapes: Shapes) -> Optional[dict]:
+    """`cond_stage_config` of the `cond_stage_model.*` keys (prefix removed); None when there are none."""
+    if not shapes:
+        return None
+    if "transformer.text_model.final_layer_norm.weight" in shapes:
+        return {"target": CLIP_TARGET}
+    if "model.token_embedding.weight" in shapes:
+        return {"target": OPENCLIP_TARGET, "params": {"freeze": True, "layer": "penultimate"}}
+    if "transformer.token_emb.weight" in shapes:
+        vocab_size, n_embed = shapes["transformer.token_emb.weight"]
+        params: dict[str, Any] = {"n_embed": n_embed, "n_layer": len(indices(shapes, "transformer.attn_layers.layers.")) // 2}
+        if vocab_size != 30522:
+            params["vocab_size"] = vocab_size
+        max_seq_len = shapes.get("transformer.pos_emb.emb.weight", (77,))[0]
+        if max_seq_len != 77:
+            params["max_seq_len"] = max_seq_len
+        return {"target": BERT_TARGET, "params": params}
+    if set(shapes) == {"embedding.weight"}:
+        n_classes, embed_dim = shapes["embedding.weight"]
+        params = {"embed_dim": embed_dim, "key": "class_label"}
+        if n_classes != 1000:
+            params = {"n_classes": n_classes, **params}
+        return {"target": CLASS_TARGET, "params": params}
+    first = sorted(shapes)[0]
+    raise LatentgenError(f"unrecognised conditioning model (first key: 'cond_stage_model.{first}'); pass --config")
+
+
+# ---- the whole model ------------------------------------------------------------------------
+
+
+def target_name(config: Any) -> Optional[str]:
+    """The class name a config's `target` names ("FrozenCLIPEmbedder"), or the special string itself."""
+    if isinstance(config, str):
+        return config
+    if isinstance(config, Mapping):
+        return str(config.get("target", "")).rsplit(".", 1)[-1] or None
+    return None
+
+
+def wants_v_prediction(name_hint: str, metadata: Mapping[str, str]) -> bool:
+    """SD 2.x 768 checkpoints predict v; only their metadata or file name tells them apart."""
+    declared = str(metadata.get("modelspec.prediction_type") or metadata.get("parameterization") or "").lower()
+    if declared:
+        return declared in ("v", "v_prediction", "v-prediction")
+    stem = Path(name_hint).name.lower()
+    return "768" in stem or re.search(r"(^|[-_.])v([-_.]|$)", stem) is not None
+
+
+def _schedule_and_scale(family: str, unet: dict, first_stage: dict) -> dict:
+    if family.startswith(("sd1", "sd2")) or target_name(first_stage) == "AutoencoderKL" and unet.get("context_dim"):
+        return {"linear_start": 0.00085, "linear_end": 0.012, "scale_factor": 0.18215}
+    if family == "ldm-inpaint":
+        end = 0.0205
+    elif family == "ldm-sr" or target_name(first_stage) == "AutoencoderKL":
+        end = 0.0155
+    else:
+        end = 0.0195
+    return {"linear_start": 0.0015, "linear_end": end, "scale_factor": 1.0}
+
+
+def _conditioning_key(unet: dict, cond: Any) -> Optional[str]:
+    concat = unet["in_channels"] != unet["out_channels"]
+    if target_name(cond) not in (None, UNCONDITIONAL, FIRST_STAGE, "Identity"):
+        return "hybrid" if concat else "crossattn"
+    if concat:
+        return "concat"
+    if unet.get("num_classes") is not None:
+        return "adm"
+    return None
+
+
+def _concat_cond_stage(unet: dict, embed_dim: int) -> Any:
+    """What an image-concatenating LDM conditions on: masked image + mask (inpainting) or the low-res image (SR)."""
+    extra = unet["in_channels"] - unet["out_channels"]
+    if extra == embed_dim + 1:
+        return FIRST_STAGE
+    return {"target": IDENTITY_TARGET}
+
+
+def _native_latent_size(family: str, parameterization: str, f: int) -> int:
+    """SD was trained at 512 px (SD 2.x v-models at 768), every other LDM at 256 px."""
+    if family.startswith("sd"):
+        return 96 if parameterization == "v" else 64
+    return 256 // f
+
+
+def _merged(detected: dict, override: Optional[Mapping]) -> dict:
+    """A sub-config with an override's params laid over the detected ones."""
+    if not override:
+        return detected
+    return {**detected, **override, "params": {**detected.get("params", {}), **override.get("params", {})}}
+
+
+def detect_config(state_dict: Mapping[str, Any], name_hint: str = "", metadata: Optional[Mapping[str, str]] = None,
+                  prediction: Optional[str] = None, overrides: Optional[Mapping[str, Any]] = None) -> dict:
+    """The `model.params` an official YAML would give for this state dict (see the module docstring).
+
+    `overrides` is a partial config (our bundled `config.json`): its `cond_stage_config` replaces
+    the detected one before the rest is derived from it, its `unet_config` / `first_stage_config`
+    params are laid over the detected ones, and its other keys replace the detected values.
+    """
+    shapes = shapes_of(state_dict)
+    metadata, overrides = metadata or {}, dict(overrides or {})
+    if is_standalone_autoencoder(shapes):
+        first_stage = _merged(detect_first_stage(shapes), overrides.pop("first_stage_config", None))
+        return {"first_stage_config": first_stage, "cond_stage_config": None, "scale_factor": 1.0, **overrides}
+    unet_shapes = sub_shapes(shapes, UNET_PREFIX)
+    first_shapes = sub_shapes(shapes, FIRST_STAGE_PREFIX)
+    if not unet_shapes or not first_shapes:
+        sample = ", ".join(sorted(shapes)[:3])
+        raise LatentgenError(
+            "not a CompVis LDM / Stable Diffusion checkpoint: no model.diffusion_model.* and first_stage_model.* "
+            f"keys (first keys: {sample})"
+        )
+    if any(has_prefix(shapes, p) for p in ("low_scale_model.", "embedder.", "depth_model.", "noise_augmentor.")):
+        raise LatentgenError("SD 2 x4-upscaler / unCLIP / depth checkpoints are not supported")
+    unet = detect_unet(unet_shapes)
+    first_stage = _merged(detect_first_stage(first_shapes), overrides.pop("first_stage_config", None))
+    if "cond_stage_config" in overrides:
+        cond = overrides.pop("cond_stage_config")
+    else:
+        cond = detect_cond_stage(sub_shapes(shapes, COND_STAGE_PREFIX))
+    if cond is None:
+        concat = unet["in_channels"] != unet["out_channels"]
+        cond = _concat_cond_stage(unet, first_stage["params"]["embed_dim"]) if concat else UNCONDITIONAL
+    unet.update(attention_heads(unet, cond.get("target") if isinstance(cond, Mapping) else None))
+    if unet.get("use_spatial_transformer") and unet["model_channels"] == 320:
+        unet["legacy"] = False  # as the SD / 1.45B YAMLs say; it changes no computation
+    conditioning_key = _conditioning_key(unet, cond)
+    family = family_of({"unet_config": {"params": unet}, "cond_stage_config": cond, "conditioning_key": conditioning_key})
+    parameterization = "v" if family == "sd2" and wants_v_prediction(name_hint, metadata) else "eps"
+    if prediction is not None:
+        parameterization = normalize_prediction(prediction)
+    unet["image_size"] = _native_latent_size(family, parameterization, latent_factor({"first_stage_config": first_stage}))
+    unet_config = _merged({"target": UNET_TARGET, "params": unet}, overrides.pop("unet_config", None))
+    params: dict[str, Any] = {
+        "timesteps": 1000,
+        **_schedule_and_scale(family, unet, first_stage),
+        "parameterization": parameterization,
+        "conditioning_key": conditioning_key,
+        "image_size": unet_config["params"]["image_size"],
+        "channels": unet["out_channels"],
+        "unet_config": unet_config,
+        "first_stage_config": first_stage,
+        "cond_stage_config": cond,
+    }
+    if shapes.get("scale_factor") == ():
+        params["scale_factor"] = float(state_dict["scale_factor"])
+    params.update(overrides)
+    if prediction is not None:
+        params["parameterization"] = normalize_prediction(prediction)
+    return params
+
+
+def normalize_prediction(prediction: str) -> str:
+    value = {"epsilon": "eps", "eps": "eps", "v": "v", "v_prediction": "v"}.get(str(prediction).lower())
+    if value is None:
+        raise LatentgenError(f"unknown prediction type {prediction!r}; use eps or v")
+    return value
+
+
+def normalize_params(params: Mapping[str, Any]) -> dict:
+    """An official YAML's `model.params` with CompVis' defaults filled in and `conditioning_key` resolved."""
+    full = {**COMPVIS_DEFAULTS, **params}
+    full["parameterization"] = normalize_prediction(full["parameterization"])
+    cond = full.get("cond_stage_config")
+    if full.get("conditioning_key") is None:
+        full["conditioning_key"] = "concat" if full["concat_mode"] else "crossattn"
+    if cond == UNCONDITIONAL:
+        full["conditioning_key"] = None
+    full.pop("concat_mode")
+    if "unet_config" in full:
+        full.setdefault("image_size", full["unet_config"].get("params", {}).get("image_size", 64))
+    return full
+
+
+def family_of(params: Mapping[str, Any]) -> str:
+    """A short name for what the model does: sd1, sd2(-inpaint), ldm-txt2img, ldm-class, ldm-sr,
+    ldm-inpaint, ldm-uncond, or autoencoder-kl / autoencoder-vq for a lone first stage."""
+    if not params.get("unet_config"):
+        return "autoencoder-vq" if target_name(params["first_stage_config"]) in ("VQModel", "VQModelInterface") else "autoencoder-kl"
+    cond = target_name(params.get("cond_stage_config"))
+    hybrid = "-inpaint" if params.get("conditioning_key") == "hybrid" else ""
+    if cond == "FrozenCLIPEmbedder":
+        return "sd1" + hybrid
+    if cond == "FrozenOpenCLIPEmbedder":
+        return "sd2" + hybrid
+    if cond in ("BERTEmbedder", "MiniLMEmbedder"):
+        return "ldm-txt2img"
+    if cond == "ClassEmbedder" or params.get("conditioning_key") == "adm":
+        return "ldm-class"
+    if cond == FIRST_STAGE:
+        return "ldm-inpaint"
+    if params.get("conditioning_key") in ("concat", "hybrid"):
+        return "ldm-sr"
+    return "ldm-uncond"
+
+
+def latent_factor(params: Mapping[str, Any]) -> int:
+    """Downsampling factor f of the first stage."""
+    return 2 ** (len(params["first_stage_config"]["params"]["ddconfig"]["ch_mult"]) - 1)
+
+
+def detect_family(state_dict: Mapping[str, Any], path: Any = "") -> tuple[str, int]:
+    """(family, f) of a checkpoint, for listings."""
+    params = detect_config(state_dict, str(path))
+    return family_of(params), latent_factor(params)
