@@ -9,6 +9,7 @@ stand-in, never imported) and numpy scalars and dtypes.
 """
 
 import hashlib
+import inspect
 import json
 import math
 import os
@@ -16,6 +17,7 @@ import pickle
 import re
 import struct
 import tempfile
+import warnings
 import zipfile
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -23,7 +25,10 @@ from typing import Any, Optional, Union
 import numpy as np
 import torch
 
+from . import detect
 from .errors import LatentgenError
+from .ldm import LatentDiffusion
+from .schedules import make_alphas_cumprod
 
 PathLike = Union[str, os.PathLike]
 
@@ -179,14 +184,22 @@ def _first_line(error: BaseException) -> str:
     return text[0][:300] if text else type(error).__name__
 
 
+def _is_zip(path: Path) -> bool:
+    try:
+        return zipfile.is_zipfile(path)
+    except (zipfile.BadZipFile, OSError, ValueError):  # is_zipfile lets some damaged trailers through
+        return False
+
+
 def _read_pickle(path: Path) -> Any:
-    if not zipfile.is_zipfile(path):
+    if not _is_zip(path):
         raise LatentgenError(
             f"{path} is not a PyTorch zip checkpoint (truncated, corrupt, or a pre-1.6 torch format): "
             "only zip checkpoints (torch >= 1.6, every official SD/LDM file) are read safely"
         )
     try:
-        with torch.serialization.safe_globals(allowed_globals()):
+        with torch.serialization.safe_globals(allowed_globals()), warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # e.g. "pickle protocol 0" on damaged files
             try:
                 return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
             except RuntimeError as error:
@@ -337,3 +350,254 @@ def convert_checkpoint(src: PathLike, dst: PathLike, half: bool = False, trust: 
     finally:
         temp.unlink(missing_ok=True)
     return dst
+
+
+# ---- configs --------------------------------------------------------------------------------
+
+# Shorthands a bundled config.json may use for a frozen text encoder whose weights are not stored.
+COND_SHORTHANDS = {"minilm": detect.MINILM_TARGET, "clip": detect.CLIP_TARGET, "openclip": detect.OPENCLIP_TARGET}
+
+
+def read_config(config: Union[PathLike, dict]) -> dict:
+    """A config as `model.params`: from an official YAML (needs PyYAML), a JSON file or a dict.
+
+    Accepted shapes: {"model": {"target", "params"}} (official YAMLs; a standalone autoencoder's
+    YAML has the autoencoder as model.target), a bare params dict, or a partial one such as
+    {"cond_stage": "minilm", "parameterization": "eps"} that is laid over what detection finds.
+    """
+    if isinstance(config, dict):
+        raw = config
+    else:
+        raw = _parse_config_file(Path(config))
+    if not isinstance(raw, dict):
+        raise LatentgenError(f"config {config} is not a mapping")
+    model = raw.get("model", raw)
+    if not isinstance(model, dict):
+        raise LatentgenError(f"config {config}: `model` is not a mapping")
+    params = dict(model.get("params", model) if "target" in model else model)
+    if detect.target_name(model) in ("AutoencoderKL", "VQModel", "VQModelInterface"):
+        params = {"first_stage_config": {"target": model["target"], "params": params}}
+    shorthand = params.pop("cond_stage", None)
+    if shorthand is not None:
+        if shorthand not in COND_SHORTHANDS:
+            raise LatentgenError(f"config names unknown cond_stage {shorthand!r}; known: {', '.join(COND_SHORTHANDS)}")
+        params["cond_stage_config"] = {"target": COND_SHORTHANDS[shorthand]}
+    return params
+
+
+def _parse_config_file(path: Path) -> Any:
+    if not path.is_file():
+        raise LatentgenError(f"config {path} does not exist")
+    text = path.read_text(encoding="utf-8", errors="replace")
+    if path.suffix.lower() in (".yaml", ".yml"):
+        try:
+            import yaml
+        except ImportError:
+            raise LatentgenError(f"reading {path.name} needs PyYAML (pip install pyyaml); JSON configs need nothing") from None
+        try:
+            return yaml.safe_load(text)
+        except yaml.YAMLError as error:
+            raise LatentgenError(f"config {path} is not valid YAML: {_first_line(error)}") from None
+    try:
+        return json.loads(text)
+    except ValueError as error:
+        raise LatentgenError(f"config {path} is not valid JSON: {_first_line(error)}") from None
+
+
+def resolve_params(state_dict: dict, config: Optional[dict], name_hint: str = "", metadata: Optional[dict] = None,
+                   prediction: Optional[str] = None) -> dict:
+    """Final `model.params`. A complete config (one with a unet_config, or a first_stage_config
+    for a lone autoencoder) is read as CompVis reads it, defaults included; a partial one is laid
+    over detection."""
+    standalone = detect.is_standalone_autoencoder(detect.shapes_of(state_dict))
+    complete = config is not None and ("unet_config" in config or (standalone and "first_stage_config" in config))
+    if not complete:
+        return detect.detect_config(state_dict, name_hint, metadata, prediction, overrides=config)
+    if standalone:
+        return {"scale_factor": 1.0, **config, "cond_stage_config": None}
+    params = detect.normalize_params(config)
+    if prediction is not None:
+        params["parameterization"] = detect.normalize_prediction(prediction)
+    return params
+
+
+# ---- keys -----------------------------------------------------------------------------------
+
+# Keys official checkpoints carry that no module here uses: the DDPM schedule buffers (recomputed
+# from the config), EMA bookkeeping, CLIP's position ids (a constant), training-only losses.
+IGNORED_KEYS = frozenset({
+    "betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod", "sqrt_one_minus_alphas_cumprod",
+    "log_one_minus_alphas_cumprod", "sqrt_recip_alphas_cumprod", "sqrt_recipm1_alphas_cumprod",
+    "posterior_variance", "posterior_log_variance_clipped", "posterior_mean_coef1", "posterior_mean_coef2",
+    "logvar", "lvlb_weights", "scale_factor", "model_ema.decay", "model_ema.num_updates",
+    "cond_stage_model.transformer.text_model.embeddings.position_ids",
+})
+IGNORED_PREFIXES = ("loss.", "first_stage_model.loss.", "lpips.", "discriminator.")
+EMA_PREFIX = "model_ema."
+
+
+def ema_key(unet_key: str) -> str:
+    """CompVis LitEma's name for a UNet parameter: the DiffusionWrapper path with dots removed."""
+    return EMA_PREFIX + ("diffusion_model." + unet_key).replace(".", "")
+
+
+def split_state_dict(state_dict: dict, standalone: bool, use_ema: bool) -> tuple[dict, dict, dict, list[str]]:
+    """(unet, first stage, cond stage, leftover keys) with prefixes removed and EMA weights
+    substituted into the UNet when asked and present; ignored keys are dropped."""
+    if standalone:
+        first = {k: v for k, v in state_dict.items() if not _ignored(k)}
+        return {}, first, {}, []
+    parts: dict[str, dict] = {detect.UNET_PREFIX: {}, detect.FIRST_STAGE_PREFIX: {}, detect.COND_STAGE_PREFIX: {}}
+    leftover = []
+    for key, value in state_dict.items():
+        prefix = next((p for p in parts if key.startswith(p)), None)
+        if prefix is not None and not _ignored(key):
+            parts[prefix][key[len(prefix):]] = value
+        elif prefix is None and not _ignored(key) and not key.startswith(EMA_PREFIX):
+            leftover.append(key)
+    unet = parts[detect.UNET_PREFIX]
+    if use_ema:
+        for key in unet:
+            if ema_key(key) in state_dict:
+                unet[key] = state_dict[ema_key(key)]
+    return unet, parts[detect.FIRST_STAGE_PREFIX], parts[detect.COND_STAGE_PREFIX], leftover
+
+
+def _ignored(key: str) -> bool:
+    return key in IGNORED_KEYS or key.startswith(IGNORED_PREFIXES)
+
+
+def _first(keys: list[str]) -> str:
+    return repr(sorted(keys)[0])
+
+
+def check_keys(module: torch.nn.Module, state: dict, prefix: str, leftover: list[str], what: str) -> None:
+    """One error line for every way `state` fails to fit `module` exactly."""
+    expected = {k: tuple(v.shape) for k, v in module.state_dict().items()}
+    unexpected = [prefix + k for k in state if k not in expected] + leftover
+    missing = [prefix + k for k in expected if k not in state]
+    wrong = [(prefix + k, tuple(v.shape), expected[k]) for k, v in state.items() if k in expected and tuple(v.shape) != expected[k]]
+    problems = []
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected key{'s' * (len(unexpected) > 1)} (first: {_first(unexpected)})")
+    if missing:
+        problems.append(f"{len(missing)} missing (first: {_first(missing)})")
+    if wrong:
+        key, got, want = sorted(wrong)[0]
+        problems.append(f"{len(wrong)} with the wrong shape (first: {key!r} is {list(got)}, the model wants {list(want)})")
+    if problems:
+        raise LatentgenError(f"checkpoint does not fit the {what}: it has " + ", ".join(problems) + "; pass --config if detection got it wrong")
+
+
+# ---- building -------------------------------------------------------------------------------
+
+
+def _constructor_kwargs(cls: type, params: dict) -> dict:
+    """The params `cls` accepts (official YAMLs also carry monitor, lossconfig, ckpt_path, device ...)."""
+    accepted = inspect.signature(cls).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in accepted.values()):
+        return dict(params)
+    return {k: v for k, v in params.items() if k in accepted and k != "device"}
+
+
+def _load_into(factory, state: dict, prefix: str, leftover: list[str], what: str) -> torch.nn.Module:
+    """Build on the meta device (no wasted random init), check the keys, then adopt the tensors."""
+    with torch.device("meta"):
+        module = factory()
+    check_keys(module, state, prefix, leftover, what)
+    state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+    module.load_state_dict(state, strict=True, assign=True)
+    if any(t.is_meta for t in [*module.parameters(), *module.buffers()]):
+        module = factory()  # it holds non-persistent buffers: build it for real
+        module.load_state_dict(state, strict=True)
+    return module.eval()
+
+
+def _unet_factory(params: dict):
+    from .models.unet import UNetModel
+
+    return lambda: UNetModel(**_constructor_kwargs(UNetModel, params))
+
+
+def _first_stage_factory(config: dict):
+    from .models.autoencoder import AutoencoderKL, VQModel
+
+    cls = VQModel if detect.target_name(config) in ("VQModel", "VQModelInterface") else AutoencoderKL
+    return lambda: cls(**_constructor_kwargs(cls, config.get("params", {})))
+
+
+def _cond_stage_class(config: Any) -> Optional[type]:
+    from .models import text
+
+    name = detect.target_name(config)
+    if config is None or name in (detect.UNCONDITIONAL, detect.FIRST_STAGE, "Identity"):
+        return None
+    classes = {n: getattr(text, n, None) for n in ("FrozenCLIPEmbedder", "FrozenOpenCLIPEmbedder", "BERTEmbedder",
+                                                   "ClassEmbedder", "MiniLMEmbedder")}
+    if classes.get(name) is None:
+        raise LatentgenError(f"unsupported conditioning model {name!r}")
+    return classes[name]
+
+
+def _build_cond_stage(config: Any, state: dict, leftover: list[str]) -> Optional[torch.nn.Module]:
+    cls = _cond_stage_class(config)
+    if cls is None:
+        if state:
+            check_keys(torch.nn.Module(), state, detect.COND_STAGE_PREFIX, leftover, "model (it has no conditioning model)")
+        return None
+    kwargs = _constructor_kwargs(cls, config.get("params", {}) if isinstance(config, dict) else {})
+    if not state and getattr(cls, "weights_stored_in_checkpoint", True) is False:
+        return cls(**kwargs).eval()
+    return _load_into(lambda: cls(**kwargs), state, detect.COND_STAGE_PREFIX, leftover, f"conditioning model ({cls.__name__})")
+
+
+def _weights_and_config(path: Path, config) -> tuple[Path, Any]:
+    """The weights file and the config to use: a model folder's config.json, or a checkpoint's
+    sibling `<name>.yaml` (the AUTOMATIC1111 convention), unless one is given."""
+    if path.is_dir():
+        weights = path / "model.safetensors"
+        if not weights.is_file():
+            if (path / "model_index.json").is_file():
+                raise LatentgenError(f"{path} is a diffusers folder; load the original single-file checkpoint instead")
+            raise LatentgenError(f"{path} is a folder without model.safetensors")
+        if config is None and (path / "config.json").is_file():
+            config = path / "config.json"
+        return weights, config
+    if config is None:
+        sibling = path.with_suffix(".yaml")
+        config = sibling if sibling.is_file() else None
+    return path, config
+
+
+def load_model(path: PathLike, config: Union[PathLike, dict, None] = None, use_ema: bool = True,
+               prediction: Optional[str] = None) -> LatentDiffusion:
+    """A LatentDiffusion from a full LDM/SD checkpoint, a lone autoencoder, or a model folder
+    (model.safetensors + config.json). The architecture is detected from the weights unless a
+    config is given; `prediction` ("eps" or "v") overrides the parameterization; `use_ema`
+    takes CompVis' EMA weights for the UNet when the checkpoint has them."""
+    path = Path(path)
+    weights, config = _weights_and_config(path, config)
+    state_dict, metadata = read_checkpoint(weights)
+    params = resolve_params(state_dict, read_config(config) if config is not None else None, path.name, metadata, prediction)
+    standalone = detect.is_standalone_autoencoder(detect.shapes_of(state_dict))
+    unet_state, first_state, cond_state, leftover = split_state_dict(state_dict, standalone, use_ema)
+    unet = None
+    if params.get("unet_config"):
+        unet = _load_into(_unet_factory(params["unet_config"]["params"]), unet_state, detect.UNET_PREFIX, leftover, "UNet")
+        leftover = []
+    first_prefix = "" if standalone else detect.FIRST_STAGE_PREFIX
+    first_stage = _load_into(_first_stage_factory(params["first_stage_config"]), first_state, first_prefix, leftover,
+                             "first-stage autoencoder")
+    cond_stage = _build_cond_stage(params.get("cond_stage_config"), cond_state, []) if unet is not None else None
+    return LatentDiffusion(
+        unet=unet, first_stage=first_stage, cond_stage=cond_stage,
+        scale_factor=float(params.get("scale_factor", 1.0)),
+        parameterization=params.get("parameterization", "eps"),
+        alphas_cumprod=make_alphas_cumprod(
+            params.get("beta_schedule", "linear"), int(params.get("timesteps", 1000)),
+            float(params.get("linear_start", 0.00085)), float(params.get("linear_end", 0.012)),
+            float(params.get("cosine_s", 8e-3)),
+        ),
+        conditioning_key=params.get("conditioning_key") if unet is not None else None,
+        family=detect.family_of(params), config=params, name=path.name if path.is_dir() else path.stem, sha256=file_sha256(weights),
+    )
