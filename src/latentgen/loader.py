@@ -319,6 +319,16 @@ def _read_trusted_pickle(path: Path) -> dict[str, torch.Tensor]:
     return _unwrap_state_dict(obj, path)
 
 
+def _own_storage(tensor: torch.Tensor, seen: set) -> torch.Tensor:
+    """`tensor`, or a contiguous copy when it is a view or shares storage (safetensors refuses both)."""
+    storage = tensor.untyped_storage()
+    whole = tensor.is_contiguous() and tensor.storage_offset() == 0 and tensor.nbytes == storage.nbytes()
+    if whole and storage.data_ptr() not in seen:
+        seen.add(storage.data_ptr())
+        return tensor
+    return tensor.contiguous().clone()
+
+
 def convert_checkpoint(src: PathLike, dst: PathLike, half: bool = False, trust: bool = False) -> Path:
     """Write the tensors of `src` as `dst` (.safetensors), contiguous, shared storage cloned.
 
@@ -334,11 +344,11 @@ def convert_checkpoint(src: PathLike, dst: PathLike, half: bool = False, trust: 
         state, metadata = _read_trusted_pickle(src), {}
     else:
         state, metadata = read_checkpoint(src)
-    tensors = {}
+    tensors, seen = {}, set()
     for name, tensor in state.items():
         if half and tensor.is_floating_point():
             tensor = tensor.half()
-        tensors[name] = tensor.detach().contiguous().clone()
+        tensors[name] = _own_storage(tensor.detach(), seen)
     metadata = {**metadata, "format": "pt", "converted_from": src.name}
     from safetensors.torch import save_file
 
@@ -502,8 +512,11 @@ def _constructor_kwargs(cls: type, params: dict) -> dict:
 
 def _load_into(factory, state: dict, prefix: str, leftover: list[str], what: str) -> torch.nn.Module:
     """Build on the meta device (no wasted random init), check the keys, then adopt the tensors."""
-    with torch.device("meta"):
-        module = factory()
+    try:
+        with torch.device("meta"):
+            module = factory()
+    except (TypeError, KeyError, ValueError, AssertionError) as error:
+        raise LatentgenError(f"the config does not describe a buildable {what}: {_first_line(error)}") from None
     check_keys(module, state, prefix, leftover, what)
     state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
     module.load_state_dict(state, strict=True, assign=True)
