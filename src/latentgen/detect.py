@@ -282,12 +282,16 @@ def _conditioning_key(unet: dict, cond: Any) -> Optional[str]:
     return None
 
 
-def _concat_cond_stage(unet: dict, embed_dim: int) -> Any:
-    """What an image-concatenating LDM conditions on: masked image + mask (inpainting) or the low-res image (SR)."""
+def _weightless_cond_stage(unet: dict, embed_dim: int) -> Any:
+    """The conditioning of a model without cond_stage_model weights: the masked image + mask
+    (inpainting: extra channels = latent + 1), the low-res image (super-resolution: other extra
+    channels), class labels fed to the UNet as `y` (adm), or nothing."""
     extra = unet["in_channels"] - unet["out_channels"]
     if extra == embed_dim + 1:
         return FIRST_STAGE
-    return {"target": IDENTITY_TARGET}
+    if extra or unet.get("num_classes") is not None:
+        return {"target": IDENTITY_TARGET}
+    return UNCONDITIONAL
 
 
 def _native_latent_size(family: str, parameterization: str, f: int) -> int:
@@ -334,8 +338,7 @@ def detect_config(state_dict: Mapping[str, Any], name_hint: str = "", metadata: 
     else:
         cond = detect_cond_stage(sub_shapes(shapes, COND_STAGE_PREFIX))
     if cond is None:
-        concat = unet["in_channels"] != unet["out_channels"]
-        cond = _concat_cond_stage(unet, first_stage["params"]["embed_dim"]) if concat else UNCONDITIONAL
+        cond = _weightless_cond_stage(unet, first_stage["params"]["embed_dim"])
     unet.update(attention_heads(unet, cond.get("target") if isinstance(cond, Mapping) else None))
     if unet.get("use_spatial_transformer") and unet["model_channels"] == 320:
         unet["legacy"] = False  # as the SD / 1.45B YAMLs say; it changes no computation
@@ -362,7 +365,7 @@ def detect_config(state_dict: Mapping[str, Any], name_hint: str = "", metadata: 
     params.update(overrides)
     if prediction is not None:
         params["parameterization"] = normalize_prediction(prediction)
-    return params
+    return normalize_params(params)
 
 
 def normalize_prediction(prediction: str) -> str:
@@ -382,8 +385,9 @@ def normalize_params(params: Mapping[str, Any]) -> dict:
     if cond == UNCONDITIONAL:
         full["conditioning_key"] = None
     full.pop("concat_mode")
-    if "unet_config" in full:
-        full.setdefault("image_size", full["unet_config"].get("params", {}).get("image_size", 64))
+    unet = full.get("unet_config", {}).get("params", {})
+    full.setdefault("image_size", unet.get("image_size", 64))
+    full.setdefault("channels", unet.get("out_channels", 4))
     return full
 
 
