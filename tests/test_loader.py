@@ -20,6 +20,7 @@ from latentgen.loader import (
     read_safetensors_header,
 )
 from latentgen.models.autoencoder import AutoencoderKL, VQModel
+from latentgen.schedules import make_alphas_cumprod
 
 TINY_DD = dict(double_z=True, z_channels=4, resolution=32, in_channels=3, out_ch=3, ch=32, ch_mult=[1, 2],
                num_res_blocks=1, attn_resolutions=[], dropout=0.0)
@@ -288,3 +289,123 @@ def test_key_mismatches_are_one_line_with_counts(tmp_path):
     assert "1 unexpected key (first: 'decoder.extra.weight')" in message
     assert "1 missing (first: 'decoder.conv_out.bias')" in message
     assert "'encoder.conv_in.bias' is [7], the model wants [32]" in message
+
+
+# ---- load_model: full LDM checkpoints -------------------------------------------------------
+
+TINY_UNET = dict(image_size=8, in_channels=4, out_channels=4, model_channels=32, attention_resolutions=[2],
+                 num_res_blocks=1, channel_mult=[1, 2], num_head_channels=32, use_spatial_transformer=True,
+                 transformer_depth=1, context_dim=32)
+SCHEDULE_BUFFERS = ("betas", "alphas_cumprod", "alphas_cumprod_prev", "posterior_variance", "logvar")
+
+
+def tiny_ldm():
+    """(unet, autoencoder, class embedder) of a tiny class-conditional LDM, seeded."""
+    from latentgen.models.text import ClassEmbedder
+    from latentgen.models.unet import UNetModel
+
+    torch.manual_seed(2)
+    return UNetModel(**TINY_UNET).eval(), tiny_autoencoder("kl"), ClassEmbedder(32, n_classes=10).eval()
+
+
+def official_layout(unet, first_stage, cond_stage, ema_offset=None) -> dict:
+    """A state dict as CompVis LatentDiffusion.state_dict() writes it, schedule buffers and EMA included."""
+    state = {}
+    for prefix, module in (("model.diffusion_model.", unet), ("first_stage_model.", first_stage), ("cond_stage_model.", cond_stage)):
+        state.update({prefix + k: v for k, v in module.state_dict().items()})
+    state.update({name: torch.rand(1000, dtype=torch.float64) for name in SCHEDULE_BUFFERS})
+    state["scale_factor"] = torch.tensor(0.5)
+    if ema_offset is not None:
+        state.update({ema_key(k): v + ema_offset for k, v in unet.state_dict().items()})
+        state.update({"model_ema.decay": torch.tensor(0.9999), "model_ema.num_updates": torch.tensor(3)})
+    return state
+
+
+def outputs(unet, first_stage, cond_stage):
+    """UNet prediction and decoded image on fixed inputs: what must survive a save/load round trip."""
+    torch.manual_seed(3)
+    x, t, labels = torch.randn(2, 4, 8, 8), torch.tensor([10.0, 900.0]), torch.tensor([1, 7])
+    with torch.no_grad():
+        return unet(x, t, context=cond_stage(labels)), first_stage.decode(x)
+
+
+@pytest.mark.parametrize("suffix", [".ckpt", ".safetensors"])
+def test_full_checkpoint_round_trip(tmp_path, suffix, fake_lightning, monkeypatch):
+    monkeypatch.setenv("LATENTGEN_CACHE", str(tmp_path / "cache"))
+    unet, first_stage, cond_stage = tiny_ldm()
+    state = official_layout(unet, first_stage, cond_stage)
+    path = tmp_path / f"tiny{suffix}"
+    if suffix == ".ckpt":
+        torch.save(lightning_checkpoint(state, fake_lightning), path)
+    else:
+        save_file(state, path)
+    model = load_model(path)
+    assert (model.family, model.conditioning_key, model.parameterization) == ("ldm-class", "crossattn", "eps")
+    assert model.scale_factor == 0.5  # the checkpoint's own scale_factor buffer wins over the family default
+    assert model.config["unet_config"]["params"] == {**TINY_UNET, "image_size": 128}  # 256 px / f=2
+    for got, want in zip(outputs(model.unet, model.first_stage, model.cond_stage), outputs(unet, first_stage, cond_stage)):
+        assert torch.equal(got, want)
+    assert (model.config["linear_start"], model.config["linear_end"]) == (0.0015, 0.0155)  # LDM KL schedule
+    assert torch.equal(model.alphas_cumprod, make_alphas_cumprod("linear", 1000, 0.0015, 0.0155))
+
+
+def test_ema_weights_are_substituted_when_asked(tmp_path):
+    unet, first_stage, cond_stage = tiny_ldm()
+    path = tmp_path / "ema.safetensors"
+    save_file(official_layout(unet, first_stage, cond_stage, ema_offset=0.01), path)
+    plain, ema = load_model(path, use_ema=False), load_model(path)
+    key = "input_blocks.0.0.weight"
+    assert torch.equal(plain.unet.state_dict()[key], unet.state_dict()[key])
+    assert torch.equal(ema.unet.state_dict()[key], unet.state_dict()[key] + 0.01)
+    assert all(torch.equal(ema.unet.state_dict()[k], v + 0.01) for k, v in unet.state_dict().items())
+
+
+def test_unet_mismatches_name_the_full_checkpoint_key(tmp_path):
+    unet, first_stage, cond_stage = tiny_ldm()
+    state = official_layout(unet, first_stage, cond_stage)
+    state.pop("model.diffusion_model.out.2.bias")
+    state["model.diffusion_model.bogus.weight"] = torch.zeros(1)
+    state["something_else"] = torch.zeros(1)
+    save_file(state, tmp_path / "bad.safetensors")
+    with pytest.raises(LatentgenError) as error:
+        load_model(tmp_path / "bad.safetensors")
+    message = str(error.value)
+    assert "checkpoint does not fit the UNet" in message and "\n" not in message
+    assert "2 unexpected keys (first: 'model.diffusion_model.bogus.weight')" in message
+    assert "1 missing (first: 'model.diffusion_model.out.2.bias')" in message
+
+
+def test_model_folder_with_partial_config_json(tmp_path):
+    """Our bundled layout: model.safetensors + config.json that only says what detection cannot know."""
+    unet, first_stage, cond_stage = tiny_ldm()
+    folder = tmp_path / "tiny-model"
+    folder.mkdir()
+    save_file(official_layout(unet, first_stage, cond_stage), folder / "model.safetensors")
+    (folder / "config.json").write_text(json.dumps({"parameterization": "v", "scale_factor": 0.25, "linear_end": 0.012}))
+    model = load_model(folder)
+    assert (model.name, model.parameterization, model.scale_factor) == ("tiny-model", "v", 0.25)
+    assert model.config["linear_end"] == 0.012
+    assert load_model(folder, prediction="eps").parameterization == "eps"
+
+
+def test_complete_config_is_read_as_compvis_reads_it(tmp_path, monkeypatch):
+    unet, first_stage, cond_stage = tiny_ldm()
+    path = tmp_path / "tiny.safetensors"
+    save_file(official_layout(unet, first_stage, cond_stage), path)
+    config = {"model": {"target": "ldm.models.diffusion.ddpm.LatentDiffusion", "params": {
+        "conditioning_key": "crossattn", "monitor": "val/loss",
+        "unet_config": {"target": "ldm.modules.diffusionmodules.openaimodel.UNetModel", "params": TINY_UNET},
+        "first_stage_config": {"target": "ldm.models.autoencoder.AutoencoderKL",
+                               "params": {"embed_dim": 4, "ddconfig": TINY_DD, "lossconfig": {"target": "torch.nn.Identity"}}},
+        "cond_stage_config": {"target": "ldm.modules.encoders.modules.ClassEmbedder",
+                              "params": {"embed_dim": 32, "n_classes": 10, "key": "class_label"}},
+    }}}
+    (tmp_path / "tiny.json").write_text(json.dumps(config))
+    model = load_model(path, config=tmp_path / "tiny.json")
+    assert model.scale_factor == 1.0 and model.config["linear_start"] == 1e-4  # CompVis defaults, as in a YAML
+    for got, want in zip(outputs(model.unet, model.first_stage, model.cond_stage), outputs(unet, first_stage, cond_stage)):
+        assert torch.equal(got, want)
+    (tmp_path / "tiny.yaml").write_text("model: {params: {}}\n")
+    monkeypatch.setitem(sys.modules, "yaml", None)
+    with pytest.raises(LatentgenError, match="needs PyYAML"):
+        load_model(path, config=tmp_path / "tiny.yaml")

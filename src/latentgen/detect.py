@@ -259,12 +259,13 @@ def wants_v_prediction(name_hint: str, metadata: Mapping[str, str]) -> bool:
     return "768" in stem or re.search(r"(^|[-_.])v([-_.]|$)", stem) is not None
 
 
-def _schedule_and_scale(family: str, unet: dict, first_stage: dict) -> dict:
-    if family.startswith(("sd1", "sd2")) or target_name(first_stage) == "AutoencoderKL" and unet.get("context_dim"):
+def _schedule_and_scale(family: str, first_stage: dict) -> dict:
+    kl = target_name(first_stage) == "AutoencoderKL"
+    if family.startswith("sd") or (family == "ldm-txt2img" and kl):
         return {"linear_start": 0.00085, "linear_end": 0.012, "scale_factor": 0.18215}
     if family == "ldm-inpaint":
         end = 0.0205
-    elif family == "ldm-sr" or target_name(first_stage) == "AutoencoderKL":
+    elif family == "ldm-sr" or kl:
         end = 0.0155
     else:
         end = 0.0195
@@ -351,7 +352,7 @@ def detect_config(state_dict: Mapping[str, Any], name_hint: str = "", metadata: 
     unet_config = _merged({"target": UNET_TARGET, "params": unet}, overrides.pop("unet_config", None))
     params: dict[str, Any] = {
         "timesteps": 1000,
-        **_schedule_and_scale(family, unet, first_stage),
+        **_schedule_and_scale(family, first_stage),
         "parameterization": parameterization,
         "conditioning_key": conditioning_key,
         "image_size": unet_config["params"]["image_size"],
