@@ -256,7 +256,7 @@ def tiny_autoencoder(kind: str) -> torch.nn.Module:
     torch.manual_seed(1)
     if kind == "kl":
         return AutoencoderKL(TINY_DD, embed_dim=4).eval()
-    return VQModel({**TINY_DD, "double_z": False, "attn_resolutions": [128]}, n_embed=16, embed_dim=3).eval()
+    return VQModel({**TINY_DD, "double_z": False, "attn_resolutions": [16]}, n_embed=16, embed_dim=3).eval()
 
 
 @pytest.mark.parametrize("kind", ["kl", "vq"])
@@ -409,3 +409,27 @@ def test_complete_config_is_read_as_compvis_reads_it(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "yaml", None)
     with pytest.raises(LatentgenError, match="needs PyYAML"):
         load_model(path, config=tmp_path / "tiny.yaml")
+
+
+def test_sibling_yaml_of_a_lone_autoencoder_is_used(tmp_path):
+    """AUTOMATIC1111's convention: `name.yaml` beside `name.ckpt` is its config."""
+    pytest.importorskip("yaml")
+    reference = tiny_autoencoder("vq")
+    torch.save(reference.state_dict(), tmp_path / "vq.ckpt")
+    ddconfig = {**TINY_DD, "double_z": False, "attn_resolutions": [16], "resolution": 32}
+    (tmp_path / "vq.yaml").write_text(json.dumps({"model": {"target": "ldm.models.autoencoder.VQModel", "params": {
+        "embed_dim": 3, "n_embed": 16, "monitor": "val/rec_loss", "ddconfig": ddconfig}}}))
+    model = load_model(tmp_path / "vq.ckpt")
+    assert model.config["first_stage_config"]["params"]["ddconfig"] == ddconfig
+    x = torch.rand(1, 3, 16, 16) * 2 - 1
+    with torch.no_grad():
+        assert torch.equal(model.first_stage.decode(model.first_stage.encode(x)), reference.decode(reference.encode(x)))
+
+
+def test_folders_without_our_layout_are_refused(tmp_path):
+    (tmp_path / "model_index.json").write_text("{}")
+    with pytest.raises(LatentgenError, match="diffusers folder"):
+        load_model(tmp_path)
+    (tmp_path / "model_index.json").unlink()
+    with pytest.raises(LatentgenError, match="without model.safetensors"):
+        load_model(tmp_path)

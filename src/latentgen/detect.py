@@ -221,7 +221,8 @@ def detect_cond_stage(shapes: Shapes) -> Optional[dict]:
         return {"target": OPENCLIP_TARGET, "params": {"freeze": True, "layer": "penultimate"}}
     if "transformer.token_emb.weight" in shapes:
         vocab_size, n_embed = shapes["transformer.token_emb.weight"]
-        params: dict[str, Any] = {"n_embed": n_embed, "n_layer": len(indices(shapes, "transformer.attn_layers.layers.")) // 2}
+        layers = indices(shapes, "transformer.attn_layers.layers.")  # x-transformers: attention, feed-forward, ...
+        params: dict[str, Any] = {"n_embed": n_embed, "n_layer": len(layers) // 2}
         if vocab_size != 30522:
             params["vocab_size"] = vocab_size
         max_seq_len = shapes.get("transformer.pos_emb.emb.weight", (77,))[0]
@@ -396,7 +397,8 @@ def family_of(params: Mapping[str, Any]) -> str:
     """A short name for what the model does: sd1, sd2(-inpaint), ldm-txt2img, ldm-class, ldm-sr,
     ldm-inpaint, ldm-uncond, or autoencoder-kl / autoencoder-vq for a lone first stage."""
     if not params.get("unet_config"):
-        return "autoencoder-vq" if target_name(params["first_stage_config"]) in ("VQModel", "VQModelInterface") else "autoencoder-kl"
+        vq = target_name(params["first_stage_config"]) in ("VQModel", "VQModelInterface")
+        return "autoencoder-vq" if vq else "autoencoder-kl"
     cond = target_name(params.get("cond_stage_config"))
     hybrid = "-inpaint" if params.get("conditioning_key") == "hybrid" else ""
     if cond == "FrozenCLIPEmbedder":

