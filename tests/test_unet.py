@@ -21,7 +21,7 @@ from diffusers.models.embeddings import get_timestep_embedding
 from latentgen.errors import LatentgenError
 from latentgen.models.unet import GroupNorm32, UNetModel, timestep_embedding
 
-TOLERANCE = 1e-4
+TOLERANCE = 2e-5  # measured: below 7e-6 everywhere; a GroupNorm eps of 1e-6 for 1e-5 alone gives 3e-5 to 7e-5
 PREFIX = "model.diffusion_model."
 
 # ---- official unet_config.params -------------------------------------------------------------
@@ -315,13 +315,13 @@ def test_plain_unet_matches_diffusers(name):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["sd-v1", "sd-v2-v"])
-def test_official_sd_unet_matches_diffusers(name):
-    assert cross_error(OFFICIAL_CROSS[name], 8, tokens=77) <= TOLERANCE
+@pytest.mark.parametrize("name, size", [("sd-v1", 8), ("sd-v2-v", 8), ("ldm-cin256-v2", 16)])
+def test_official_transformer_unet_matches_diffusers(name, size):
+    assert cross_error(OFFICIAL_CROSS[name], size, tokens=77) <= TOLERANCE
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["ldm-inpainting-big", "ldm-bsr-sr"])
+@pytest.mark.parametrize("name", ["ldm-inpainting-big", "ldm-bsr-sr", "ldm-lsun-churches"])
 def test_official_plain_unet_matches_diffusers(name):
     assert plain_error(OFFICIAL_PLAIN[name], 16) <= TOLERANCE
 
@@ -408,11 +408,14 @@ def test_timestep_embedding_is_cos_first_without_frequency_shift():
 
 
 def test_group_norm32_computes_in_float32():
-    norm = GroupNorm32(32, 64).to(torch.bfloat16)
-    x = torch.randn(2, 64, 4, 4).to(torch.bfloat16) * 100 + 1000
-    out = norm(x)
-    reference = F.group_norm(x.float(), 32, eps=1e-5).to(torch.bfloat16)
-    assert out.dtype == torch.bfloat16 and torch.equal(out, reference)
+    gen = torch.Generator().manual_seed(0)
+    norm = GroupNorm32(32, 64)
+    torch.nn.init.normal_(norm.weight, 1.0, 0.2, generator=gen)
+    x = (torch.randn(2, 64, 4, 4, generator=gen) * 100 + 1000).to(torch.bfloat16)
+    reference = F.group_norm(x.float(), 32, norm.weight, norm.bias, eps=1e-5)
+    out = norm.to(torch.bfloat16)(x)
+    assert out.dtype == torch.bfloat16
+    assert torch.allclose(out.float(), reference, rtol=1e-2, atol=1e-2)  # only the output's bf16 rounding
 
 
 @torch.no_grad()
