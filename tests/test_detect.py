@@ -209,5 +209,5 @@ def test_prediction_override_and_partial_overrides():
     assert detect.detect_config(shapes, "512-base-ema.ckpt", prediction="v")["parameterization"] == "v"
     config = detect.detect_config(shapes, "x.ckpt", overrides={"scale_factor": 0.5, "unet_config": {"params": {"num_heads": 4}}})
     assert config["scale_factor"] == 0.5
-    assert config["unet_config"]["params"]["num_heads"] == 4
+    assert config["unet_config"]["params"]["num_heads"] == 4 and "num_head_channels" not in config["unet_config"]["params"]
     assert config["unet_config"]["params"]["context_dim"] == 1024

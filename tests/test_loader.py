@@ -433,3 +433,49 @@ def test_folders_without_our_layout_are_refused(tmp_path):
     (tmp_path / "model_index.json").unlink()
     with pytest.raises(LatentgenError, match="without model.safetensors"):
         load_model(tmp_path)
+
+
+def test_text_model_with_config_override_and_ignored_official_keys(tmp_path):
+    """An SD 1.x-style checkpoint (CLIP keys, position_ids, schedule buffers) at tiny width, its
+    text encoder's size given by a partial config."""
+    from latentgen.models.text import FrozenCLIPEmbedder
+
+    unet, first_stage, _ = tiny_ldm()
+    clip_sizes = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2}
+    clip = FrozenCLIPEmbedder(config=clip_sizes).eval()
+    state = official_layout(unet, first_stage, clip)
+    state["cond_stage_model.transformer.text_model.embeddings.position_ids"] = torch.arange(77)[None]
+    save_file(state, tmp_path / "sd-tiny.safetensors")
+    config = {"cond_stage_config": {"target": "ldm.modules.encoders.modules.FrozenCLIPEmbedder", "params": {"config": clip_sizes}}}
+    model = load_model(tmp_path / "sd-tiny.safetensors", config=config)
+    assert (model.family, model.conditioning_key) == ("sd1", "crossattn")
+    assert model.config["scale_factor"] == 0.5 and model.config["linear_start"] == 0.00085
+    x, t = torch.randn(1, 4, 8, 8), torch.tensor([500.0])
+    with torch.no_grad():
+        assert torch.equal(model.unet(x, t, context=model.cond_stage(["a red cube"])), unet(x, t, context=clip(["a red cube"])))
+
+
+def test_bundled_folder_with_frozen_minilm_text_encoder(tmp_path):
+    """Our layout: the MiniLM weights come from its package, so the checkpoint has no cond_stage_model keys."""
+    from latentgen.models.text import MiniLMEmbedder
+    from latentgen.models.unet import UNetModel
+
+    torch.manual_seed(4)
+    unet = UNetModel(**{**TINY_UNET, "context_dim": 384}).eval()
+    first_stage = tiny_autoencoder("kl")
+    folder = tmp_path / "txt2img-tiny"
+    folder.mkdir()
+    state = {**{"model.diffusion_model." + k: v for k, v in unet.state_dict().items()},
+             **{"first_stage_model." + k: v for k, v in first_stage.state_dict().items()}}
+    save_file(state, folder / "model.safetensors")
+    (folder / "config.json").write_text(json.dumps({"cond_stage": "minilm", "unet_config": {"params": {"num_heads": 4}}}))
+    model = load_model(folder)
+    assert isinstance(model.cond_stage, MiniLMEmbedder)
+    assert (model.family, model.conditioning_key) == ("ldm-txt2img", "crossattn")
+    params = model.config["unet_config"]["params"]
+    assert params["num_heads"] == 4 and params["context_dim"] == 384
+    x, t, context = torch.randn(1, 4, 8, 8), torch.tensor([500.0]), torch.randn(1, 77, 384)
+    with torch.no_grad():
+        reference = UNetModel(**{**TINY_UNET, "context_dim": 384, "num_heads": 4}).eval()
+        reference.load_state_dict(unet.state_dict())
+        assert torch.equal(model.unet(x, t, context=context), reference(x, t, context=context))

@@ -350,7 +350,10 @@ def detect_config(state_dict: Mapping[str, Any], name_hint: str = "", metadata: 
     if prediction is not None:
         parameterization = normalize_prediction(prediction)
     unet["image_size"] = _native_latent_size(family, parameterization, latent_factor({"first_stage_config": first_stage}))
-    unet_config = _merged({"target": UNET_TARGET, "params": unet}, overrides.pop("unet_config", None))
+    unet_override = overrides.pop("unet_config", None) or {}
+    if {"num_heads", "num_head_channels"} & set(unet_override.get("params", {})):
+        unet.pop("num_heads", None), unet.pop("num_head_channels", None)  # a head layout replaces the guessed one
+    unet_config = _merged({"target": UNET_TARGET, "params": unet}, unet_override)
     params: dict[str, Any] = {
         "timesteps": 1000,
         **_schedule_and_scale(family, first_stage),

