@@ -1,0 +1,524 @@
+"""`latentgen bench`: latentgen against diffusers on the same weights, in one process.
+
+diffusers is optional here (a test extra, imported only inside this module's functions): when it
+is importable, the very tensors latentgen runs on are converted with diffusers' own single-file
+utilities, so both runners share weights, device and dtype. Every comparison also records how far
+the two outputs are apart (`rel_diff`), so a fast but wrong path cannot pass unnoticed. Times are
+medians over repeats after warm-up, measured with CUDA events on GPU and perf_counter elsewhere.
+"""
+
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Optional, Union
+
+import torch
+from torch import nn
+
+from . import catalog
+from .errors import LatentgenError
+from .models.autoencoder import AutoencoderKL
+from .models.unet import UNetModel
+from .samplers import sample
+from .schedules import make_alphas_cumprod
+
+Step = Callable[[torch.Tensor, torch.Tensor, Optional[torch.Tensor]], torch.Tensor]
+Report = Callable[[str], None]
+GUIDANCE_SCALE = 7.5
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """A UNet and KL autoencoder shape in CompVis terms (`unet_config.params`, `ddconfig`)."""
+
+    unet: dict
+    ddconfig: dict
+    embed_dim: int = 4
+    scale_factor: float = 0.18215
+    context_length: int = 77
+
+    def params(self) -> dict:
+        """The architecture as an official YAML's `model.params`, the shape diffusers' converter reads."""
+        return {
+            "unet_config": {"params": self.unet},
+            "first_stage_config": {"params": {"embed_dim": self.embed_dim, "ddconfig": self.ddconfig}},
+            "scale_factor": self.scale_factor,
+        }
+
+
+ARCHITECTURES = {
+    "sd15": Architecture(
+        unet=dict(image_size=64, in_channels=4, out_channels=4, model_channels=320, attention_resolutions=[4, 2, 1],
+                  num_res_blocks=2, channel_mult=[1, 2, 4, 4], num_heads=8, use_spatial_transformer=True,
+                  transformer_depth=1, context_dim=768, legacy=False),
+        ddconfig=dict(double_z=True, z_channels=4, resolution=256, in_channels=3, out_ch=3, ch=128, ch_mult=[1, 2, 4, 4],
+                      num_res_blocks=2, attn_resolutions=[], dropout=0.0),
+    ),
+    # The same building blocks at toy width, for tests and quick checks of the bench itself.
+    "tiny": Architecture(
+        unet=dict(image_size=8, in_channels=4, out_channels=4, model_channels=32, attention_resolutions=[2],
+                  num_res_blocks=1, channel_mult=[1, 2], num_heads=2, use_spatial_transformer=True,
+                  transformer_depth=1, context_dim=32, legacy=False),
+        ddconfig=dict(double_z=True, z_channels=4, resolution=32, in_channels=3, out_ch=3, ch=32, ch_mult=[1, 2],
+                      num_res_blocks=1, attn_resolutions=[], dropout=0.0),
+        context_length=8,
+    ),
+}
+DEFAULT_ARCH = "sd15"
+
+
+@dataclass
+class Row:
+    """One measurement: what, the value per runner (None where a runner was not run), and notes such
+    as `rel_diff`, the relative L2 distance between the two runners' outputs."""
+
+    name: str
+    latentgen_ms: float
+    diffusers_ms: Optional[float] = None
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def ratio(self) -> Optional[float]:
+        return None if self.diffusers_ms is None else self.latentgen_ms / self.diffusers_ms
+
+
+def time_ms(fn: Callable[[], object], device: torch.device, repeats: int, warmup: int = 2) -> float:
+    """Median wall time of `fn` in milliseconds over `repeats` calls, after `warmup` untimed calls."""
+    for _ in range(warmup):
+        fn()
+    samples = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            samples.append(start.elapsed_time(end))
+        else:
+            begin = time.perf_counter()
+            fn()
+            samples.append((time.perf_counter() - begin) * 1000)
+    return statistics.median(samples)
+
+
+class KeepLast:
+    """A callable that remembers its latest result, so comparing outputs costs no extra call."""
+
+    def __init__(self, fn: Callable[[], torch.Tensor]):
+        self.fn, self.result = fn, None
+
+    def __call__(self) -> torch.Tensor:
+        self.result = self.fn()
+        return self.result
+
+
+def relative_difference(ours: torch.Tensor, reference: torch.Tensor) -> float:
+    """||ours - reference|| / ||reference||, computed in float32."""
+    ours, reference = ours.float(), reference.float()
+    return ((ours - reference).norm() / reference.norm().clamp_min(1e-12)).item()
+
+
+def random_state_dict(module: nn.Module, device: torch.device, dtype: torch.dtype, seed: int = 0) -> dict:
+    """Random tensors for every entry of `module.state_dict()` (build it on the meta device), scaled
+    like a trained network so that fp16 sees realistic ranges: weights N(0, 1/fan_in), norm gains
+    near 1, small biases. All are views of one buffer drawn in a single generator pass."""
+    shapes = {name: tensor.shape for name, tensor in module.state_dict().items()}
+    generator = torch.Generator(device).manual_seed(seed)
+    flat = torch.empty(sum(s.numel() for s in shapes.values()), device=device, dtype=dtype)
+    flat.normal_(generator=generator)
+    state, offset = {}, 0
+    for name, shape in shapes.items():
+        tensor = flat[offset:offset + shape.numel()].view(shape)
+        offset += shape.numel()
+        if len(shape) >= 2:
+            tensor.mul_(shape[1:].numel() ** -0.5)
+        elif name.endswith("weight"):
+            tensor.mul_(0.1).add_(1.0)
+        else:
+            tensor.mul_(0.02)
+        state[name] = tensor
+    return state
+
+
+def adopt(factory: Callable[[], nn.Module], state: dict) -> nn.Module:
+    """`factory()` holding exactly the tensors of `state` (no copy, no random init): built on the meta
+    device, then given the tensors; built for real only if it keeps buffers outside its state dict."""
+    with torch.device("meta"):
+        module = factory()
+    module.load_state_dict(state, strict=True, assign=True)
+    if any(t.is_meta for t in [*module.parameters(), *module.buffers()]):
+        device = next(iter(state.values())).device
+        with torch.device(device):
+            module = factory()
+        module.load_state_dict(state, strict=True)
+    return module.eval()
+
+
+def build_latentgen(arch: Architecture, device: torch.device, dtype: torch.dtype, seed: int = 0):
+    """(UNet, autoencoder) of `arch` with random weights on `device` in `dtype`."""
+    def make_unet():
+        return UNetModel(**arch.unet)
+
+    def make_vae():
+        return AutoencoderKL(arch.ddconfig, embed_dim=arch.embed_dim)
+
+    with torch.device("meta"):
+        unet_shapes, vae_shapes = make_unet(), make_vae()
+    unet = adopt(make_unet, random_state_dict(unet_shapes, device, dtype, seed))
+    vae = adopt(make_vae, random_state_dict(vae_shapes, device, dtype, seed + 1))
+    return unet, vae
+
+
+def diffusers_models(unet: Optional[nn.Module], first_stage: Optional[nn.Module], params: dict):
+    """diffusers' (UNet2DConditionModel, AutoencoderKL) holding the very tensors of our modules,
+    converted by diffusers' own single-file utilities from our CompVis-layout state dicts. `params`
+    is an official `model.params` (unet_config, first_stage_config, scale_factor). Either entry is
+    None where its module was None; the whole result is None when diffusers is not installed."""
+    try:
+        from diffusers import AutoencoderKL as DiffusersKL
+        from diffusers import UNet2DConditionModel
+        from diffusers.loaders.single_file_utils import (
+            convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint,
+            create_unet_diffusers_config_from_ldm, create_vae_diffusers_config_from_ldm,
+        )
+    except ImportError:
+        return None
+    original = {"model": {"params": params}}
+    state = {}
+    if unet is not None:
+        state.update({f"model.diffusion_model.{k}": v for k, v in unet.state_dict().items()})
+    if first_stage is not None:
+        state.update({f"first_stage_model.{k}": v for k, v in first_stage.state_dict().items()})
+    theirs_unet = theirs_vae = None
+    if unet is not None:
+        config = create_unet_diffusers_config_from_ldm(original, state)
+        config["attention_head_dim"] = _heads_per_level(params["unet_config"]["params"])
+        weights = convert_ldm_unet_checkpoint(state, config)
+        theirs_unet = adopt(lambda: UNet2DConditionModel(**config), weights)
+    if first_stage is not None:
+        config = create_vae_diffusers_config_from_ldm(original, state)
+        weights = convert_ldm_vae_checkpoint(state, config)
+        theirs_vae = adopt(lambda: DiffusersKL(**config), weights)
+    return theirs_unet, theirs_vae
+
+
+def _heads_per_level(unet_params: dict) -> list[int]:
+    """Attention heads per UNet level, from `num_heads` or `num_head_channels` (diffusers' converter
+    reads only `num_heads`; its `attention_head_dim` is in fact a head count)."""
+    widths = [unet_params["model_channels"] * mult for mult in unet_params["channel_mult"]]
+    if unet_params.get("num_heads", -1) != -1:
+        return [unet_params["num_heads"]] * len(widths)
+    return [width // unet_params["num_head_channels"] for width in widths]
+
+
+def latentgen_step(unet: nn.Module) -> Step:
+    return lambda x, t, context: unet(x, t, context=context)
+
+
+def diffusers_step(unet: nn.Module) -> Step:
+    return lambda x, t, context: unet(x, t, encoder_hidden_states=context, return_dict=False)[0]
+
+
+def guided(step: Step, context: Optional[torch.Tensor], scale: float = GUIDANCE_SCALE):
+    """Classifier-free guidance as a `model(x, t, cond)`: the conditional and unconditional halves of
+    `context` in one batched forward."""
+
+    def model(x: torch.Tensor, t: torch.Tensor, cond=None) -> torch.Tensor:
+        eps_cond, eps_uncond = step(torch.cat([x, x]), torch.cat([t, t]), context).chunk(2)
+        return eps_uncond + scale * (eps_cond - eps_uncond)
+
+    return model
+
+
+def latentgen_image(model, decode, x_T: torch.Tensor, steps: int, scale_factor: float) -> torch.Tensor:
+    """Our DDIM sampler over a guided model, then the decode, as `latentgen txt2img` does."""
+    alphas_cumprod = make_alphas_cumprod("linear", 1000, 0.00085, 0.012)
+    return decode(sample("ddim", model, x_T, alphas_cumprod, "eps", steps) / scale_factor)
+
+
+def diffusers_image(model, decode, x_T: torch.Tensor, steps: int, scale_factor: float) -> torch.Tensor:
+    """diffusers' DDIMScheduler loop (the StableDiffusionPipeline's, with SD's schedule), then the decode."""
+    from diffusers import DDIMScheduler
+
+    scheduler = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False,
+                              set_alpha_to_one=False, steps_offset=1)
+    scheduler.set_timesteps(steps, device=x_T.device)
+    z = x_T
+    for t in scheduler.timesteps:
+        z = scheduler.step(model(z, t.reshape(1), None), t, z, return_dict=False)[0]
+    return decode(z / scale_factor)
+
+
+def cuda_graph(step: Step, x: torch.Tensor, t: torch.Tensor, context: Optional[torch.Tensor]) -> Step:
+    """`step` captured once in a CUDA graph with static inputs shaped like these; each call copies
+    its inputs in and replays. The returned tensor is overwritten by the next call."""
+    static = [x.clone(), t.clone(), None if context is None else context.clone()]
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            step(*static)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = step(*static)
+
+    def replay(x: torch.Tensor, t: torch.Tensor, context: Optional[torch.Tensor]) -> torch.Tensor:
+        for target, value in zip(static, (x, t, context)):
+            if target is not None:
+                target.copy_(value)
+        graph.replay()
+        return out
+
+    return replay
+
+
+def weight_bytes(*modules: nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for m in modules for t in [*m.parameters(), *m.buffers()])
+
+
+def peak_memory_mb(fn: Callable[[], object], device: torch.device, *modules: nn.Module) -> float:
+    """GPU: the modules' weights plus the most memory `fn` allocated on top of what was live before.
+    Elsewhere: the whole process's peak resident set so far, which covers every runner (`fn` is not run)."""
+    if device.type != "cuda":
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    torch.cuda.synchronize(device)
+    before = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    fn()
+    torch.cuda.synchronize(device)
+    return (torch.cuda.max_memory_allocated(device) - before + weight_bytes(*modules)) / 2**20
+
+
+def compare(name: str, ours: Callable[[], torch.Tensor], theirs: Optional[Callable[[], torch.Tensor]],
+            device: torch.device, repeats: int, warmup: int = 2, **extra) -> Row:
+    """Time both runners (theirs may be None) and record how far apart their last outputs are."""
+    ours, row = KeepLast(ours), Row(name, 0.0, extra=extra)
+    row.latentgen_ms = time_ms(ours, device, repeats, warmup)
+    if theirs is not None:
+        theirs = KeepLast(theirs)
+        row.diffusers_ms = time_ms(theirs, device, repeats, warmup)
+        row.extra["rel_diff"] = relative_difference(ours.result, theirs.result)
+    return row
+
+
+def _inputs(batch: int, channels: int, latent: int, context_dim: Optional[int], context_length: int,
+            device: torch.device, dtype: torch.dtype, seed: int = 0):
+    """Fixed random (x, t, context) for one UNet step; context is None for a model without cross-attention."""
+    generator = torch.Generator(device).manual_seed(seed)
+    x = torch.randn(batch, channels, latent, latent, generator=generator, device=device, dtype=dtype)
+    t = torch.full((batch,), 500.0, device=device)
+    context = None if context_dim is None else torch.randn(
+        batch, context_length, context_dim, generator=generator, device=device, dtype=dtype)
+    return x, t, context
+
+
+def run(device: torch.device, dtype: torch.dtype, latent: int, steps: int, repeats: int,
+        with_diffusers: bool = True, report: Report = lambda text: None, *,
+        arch: Union[str, Architecture, None] = None, channels_last: bool = False, compile_unet: bool = False,
+        cuda_graph_step: bool = False, cold: bool = False, warmup: int = 2, seed: int = 0) -> list[Row]:
+    """Time an architecture (default SD 1.5) with random weights: UNet step at batch 1 and 2, a
+    guided `steps`-step DDIM image with decode, the decode alone, peak memory; then each requested
+    fast path (channels_last, torch.compile, CUDA graph) as rows of their own; then, if asked and
+    the bundled txt2img model exists, the cold start."""
+    arch = ARCHITECTURES[arch or DEFAULT_ARCH] if not isinstance(arch, Architecture) else arch
+    report("building the UNet and autoencoder with random weights")
+    unet, vae = build_latentgen(arch, device, dtype, seed)
+    reference = diffusers_models(unet, vae, arch.params()) if with_diffusers else None
+    if with_diffusers and reference is None:
+        report("diffusers is not installed: timing latentgen alone")
+    ours = {"step": latentgen_step(unet), "decode": vae.decode}
+    theirs = None if reference is None else {"step": diffusers_step(reference[0]),
+                                             "decode": lambda z: reference[1].decode(z, return_dict=False)[0]}
+    channels, context_dim = arch.unet["in_channels"], arch.unet["context_dim"]
+    inputs = {b: _inputs(b, channels, latent, context_dim, arch.context_length, device, dtype, seed) for b in (1, 2)}
+    z = inputs[1][0]
+    rows = []
+    with torch.inference_mode():
+        for b in (1, 2):
+            report(f"UNet step, batch {b}")
+            rows.append(_step_row(f"UNet step, batch {b}", ours, theirs, inputs[b], device, repeats, warmup,
+                                  latent=latent))
+        report(f"{steps}-step DDIM image with guidance")
+        rows.append(_image_row(f"{steps}-step guided DDIM image + decode", ours, theirs, inputs[2][2], z, steps,
+                               arch.scale_factor, device, repeats, image=latent * 8))
+        report("decode")
+        rows.append(compare("decode", lambda: ours["decode"](z), theirs and (lambda: theirs["decode"](z)),
+                            device, repeats, warmup, image=latent * 8))
+        report("peak memory")
+        rows.append(_memory_row(ours, theirs, (unet, vae), reference, inputs[2][2], z, steps, arch.scale_factor, device))
+        rows += _fast_rows(ours, theirs, (unet, reference and reference[0]), inputs[2], z, steps, arch.scale_factor,
+                           device, repeats, warmup, report, channels_last, compile_unet, cuda_graph_step)
+    if cold:
+        rows += cold_start_rows(device, report)
+    return rows
+
+
+def _step_row(name, ours, theirs, inputs, device, repeats, warmup, **extra) -> Row:
+    return compare(name, lambda: ours["step"](*inputs), theirs and (lambda: theirs["step"](*inputs)),
+                   device, repeats, warmup, **extra)
+
+
+def _image(runner: dict, make_image, context, z, steps, scale_factor) -> Callable[[], torch.Tensor]:
+    return lambda: make_image(guided(runner["step"], context), runner["decode"], z, steps, scale_factor)
+
+
+def _image_row(name, ours, theirs, context, z, steps, scale_factor, device, repeats, **extra) -> Row:
+    """A whole image is slow on CPU: a third of the repeats, one warm-up."""
+    return compare(name, _image(ours, latentgen_image, context, z, steps, scale_factor),
+                   theirs and _image(theirs, diffusers_image, context, z, steps, scale_factor),
+                   device, max(1, repeats // 3), warmup=1, **extra)
+
+
+def _memory_row(ours, theirs, our_modules, their_modules, context, z, steps, scale_factor, device) -> Row:
+    name = "peak memory, guided image (MB)" if device.type == "cuda" else "peak RSS of the process (MB)"
+    row = Row(name, peak_memory_mb(_image(ours, latentgen_image, context, z, steps, scale_factor), device,
+                                   *our_modules))
+    if theirs is not None and device.type == "cuda":
+        row.diffusers_ms = peak_memory_mb(_image(theirs, diffusers_image, context, z, steps, scale_factor), device,
+                                          *their_modules)
+    return row
+
+
+def _fast_rows(ours, theirs, unets, inputs, z, steps, scale_factor, device, repeats, warmup, report,
+               channels_last, compile_unet, cuda_graph_step) -> list[Row]:
+    """The GPU levers, each timed (UNet step at batch 2 and a whole image) against the same lever
+    applied to diffusers; `rel_eager` is how far our fast output is from our eager one."""
+    x, t, context = inputs
+    eager = ours["step"](x, t, context)
+    variants = []
+    if channels_last:
+        for unet in unets:
+            if unet is not None:
+                unet.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
+        variants.append(("channels_last", lambda step: step))
+    if compile_unet:
+        variants.append(("torch.compile", torch.compile))
+    if cuda_graph_step:
+        if device.type == "cuda":
+            variants.append(("CUDA graph", lambda step: cuda_graph(step, x, t, context)))
+        else:
+            report("skipping --cuda-graph: CUDA graphs need a CUDA device")
+    layout = " + channels_last" if channels_last else ""
+    rows = []
+    for label, transform in variants:
+        label = label if label == "channels_last" else label + layout
+        report(f"UNet step and image, {label}")
+        fast, setup = {}, {}
+        for side, runner in (("latentgen", ours), ("diffusers", theirs)):
+            if runner is None:
+                continue
+            begin = time.perf_counter()
+            fast[side] = {**runner, "step": transform(runner["step"])}
+            fast[side]["step"](x, t, context)
+            setup[f"{side}_setup_s"] = round(time.perf_counter() - begin, 2)
+        rel_eager = relative_difference(fast["latentgen"]["step"](x, t, context), eager)
+        rows.append(_step_row(f"UNet step, batch 2, {label}", fast["latentgen"], fast.get("diffusers"),
+                              (x, t, context), device, repeats, warmup, rel_eager=rel_eager, **setup))
+        rows.append(_image_row(f"{steps}-step guided image, {label}", fast["latentgen"], fast.get("diffusers"),
+                               context, z, steps, scale_factor, device, repeats))
+    return rows
+
+
+def run_bundled(device: torch.device, dtype: torch.dtype, repeats: int, with_diffusers: bool = True,
+                report: Report = lambda text: None, warmup: int = 2, names: Optional[list[str]] = None) -> list[Row]:
+    """The bundled default models' UNet step (batch 2 when cross-attention can guide) and decode at
+    their native size, against diffusers on the same tensors; models not installed are skipped."""
+    from .loader import load_model
+
+    rows = []
+    for name in names or sorted(set(catalog.DEFAULTS.values())):
+        try:
+            path = catalog.bundled_model(name)
+        except LatentgenError:
+            report(f"skipping {name}: not installed")
+            continue
+        model = load_model(path).to(device, dtype).eval()
+        unet_params = model.config["unet_config"]["params"]
+        latent, context_dim = unet_params.get("image_size", 32), unet_params.get("context_dim")
+        batch = 2 if context_dim is not None else 1
+        reference = None
+        if with_diffusers:
+            kl = model.first_stage if isinstance(model.first_stage, AutoencoderKL) else None
+            try:
+                reference = diffusers_models(model.unet, kl, model.config)
+            except Exception as error:  # a layout diffusers' converter does not know: time ours alone
+                report(f"{name}: diffusers cannot convert it ({type(error).__name__}: {error})")
+        ours = {"step": latentgen_step(model.unet), "decode": model.first_stage.decode}
+        theirs_step = reference and reference[0] and diffusers_step(reference[0])
+        theirs_decode = reference and reference[1] and (lambda z, vae=reference[1]: vae.decode(z, return_dict=False)[0])
+        inputs = _inputs(batch, unet_params["in_channels"], latent, context_dim, 77, device, dtype)
+        z = torch.randn(1, model.first_stage.embed_dim, latent, latent, device=device, dtype=dtype)
+        with torch.inference_mode():
+            report(f"{name}: UNet step and decode")
+            rows.append(compare(f"{name}: UNet step, batch {batch}", lambda: ours["step"](*inputs),
+                                theirs_step and (lambda: theirs_step(*inputs)), device, repeats, warmup, latent=latent))
+            rows.append(compare(f"{name}: decode", lambda: ours["decode"](z), theirs_decode and (lambda: theirs_decode(z)),
+                                device, repeats, warmup, latent=latent))
+        del model, reference
+    return rows
+
+
+def cold_start_ms(prompt: str = "a red heart", device: str = "cpu") -> float:
+    """Process start to first PNG with the bundled default txt2img model."""
+    with tempfile.TemporaryDirectory() as folder:
+        begin = time.perf_counter()
+        subprocess.run([sys.executable, "-m", "latentgen.cli", "--quiet", "txt2img", prompt, "--out",
+                        str(Path(folder) / "cold.png"), "--device", device], check=True)
+        return (time.perf_counter() - begin) * 1000
+
+
+def cold_start_rows(device: torch.device, report: Report = lambda text: None) -> list[Row]:
+    """The cold-start row, or none (with a note) when the bundled txt2img model is not installed."""
+    try:
+        catalog.default_model("txt2img")
+    except LatentgenError:
+        report("skipping the cold start: the bundled txt2img model is not installed")
+        return []
+    report("cold start")
+    return [Row("cold start to PNG (bundled txt2img)", cold_start_ms(device=str(device)))]
+
+
+def write_json(rows: list[Row], path: Path, context: dict) -> None:
+    payload = {"context": context, "rows": [{**asdict(row), "ratio": row.ratio} for row in rows]}
+    path.write_text(json.dumps(payload, indent=2))
+
+
+def read_json(path: Path) -> tuple[dict, list[Row]]:
+    """(context, rows) of a file `write_json` wrote."""
+    payload = json.loads(Path(path).read_text())
+    fields = ("name", "latentgen_ms", "diffusers_ms", "extra")
+    return payload["context"], [Row(**{k: row[k] for k in fields}) for row in payload["rows"]]
+
+
+def environment(device: torch.device, dtype: torch.dtype) -> dict:
+    """What a published number needs next to it: hardware and versions."""
+    try:
+        from diffusers import __version__ as diffusers_version
+    except ImportError:
+        diffusers_version = None
+    return {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", "dtype": str(dtype),
+            "torch": torch.__version__, "diffusers": diffusers_version, "threads": torch.get_num_threads()}
+
+
+def table(rows: list[Row], title: str):
+    """The rows as a rich table: both runners side by side, their ratio and how far their outputs differ."""
+    from rich.table import Table
+
+    def number(value: Optional[float]) -> str:
+        return "-" if value is None else f"{value:.1f}"
+
+    result = Table("measurement", "latentgen", "diffusers", "ratio", "rel. diff", title=title)
+    for row in rows:
+        rel = row.extra.get("rel_diff")
+        result.add_row(row.name, number(row.latentgen_ms), number(row.diffusers_ms),
+                       "-" if row.ratio is None else f"{row.ratio:.2f}", "-" if rel is None else f"{rel:.1e}")
+    return result

@@ -1,0 +1,115 @@
+"""`latentgen bench` on a toy architecture: what it measures and that both runners compute the same
+thing (no wall-clock assertions: the numbers themselves are only checked to be sane)."""
+
+import math
+import types
+
+import pytest
+import torch
+
+from latentgen import bench
+
+CPU = torch.device("cpu")
+PARITY = 1e-4
+
+
+class FakeClock:
+    """perf_counter that advances by a given number of milliseconds per call of the timed function."""
+
+    def __init__(self, durations_ms):
+        self.now, self.durations, self.calls = 0.0, list(durations_ms), 0
+
+    def perf_counter(self):
+        return self.now
+
+    def work(self):
+        self.now += self.durations[self.calls] / 1000
+        self.calls += 1
+
+
+def test_time_ms_is_the_median_of_the_timed_calls_after_warmup(monkeypatch):
+    clock = FakeClock([100.0, 100.0, 5.0, 1.0, 3.0, 9.0, 2.0])
+    monkeypatch.setattr(bench, "time", types.SimpleNamespace(perf_counter=clock.perf_counter))
+    assert bench.time_ms(clock.work, CPU, repeats=5, warmup=2) == pytest.approx(3.0)
+    assert clock.calls == 7
+
+
+def test_time_ms_without_warmup_calls_exactly_repeats_times():
+    calls = []
+    assert bench.time_ms(lambda: calls.append(1), CPU, repeats=4, warmup=0) >= 0
+    assert len(calls) == 4
+
+
+def test_random_state_dict_is_one_buffer_scaled_per_role():
+    with torch.device("meta"):
+        module = torch.nn.Sequential(torch.nn.Linear(256, 64), torch.nn.LayerNorm(64))
+    state = bench.random_state_dict(module, CPU, torch.float32, seed=3)
+    weight, bias, gain = state["0.weight"], state["0.bias"], state["1.weight"]
+    assert weight.untyped_storage().data_ptr() == gain.untyped_storage().data_ptr()
+    assert weight.std().item() == pytest.approx(256**-0.5, rel=0.1)
+    assert gain.mean().item() == pytest.approx(1.0, abs=0.05) and bias.abs().max().item() < 0.2
+    again = bench.random_state_dict(module, CPU, torch.float32, seed=3)
+    assert torch.equal(again["0.weight"], weight)
+
+
+@pytest.fixture(scope="module")
+def tiny_rows():
+    return bench.run(CPU, torch.float32, latent=8, steps=2, repeats=1, arch="tiny", warmup=1, channels_last=True,
+                     cuda_graph_step=True)
+
+
+def test_run_times_both_runners_on_the_same_weights(tiny_rows):
+    rows = {row.name: row for row in tiny_rows}
+    compared = ["UNet step, batch 1", "UNet step, batch 2", "2-step guided DDIM image + decode", "decode",
+                "UNet step, batch 2, channels_last", "2-step guided image, channels_last"]
+    for name in compared:
+        row = rows[name]
+        assert math.isfinite(row.latentgen_ms) and row.latentgen_ms > 0
+        assert math.isfinite(row.diffusers_ms) and row.diffusers_ms > 0
+        assert row.ratio == pytest.approx(row.latentgen_ms / row.diffusers_ms)
+        assert row.extra["rel_diff"] < PARITY, name
+    assert rows["UNet step, batch 2, channels_last"].extra["rel_eager"] < PARITY
+    assert rows["peak RSS of the process (MB)"].latentgen_ms > 0
+    assert not any("CUDA graph" in name for name in rows)  # needs a GPU: skipped, not faked
+
+
+def test_run_without_diffusers_has_only_latentgen_numbers():
+    rows = bench.run(CPU, torch.float32, latent=8, steps=1, repeats=1, arch="tiny", warmup=0, with_diffusers=False)
+    assert [row.diffusers_ms for row in rows] == [None] * len(rows)
+    assert all(row.latentgen_ms > 0 for row in rows)
+
+
+def test_diffusers_runner_shares_our_tensors():
+    unet, vae = bench.build_latentgen(bench.ARCHITECTURES["tiny"], CPU, torch.float32)
+    theirs_unet, theirs_vae = bench.diffusers_models(unet, vae, bench.ARCHITECTURES["tiny"].params())
+    assert theirs_unet.conv_in.weight.data_ptr() == unet.input_blocks[0][0].weight.data_ptr()
+    assert theirs_vae.post_quant_conv.weight.data_ptr() == vae.post_quant_conv.weight.data_ptr()
+
+
+def test_json_round_trips(tmp_path, tiny_rows):
+    context = bench.environment(CPU, torch.float32)
+    bench.write_json(tiny_rows, tmp_path / "bench.json", context)
+    assert bench.read_json(tmp_path / "bench.json") == (context, tiny_rows)
+
+
+def test_bundled_mode_skips_models_that_are_not_installed(monkeypatch, tmp_path):
+    monkeypatch.setattr(bench.catalog, "weights_dirs", lambda: [tmp_path])
+    notes = []
+    assert bench.run_bundled(CPU, torch.float32, repeats=1, report=notes.append) == []
+    assert len(notes) == len(set(bench.catalog.DEFAULTS.values()))
+    assert bench.cold_start_rows(CPU, notes.append) == [] and "not installed" in notes[-1]
+
+
+def test_cli_bench_writes_a_table_and_json(monkeypatch, tmp_path):
+    from typer.testing import CliRunner
+
+    from latentgen.cli import app
+
+    monkeypatch.setattr(bench, "DEFAULT_ARCH", "tiny")
+    out = tmp_path / "bench.json"
+    result = CliRunner().invoke(app, ["bench", "--device", "cpu", "--latent", "8", "--steps", "2", "--repeats", "1",
+                                      "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    context, rows = bench.read_json(out)
+    assert context["device"] == "cpu"
+    assert rows[1].name == "UNet step, batch 2" and rows[1].extra["rel_diff"] < PARITY
