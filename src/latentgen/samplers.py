@@ -1,0 +1,312 @@
+"""Samplers: each a short loop over a model callable and a `Schedule`, in the style of k-diffusion.
+
+The model is any `model(x, t, cond) -> output`: `x` a latent as the model was trained on
+(variance preserving), `t` a float Tensor[B] of DDPM timesteps in [0, T - 1] (fractional for the
+k-diffusion samplers), `output` the predicted noise ("eps") or velocity ("v"). Guidance, concat
+conditioning and the UNet itself hide behind it (see guidance.py).
+
+Randomness: `make_noise` and the samplers' per-step noise draw float32 normals on the CPU from a
+torch.Generator by default, so a seed gives the same image on every device; a generator created
+on the device (`on_device=True`) draws there instead, faster but device-dependent.
+"""
+
+import math
+from typing import Any, Callable, Optional
+
+import torch
+from torch import Tensor
+
+from .errors import LatentgenError
+from .schedules import Schedule, ddim_schedule, ddpm_schedule, dpm_schedule, euler_schedule
+
+Model = Callable[[Tensor, Tensor, Any], Tensor]
+Callback = Callable[[int, int, Tensor, Tensor], None]
+"""callback(step_index, total_steps, x_after_step, x0_prediction), called after every step."""
+Blend = Callable[[Tensor, int], Tensor]
+"""blend(x, step_index) -> x with its known region reset (masked sampling); identity otherwise."""
+
+PARAMETERIZATIONS = ("eps", "v")
+
+
+def make_noise(shape: tuple, seed: int, device="cpu", dtype: torch.dtype = torch.float32,
+               on_device: bool = False) -> Tensor:
+    """Standard normal noise for a seed: drawn in float32 on the CPU (the same numbers on every
+    device and dtype), or with a generator on `device` itself when `on_device`."""
+    where = torch.device(device) if on_device else torch.device("cpu")
+    generator = torch.Generator(where).manual_seed(seed)
+    return torch.randn(shape, generator=generator, device=where, dtype=torch.float32).to(device, dtype)
+
+
+def _randn_like(x: Tensor, generator: Optional[torch.Generator]) -> Tensor:
+    """Per-step noise, drawn like `make_noise`: on the generator's device (the CPU without one)."""
+    where = generator.device if generator is not None else torch.device("cpu")
+    return torch.randn(x.shape, generator=generator, device=where, dtype=torch.float32).to(x.device, x.dtype)
+
+
+def _call(model: Model, x: Tensor, t: float, cond: Any) -> Tensor:
+    return model(x, torch.full((x.shape[0],), t, device=x.device, dtype=torch.float32), cond)
+
+
+def _eps_and_x0(output: Tensor, x: Tensor, alpha: float, parameterization: str) -> tuple[Tensor, Tensor]:
+    """A model output at the variance-preserving latent x (alphas_cumprod = alpha) as (eps, x0)."""
+    if parameterization == "v":
+        return alpha**0.5 * output + (1 - alpha) ** 0.5 * x, alpha**0.5 * x - (1 - alpha) ** 0.5 * output
+    return output, (x - (1 - alpha) ** 0.5 * output) / alpha**0.5
+
+
+def _denoise(model: Model, x: Tensor, sigma: float, t: float, parameterization: str, cond: Any) -> Tensor:
+    """x0 predicted from the k-diffusion latent x = x0 + sigma eps (k-diffusion's
+    DiscreteEpsDDPMDenoiser / DiscreteVDDPMDenoiser): the model sees x / sqrt(sigma^2 + 1)."""
+    c_in = (sigma**2 + 1) ** -0.5
+    output = _call(model, x * c_in, t, cond)
+    if parameterization == "v":
+        return x * c_in**2 - output * sigma * c_in
+    return x - output * sigma
+
+
+def _unchanged(x: Tensor, i: int) -> Tensor:
+    return x
+
+
+def _silent(i: int, total: int, x: Tensor, x0: Tensor) -> None:
+    return None
+
+
+# ---- CompVis samplers, on variance-preserving latents ------------------------------------------
+
+
+def sample_ddpm(model: Model, x: Tensor, schedule: Schedule, parameterization: str = "eps", cond: Any = None, *,
+                generator: Optional[torch.Generator] = None, callback: Callback = _silent,
+                blend: Blend = _unchanged) -> Tensor:
+    """Ancestral sampling from the DDPM posterior q(x_prev | x_t, x0) (Ho et al. 2020), with the betas
+    of the respaced chain, 1 - alpha_t / alpha_prev, when the schedule skips timesteps."""
+    alphas = schedule.alphas_cumprod
+    for i, t in enumerate(schedule.timesteps):
+        x = blend(x, i)
+        a, a_prev = alphas[i], alphas[i + 1]
+        beta = 1 - a / a_prev
+        _, x0 = _eps_and_x0(_call(model, x, t, cond), x, a, parameterization)
+        mean = beta * a_prev**0.5 / (1 - a) * x0 + (1 - a_prev) * (1 - beta) ** 0.5 / (1 - a) * x
+        std = (beta * (1 - a_prev) / (1 - a)) ** 0.5
+        x = mean + std * _randn_like(x, generator) if std > 0 else mean
+        callback(i, len(schedule), x, x0)
+    return x
+
+
+def sample_ddim(model: Model, x: Tensor, schedule: Schedule, parameterization: str = "eps", cond: Any = None, *,
+                eta: float = 0.0, generator: Optional[torch.Generator] = None,
+                callback: Callback = _silent, blend: Blend = _unchanged) -> Tensor:
+    """DDIM (Song et al. 2021) as CompVis `p_sample_ddim`; eta 0 is deterministic, eta 1 ancestral."""
+    alphas = schedule.alphas_cumprod
+    for i, t in enumerate(schedule.timesteps):
+        x = blend(x, i)
+        a, a_prev = alphas[i], alphas[i + 1]
+        eps, x0 = _eps_and_x0(_call(model, x, t, cond), x, a, parameterization)
+        sigma = eta * ((1 - a_prev) / (1 - a) * (1 - a / a_prev)) ** 0.5
+        x = a_prev**0.5 * x0 + (1 - a_prev - sigma**2) ** 0.5 * eps
+        if sigma > 0:
+            x = x + sigma * _randn_like(x, generator)
+        callback(i, len(schedule), x, x0)
+    return x
+
+
+def sample_plms(model: Model, x: Tensor, schedule: Schedule, parameterization: str = "eps", cond: Any = None, *,
+                callback: Callback = _silent, blend: Blend = _unchanged) -> Tensor:
+    """Pseudo linear multistep (Liu et al. 2022) as CompVis `plms.py`: Adams-Bashforth over the last
+    four eps predictions, the first step a pseudo improved Euler step (two model calls).
+
+    v outputs become eps where they were predicted, so v models take the same steps as eps models
+    (diffusers' PNDMScheduler instead combines raw v outputs, a cruder extrapolation)."""
+    alphas, timesteps = schedule.alphas_cumprod, schedule.timesteps
+    history: list[Tensor] = []
+
+    def eps_at(x: Tensor, j: int) -> Tensor:
+        return _eps_and_x0(_call(model, x, timesteps[j], cond), x, alphas[j], parameterization)[0]
+
+    def ddim_step(eps: Tensor, x: Tensor, i: int) -> tuple[Tensor, Tensor]:
+        x0 = (x - (1 - alphas[i]) ** 0.5 * eps) / alphas[i] ** 0.5
+        return alphas[i + 1] ** 0.5 * x0 + (1 - alphas[i + 1]) ** 0.5 * eps, x0
+
+    for i in range(len(schedule)):
+        x = blend(x, i)
+        eps = eps_at(x, i)
+        if not history:
+            x_next, _ = ddim_step(eps, x, i)
+            combined = (eps + eps_at(x_next, min(i + 1, len(schedule) - 1))) / 2
+        elif len(history) == 1:
+            combined = (3 * eps - history[-1]) / 2
+        elif len(history) == 2:
+            combined = (23 * eps - 16 * history[-1] + 5 * history[-2]) / 12
+        else:
+            combined = (55 * eps - 59 * history[-1] + 37 * history[-2] - 9 * history[-3]) / 24
+        history = (history + [eps])[-3:]
+        x, x0 = ddim_step(combined, x, i)
+        callback(i, len(schedule), x, x0)
+    return x
+
+
+# ---- k-diffusion samplers, on x0 + sigma eps -------------------------------------------------
+
+
+def sample_euler(model: Model, x: Tensor, schedule: Schedule, parameterization: str = "eps", cond: Any = None, *,
+                 callback: Callback = _silent, blend: Blend = _unchanged) -> Tensor:
+    """Euler's method on the probability-flow ODE dx/dsigma = (x - x0) / sigma (Karras et al. 2022)."""
+    sigmas = schedule.sigmas
+    for i, t in enumerate(schedule.timesteps):
+        x = blend(x, i)
+        x0 = _denoise(model, x, sigmas[i], t, parameterization, cond)
+        x = x + (x - x0) / sigmas[i] * (sigmas[i + 1] - sigmas[i])
+        callback(i, len(schedule), x, x0)
+    return x
+
+
+def sample_euler_ancestral(model: Model, x: Tensor, schedule: Schedule, parameterization: str = "eps",
+                           cond: Any = None, *, generator: Optional[torch.Generator] = None,
+                           callback: Callback = _silent, blend: Blend = _unchanged) -> Tensor:
+    """Euler down to sigma_down, then fresh noise up to the next level (k-diffusion, eta 1)."""
+    sigmas = schedule.sigmas
+    for i, t in enumerate(schedule.timesteps):
+        x = blend(x, i)
+        sigma, sigma_next = sigmas[i], sigmas[i + 1]
+        x0 = _denoise(model, x, sigma, t, parameterization, cond)
+        sigma_up = (sigma_next**2 * (sigma**2 - sigma_next**2) / sigma**2) ** 0.5
+        sigma_down = (sigma_next**2 - sigma_up**2) ** 0.5
+        x = x + (x - x0) / sigma * (sigma_down - sigma)
+        if sigma_next > 0:
+            x = x + sigma_up * _randn_like(x, generator)
+        callback(i, len(schedule), x, x0)
+    return x
+
+
+def sample_dpmpp_2m(model: Model, x: Tensor, schedule: Schedule, parameterization: str = "eps", cond: Any = None, *,
+                    callback: Callback = _silent, blend: Blend = _unchanged) -> Tensor:
+    """DPM-Solver++(2M) (Lu et al. 2022): second-order multistep in log-SNR on the x0 predictions;
+    first order for the first step and for the last one, which lands on sigma 0."""
+    sigmas = schedule.sigmas
+    previous: Optional[tuple[Tensor, float]] = None
+    for i, t in enumerate(schedule.timesteps):
+        x = blend(x, i)
+        sigma, sigma_next = sigmas[i], sigmas[i + 1]
+        x0 = _denoise(model, x, sigma, t, parameterization, cond)
+        if sigma_next == 0:
+            x = x0
+        else:
+            h = math.log(sigma / sigma_next)
+            estimate = x0
+            if previous is not None:
+                old_x0, h_last = previous
+                r = h_last / h
+                estimate = (1 + 1 / (2 * r)) * x0 - 1 / (2 * r) * old_x0
+            x = sigma_next / sigma * x - math.expm1(-h) * estimate
+            previous = (x0, h)
+        callback(i, len(schedule), x, x0)
+    return x
+
+
+SAMPLERS: dict[str, Callable[..., Tensor]] = {
+    "ddpm": sample_ddpm,
+    "ddim": sample_ddim,
+    "plms": sample_plms,
+    "dpmpp_2m": sample_dpmpp_2m,
+    "euler": sample_euler,
+    "euler_a": sample_euler_ancestral,
+}
+K_DIFFUSION = ("dpmpp_2m", "euler", "euler_a")
+ANCESTRAL = ("ddpm", "ddim", "euler_a")
+
+
+def schedule_for(name: str, alphas_cumprod: Tensor, steps: int, spacing: str = "uniform",
+                 karras: bool = False) -> Schedule:
+    """The levels sampler `name` walks for `steps` steps."""
+    if name in ("ddim", "plms"):
+        return ddim_schedule(alphas_cumprod, steps, spacing)
+    if name == "ddpm":
+        return ddpm_schedule(alphas_cumprod, steps)
+    if name == "dpmpp_2m":
+        return dpm_schedule(alphas_cumprod, steps, karras)
+    return euler_schedule(alphas_cumprod, steps, karras)
+
+
+def noised(x0: Tensor, noise: Tensor, sigma: float, variance_preserving: bool) -> Tensor:
+    """x0 brought to noise level sigma, in the latent convention of the schedule."""
+    x = x0 + sigma * noise
+    return x / (1 + sigma**2) ** 0.5 if variance_preserving else x
+
+
+def _check(name: str, x_T: Tensor, alphas_cumprod: Tensor, parameterization: str, steps: int, eta: float,
+           spacing: str, karras: bool, x0: Optional[Tensor], mask: Optional[Tensor], strength: float) -> None:
+    if name not in SAMPLERS:
+        raise LatentgenError(f"unknown sampler {name!r}; choose one of {', '.join(SAMPLERS)}")
+    if parameterization not in PARAMETERIZATIONS:
+        raise LatentgenError(f"unknown parameterization {parameterization!r}; choose eps or v")
+    if not 1 <= steps <= len(alphas_cumprod):
+        raise LatentgenError(f"--steps must be between 1 and {len(alphas_cumprod)}, got {steps}")
+    if not 0 <= eta <= 1:
+        raise LatentgenError(f"--eta must be between 0 and 1, got {eta}")
+    if eta != 0 and name != "ddim":
+        raise LatentgenError(f"--eta applies to the ddim sampler only, not {name}")
+    if spacing != "uniform" and name not in ("ddim", "plms"):
+        raise LatentgenError(f"timestep spacing {spacing!r} applies to ddim and plms only, not {name}")
+    if karras and name not in K_DIFFUSION:
+        raise LatentgenError(f"--karras applies to {', '.join(K_DIFFUSION)} only, not {name}")
+    if not 0 < strength <= 1:
+        raise LatentgenError(f"--strength must be in (0, 1], got {strength}")
+    if x0 is None and (mask is not None or strength < 1):
+        raise LatentgenError("masked sampling and strength < 1 need the original latent x0")
+    if x0 is not None and x0.shape != x_T.shape:
+        raise LatentgenError(f"x0 has shape {tuple(x0.shape)}, the noise {tuple(x_T.shape)}")
+    if mask is not None and not _broadcasts_to(mask.shape, x_T.shape):
+        raise LatentgenError(f"mask of shape {tuple(mask.shape)} does not fit latents {tuple(x_T.shape)}")
+
+
+def _broadcasts_to(shape: torch.Size, target: torch.Size) -> bool:
+    return len(shape) <= len(target) and all(n in (1, m) for n, m in zip(reversed(shape), reversed(target)))
+
+
+def _keep_known(x0: Tensor, mask: Tensor, schedule: Schedule, generator: Optional[torch.Generator]) -> Blend:
+    """Where mask == 1, replace the latent by x0 noised afresh to the step's level (CompVis)."""
+    def blend(x: Tensor, i: int) -> Tensor:
+        known = noised(x0, _randn_like(x0, generator), schedule.sigmas[i], schedule.variance_preserving)
+        return mask * known + (1 - mask) * x
+
+    return blend
+
+
+def sample(name: str, model: Model, x_T: Tensor, alphas_cumprod: Tensor, parameterization: str = "eps",
+           steps: int = 50, *, cond: Any = None, eta: float = 0.0, spacing: str = "uniform", karras: bool = False,
+           x0: Optional[Tensor] = None, mask: Optional[Tensor] = None, strength: float = 1.0,
+           generator: Optional[torch.Generator] = None, callback: Optional[Callback] = None) -> Tensor:
+    """Run sampler `name` from the unit-variance noise `x_T` and return the final latent.
+
+    - `alphas_cumprod`: the model's training schedule (float64, from schedules.py); `steps` the
+      requested count (DDIM/PLMS "uniform" spacing follows CompVis and may run one more, see
+      `ddim_timesteps`); `eta` DDIM only; `spacing` ("uniform" | "quad") DDIM/PLMS only;
+      `karras` Karras sigmas for dpmpp_2m, euler, euler_a.
+    - `generator` draws the ancestral samplers' per-step noise and the masking noise, on its device
+      (give a CPU generator for device-independent results).
+    - img2img: with `strength` < 1 only the last int(strength * steps) steps run, starting from `x0`
+      noised by `x_T` to that step's level; strength 1 ignores `x0` and starts from pure noise.
+    - Masked sampling: `mask` == 1 marks the region to KEEP (CompVis convention; inpainting passes
+      1 - the region to fill). Before every step that region becomes `x0` noised to the step's level
+      and at the end it equals `x0` exactly. `mask` broadcasts against the latent, values in [0, 1].
+    - `cond` is passed to `model` untouched; `callback(i, total, x, x0_pred)` follows every step.
+    """
+    _check(name, x_T, alphas_cumprod, parameterization, steps, eta, spacing, karras, x0, mask, strength)
+    schedule = schedule_for(name, alphas_cumprod, steps, spacing, karras)
+    if strength < 1:
+        remaining = int(strength * len(schedule))
+        if remaining < 1:
+            raise LatentgenError(f"--strength {strength} leaves no step to run out of {len(schedule)}")
+        schedule = schedule.last(remaining)
+        x = noised(x0, x_T, schedule.sigmas[0], schedule.variance_preserving)
+    else:
+        x = x_T if schedule.variance_preserving else x_T * schedule.sigmas[0]
+    options: dict[str, Any] = {"callback": callback or _silent}
+    if mask is not None:
+        options["blend"] = _keep_known(x0, mask, schedule, generator)
+    if name in ANCESTRAL:
+        options["generator"] = generator
+    if name == "ddim":
+        options["eta"] = eta
+    x = SAMPLERS[name](model, x, schedule, parameterization, cond, **options)
+    return x if mask is None else mask * x0 + (1 - mask) * x
