@@ -212,7 +212,7 @@ SAMPLERS: dict[str, Callable[..., Tensor]] = {
     "euler_a": sample_euler_ancestral,
 }
 K_DIFFUSION = ("dpmpp_2m", "euler", "euler_a")
-ANCESTRAL = ("ddpm", "ddim", "euler_a")
+ADD_NOISE = ("ddpm", "ddim", "euler_a")  # may draw fresh noise every step
 
 
 def schedule_for(name: str, alphas_cumprod: Tensor, steps: int, spacing: str = "uniform",
@@ -263,6 +263,12 @@ def _broadcasts_to(shape: torch.Size, target: torch.Size) -> bool:
     return len(shape) <= len(target) and all(n in (1, m) for n, m in zip(reversed(shape), reversed(target)))
 
 
+def _computing_in(model: Model, model_dtype: torch.dtype, dtype: torch.dtype) -> Model:
+    """The model sees latents in its own (half) precision; the sampler keeps its state in `dtype`,
+    as a half-precision latent would drift over many small updates."""
+    return lambda x, t, cond: model(x.to(model_dtype), t, cond).to(dtype)
+
+
 def _keep_known(x0: Tensor, mask: Tensor, schedule: Schedule, generator: Optional[torch.Generator]) -> Blend:
     """Where mask == 1, replace the latent by x0 noised afresh to the step's level (CompVis)."""
     def blend(x: Tensor, i: int) -> Tensor:
@@ -284,14 +290,22 @@ def sample(name: str, model: Model, x_T: Tensor, alphas_cumprod: Tensor, paramet
       `karras` Karras sigmas for dpmpp_2m, euler, euler_a.
     - `generator` draws the ancestral samplers' per-step noise and the masking noise, on its device
       (give a CPU generator for device-independent results).
-    - img2img: with `strength` < 1 only the last int(strength * steps) steps run, starting from `x0`
-      noised by `x_T` to that step's level; strength 1 ignores `x0` and starts from pure noise.
+    - img2img: with `strength` < 1 only the last int(strength * n) of the schedule's n steps run,
+      starting from `x0` noised by `x_T` to that step's level; strength 1 ignores `x0` and starts
+      from pure noise, as txt2img.
     - Masked sampling: `mask` == 1 marks the region to KEEP (CompVis convention; inpainting passes
       1 - the region to fill). Before every step that region becomes `x0` noised to the step's level
-      and at the end it equals `x0` exactly. `mask` broadcasts against the latent, values in [0, 1].
+      and at the end it equals `x0` exactly. `mask` broadcasts against the latent, values in [0, 1];
+      `x0` and `mask` are moved to `x_T`'s device.
+    - The model gets latents in `x_T`'s dtype, the samplers compute in at least float32, and the
+      result comes back in `x_T`'s dtype.
     - `cond` is passed to `model` untouched; `callback(i, total, x, x0_pred)` follows every step.
     """
     _check(name, x_T, alphas_cumprod, parameterization, steps, eta, spacing, karras, x0, mask, strength)
+    model_dtype, dtype = x_T.dtype, torch.promote_types(x_T.dtype, torch.float32)
+    if model_dtype != dtype:
+        model = _computing_in(model, model_dtype, dtype)
+    x_T, x0, mask = (None if v is None else v.to(x_T.device, dtype) for v in (x_T, x0, mask))
     schedule = schedule_for(name, alphas_cumprod, steps, spacing, karras)
     if strength < 1:
         remaining = int(strength * len(schedule))
@@ -304,9 +318,9 @@ def sample(name: str, model: Model, x_T: Tensor, alphas_cumprod: Tensor, paramet
     options: dict[str, Any] = {"callback": callback or _silent}
     if mask is not None:
         options["blend"] = _keep_known(x0, mask, schedule, generator)
-    if name in ANCESTRAL:
+    if name in ADD_NOISE:
         options["generator"] = generator
     if name == "ddim":
         options["eta"] = eta
     x = SAMPLERS[name](model, x, schedule, parameterization, cond, **options)
-    return x if mask is None else mask * x0 + (1 - mask) * x
+    return (x if mask is None else mask * x0 + (1 - mask) * x).to(model_dtype)

@@ -87,6 +87,8 @@ def ddim_timesteps(steps: int, timesteps: int = 1000, spacing: str = "uniform") 
     As in CompVis, "uniform" runs ceil(T / (T // steps)) steps, e.g. 31 for 30 steps. Where CompVis would
     then index past T - 1 (T // steps dividing T - 1, e.g. 9 steps) that timestep is dropped.
     """
+    if not 1 <= steps <= timesteps:
+        raise LatentgenError(f"--steps must be between 1 and {timesteps}, got {steps}")
     if spacing == "uniform":
         ts = range(1, timesteps + 1, timesteps // steps)
     elif spacing == "quad":
