@@ -1,11 +1,13 @@
 """`latentgen bench` on a toy architecture: what it measures and that both runners compute the same
 thing (no wall-clock assertions: the numbers themselves are only checked to be sane)."""
 
+import json
 import math
 import types
 
 import pytest
 import torch
+from safetensors.torch import save_file
 
 from latentgen import bench
 
@@ -98,6 +100,24 @@ def test_bundled_mode_skips_models_that_are_not_installed(monkeypatch, tmp_path)
     assert bench.run_bundled(CPU, torch.float32, repeats=1, report=notes.append) == []
     assert len(notes) == len(set(bench.catalog.DEFAULTS.values()))
     assert bench.cold_start_rows(CPU, notes.append) == [] and "not installed" in notes[-1]
+
+
+@pytest.mark.slow  # loading a model folder imports the text-encoder stack
+def test_bundled_mode_compares_an_installed_model_folder(monkeypatch, tmp_path):
+    arch = bench.ARCHITECTURES["tiny"]
+    unet, vae = bench.build_latentgen(arch, CPU, torch.float32, seed=5)
+    state = {f"model.diffusion_model.{k}": v for k, v in unet.state_dict().items()}
+    state.update({f"first_stage_model.{k}": v for k, v in vae.state_dict().items()})
+    folder = tmp_path / "tiny-model"
+    folder.mkdir()
+    save_file({k: v.contiguous() for k, v in state.items()}, folder / "model.safetensors")
+    params = {**arch.params(), "cond_stage_config": "__is_unconditional__"}
+    (folder / "config.json").write_text(json.dumps({"model": {"params": params}}))
+    monkeypatch.setattr(bench.catalog, "weights_dirs", lambda: [tmp_path])
+    rows = bench.run_bundled(CPU, torch.float32, repeats=1, warmup=0, names=["tiny-model"])
+    assert [row.name for row in rows] == ["tiny-model: UNet step, batch 2", "tiny-model: decode"]
+    for row in rows:
+        assert row.latentgen_ms > 0 and row.diffusers_ms > 0 and row.extra["rel_diff"] < PARITY
 
 
 def test_cli_bench_writes_a_table_and_json(monkeypatch, tmp_path):

@@ -14,7 +14,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Optional, Union
 
@@ -23,6 +23,7 @@ from torch import nn
 
 from . import catalog
 from .errors import LatentgenError
+from .guidance import Conditioning, classifier_free_guidance, unet_model
 from .models.autoencoder import AutoencoderKL
 from .models.unet import UNetModel
 from .samplers import sample
@@ -57,8 +58,8 @@ ARCHITECTURES = {
         unet=dict(image_size=64, in_channels=4, out_channels=4, model_channels=320, attention_resolutions=[4, 2, 1],
                   num_res_blocks=2, channel_mult=[1, 2, 4, 4], num_heads=8, use_spatial_transformer=True,
                   transformer_depth=1, context_dim=768, legacy=False),
-        ddconfig=dict(double_z=True, z_channels=4, resolution=256, in_channels=3, out_ch=3, ch=128, ch_mult=[1, 2, 4, 4],
-                      num_res_blocks=2, attn_resolutions=[], dropout=0.0),
+        ddconfig=dict(double_z=True, z_channels=4, resolution=256, in_channels=3, out_ch=3, ch=128,
+                      ch_mult=[1, 2, 4, 4], num_res_blocks=2, attn_resolutions=[], dropout=0.0),
     ),
     # The same building blocks at toy width, for tests and quick checks of the bench itself.
     "tiny": Architecture(
@@ -200,6 +201,8 @@ def diffusers_models(unet: Optional[nn.Module], first_stage: Optional[nn.Module]
     if unet is not None:
         config = create_unet_diffusers_config_from_ldm(original, state)
         config["attention_head_dim"] = _heads_per_level(params["unet_config"]["params"])
+        if config.get("only_cross_attention") is None:  # CompVis' "not set" is diffusers' default
+            config.pop("only_cross_attention", None)
         weights = convert_ldm_unet_checkpoint(state, config)
         theirs_unet = adopt(lambda: UNet2DConditionModel(**config), weights)
     if first_stage is not None:
@@ -218,33 +221,45 @@ def _heads_per_level(unet_params: dict) -> list[int]:
     return [width // unet_params["num_head_channels"] for width in widths]
 
 
-def latentgen_step(unet: nn.Module) -> Step:
-    return lambda x, t, context: unet(x, t, context=context)
+@dataclass(frozen=True)
+class Runner:
+    """One implementation under test as plain callables: a UNet step (x, t, context) -> eps, a decode,
+    and how it makes a guided image from those two (`latentgen_image` or `diffusers_image`)."""
+
+    step: Step
+    decode: Callable[[torch.Tensor], torch.Tensor]
+    image: Callable[..., torch.Tensor]
+    modules: tuple[nn.Module, ...]
 
 
-def diffusers_step(unet: nn.Module) -> Step:
-    return lambda x, t, context: unet(x, t, encoder_hidden_states=context, return_dict=False)[0]
+def latentgen_runner(unet: nn.Module, first_stage: nn.Module) -> Runner:
+    return Runner(lambda x, t, context: unet(x, t, context=context), first_stage.decode, latentgen_image,
+                  (unet, first_stage))
 
 
-def guided(step: Step, context: Optional[torch.Tensor], scale: float = GUIDANCE_SCALE):
-    """Classifier-free guidance as a `model(x, t, cond)`: the conditional and unconditional halves of
-    `context` in one batched forward."""
-
-    def model(x: torch.Tensor, t: torch.Tensor, cond=None) -> torch.Tensor:
-        eps_cond, eps_uncond = step(torch.cat([x, x]), torch.cat([t, t]), context).chunk(2)
-        return eps_uncond + scale * (eps_cond - eps_uncond)
-
-    return model
+def diffusers_runner(unet: Optional[nn.Module], vae: Optional[nn.Module]) -> Runner:
+    """A diffusers UNet2DConditionModel and AutoencoderKL as a Runner (either may be None: not run)."""
+    step = None if unet is None else lambda x, t, context: unet(x, t, encoder_hidden_states=context,
+                                                                   return_dict=False)[0]
+    decode = None if vae is None else lambda z: vae.decode(z, return_dict=False)[0]
+    return Runner(step, decode, diffusers_image, tuple(m for m in (unet, vae) if m is not None))
 
 
-def latentgen_image(model, decode, x_T: torch.Tensor, steps: int, scale_factor: float) -> torch.Tensor:
-    """Our DDIM sampler over a guided model, then the decode, as `latentgen txt2img` does."""
+def latentgen_image(step: Step, decode, context: torch.Tensor, x_T: torch.Tensor, steps: int,
+                    scale_factor: float) -> torch.Tensor:
+    """What `latentgen txt2img` runs after text encoding: our classifier-free guidance (one batched
+    forward over the [uncond, cond] rows of `context`), our DDIM sampler, the decode."""
+    unet = unet_model(lambda x, t, context=None, y=None: step(x, t, context))
+    model = classifier_free_guidance(unet, GUIDANCE_SCALE)
+    conditionings = (Conditioning(context=context[1:]), Conditioning(context=context[:1]))
     alphas_cumprod = make_alphas_cumprod("linear", 1000, 0.00085, 0.012)
-    return decode(sample("ddim", model, x_T, alphas_cumprod, "eps", steps) / scale_factor)
+    return decode(sample("ddim", model, x_T, alphas_cumprod, "eps", steps, cond=conditionings) / scale_factor)
 
 
-def diffusers_image(model, decode, x_T: torch.Tensor, steps: int, scale_factor: float) -> torch.Tensor:
-    """diffusers' DDIMScheduler loop (the StableDiffusionPipeline's, with SD's schedule), then the decode."""
+def diffusers_image(step: Step, decode, context: torch.Tensor, x_T: torch.Tensor, steps: int,
+                    scale_factor: float) -> torch.Tensor:
+    """What diffusers' StableDiffusionPipeline runs after text encoding: guidance over the [uncond,
+    cond] rows of `context` in one forward, its DDIMScheduler loop with SD's schedule, the decode."""
     from diffusers import DDIMScheduler
 
     scheduler = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False,
@@ -252,7 +267,9 @@ def diffusers_image(model, decode, x_T: torch.Tensor, steps: int, scale_factor: 
     scheduler.set_timesteps(steps, device=x_T.device)
     z = x_T
     for t in scheduler.timesteps:
-        z = scheduler.step(model(z, t.reshape(1), None), t, z, return_dict=False)[0]
+        eps_uncond, eps_cond = step(torch.cat([z, z]), t.expand(2), context).chunk(2)
+        eps = eps_uncond + GUIDANCE_SCALE * (eps_cond - eps_uncond)
+        z = scheduler.step(eps, t, z, return_dict=False)[0]
     return decode(z / scale_factor)
 
 
@@ -309,15 +326,71 @@ def compare(name: str, ours: Callable[[], torch.Tensor], theirs: Optional[Callab
     return row
 
 
-def _inputs(batch: int, channels: int, latent: int, context_dim: Optional[int], context_length: int,
-            device: torch.device, dtype: torch.dtype, seed: int = 0):
-    """Fixed random (x, t, context) for one UNet step; context is None for a model without cross-attention."""
-    generator = torch.Generator(device).manual_seed(seed)
-    x = torch.randn(batch, channels, latent, latent, generator=generator, device=device, dtype=dtype)
-    t = torch.full((batch,), 500.0, device=device)
-    context = None if context_dim is None else torch.randn(
-        batch, context_length, context_dim, generator=generator, device=device, dtype=dtype)
-    return x, t, context
+@dataclass
+class Workload:
+    """The fixed inputs and timing settings of one run. `x`, `t`, `context` are a guided UNet step's
+    (batch 2; the context rows serve as [uncond, cond]); `z` is one image's latent noise."""
+
+    device: torch.device
+    repeats: int
+    warmup: int
+    x: torch.Tensor
+    t: torch.Tensor
+    context: Optional[torch.Tensor]
+    z: torch.Tensor
+    steps: int = 1
+    scale_factor: float = 1.0
+
+    @staticmethod
+    def random(batch: int, channels: int, latent: int, context_dim: Optional[int], context_length: int,
+               device: torch.device, dtype: torch.dtype, repeats: int, warmup: int, seed: int = 0, **rest):
+        generator = torch.Generator(device).manual_seed(seed)
+        x = torch.randn(batch, channels, latent, latent, generator=generator, device=device, dtype=dtype)
+        context = None if context_dim is None else torch.randn(
+            batch, context_length, context_dim, generator=generator, device=device, dtype=dtype)
+        z = torch.randn(1, channels, latent, latent, generator=generator, device=device, dtype=dtype)
+        t = torch.full((batch,), 500.0, device=device)
+        return Workload(device, repeats, warmup, x, t, context, z, **rest)
+
+    def first(self, batch: int) -> "Workload":
+        """The same inputs cut to `batch` rows."""
+        context = None if self.context is None else self.context[:batch]
+        return replace(self, x=self.x[:batch], t=self.t[:batch], context=context)
+
+
+def step_row(name: str, ours: Runner, theirs: Optional[Runner], work: Workload, **extra) -> Row:
+    def call(runner: Runner) -> Callable[[], torch.Tensor]:
+        return lambda: runner.step(work.x, work.t, work.context)
+
+    return compare(name, call(ours), theirs and theirs.step and call(theirs), work.device, work.repeats,
+                   work.warmup, **extra)
+
+
+def decode_row(name: str, ours: Runner, theirs: Optional[Runner], work: Workload, **extra) -> Row:
+    def call(runner: Runner) -> Callable[[], torch.Tensor]:
+        return lambda: runner.decode(work.z)
+
+    return compare(name, call(ours), theirs and theirs.decode and call(theirs), work.device, work.repeats,
+                   work.warmup, **extra)
+
+
+def _image(runner: Runner, work: Workload) -> Callable[[], torch.Tensor]:
+    return lambda: runner.image(runner.step, runner.decode, work.context, work.z, work.steps, work.scale_factor)
+
+
+def image_row(name: str, ours: Runner, theirs: Optional[Runner], work: Workload, **extra) -> Row:
+    """A whole image is slow on CPU: a third of the repeats, one warm-up."""
+    return compare(name, _image(ours, work), theirs and _image(theirs, work), work.device,
+                   max(1, work.repeats // 3), warmup=1, **extra)
+
+
+def memory_row(ours: Runner, theirs: Optional[Runner], work: Workload) -> Row:
+    if work.device.type != "cuda":
+        return Row("peak RSS of the process (MB)", peak_memory_mb(lambda: None, work.device))
+    row = Row("peak memory, guided image (MB)", peak_memory_mb(_image(ours, work), work.device, *ours.modules))
+    if theirs is not None:
+        row.diffusers_ms = peak_memory_mb(_image(theirs, work), work.device, *theirs.modules)
+    return row
 
 
 def run(device: torch.device, dtype: torch.dtype, latent: int, steps: int, repeats: int,
@@ -331,100 +404,67 @@ def run(device: torch.device, dtype: torch.dtype, latent: int, steps: int, repea
     arch = ARCHITECTURES[arch or DEFAULT_ARCH] if not isinstance(arch, Architecture) else arch
     report("building the UNet and autoencoder with random weights")
     unet, vae = build_latentgen(arch, device, dtype, seed)
-    reference = diffusers_models(unet, vae, arch.params()) if with_diffusers else None
-    if with_diffusers and reference is None:
-        report("diffusers is not installed: timing latentgen alone")
-    ours = {"step": latentgen_step(unet), "decode": vae.decode}
-    theirs = None if reference is None else {"step": diffusers_step(reference[0]),
-                                             "decode": lambda z: reference[1].decode(z, return_dict=False)[0]}
-    channels, context_dim = arch.unet["in_channels"], arch.unet["context_dim"]
-    inputs = {b: _inputs(b, channels, latent, context_dim, arch.context_length, device, dtype, seed) for b in (1, 2)}
-    z = inputs[1][0]
+    ours, theirs = latentgen_runner(unet, vae), None
+    if with_diffusers:
+        reference = diffusers_models(unet, vae, arch.params())
+        theirs = reference and diffusers_runner(*reference)
+        if theirs is None:
+            report("diffusers is not installed: timing latentgen alone")
+    work = Workload.random(2, arch.unet["in_channels"], latent, arch.unet["context_dim"], arch.context_length,
+                           device, dtype, repeats, warmup, seed, steps=steps, scale_factor=arch.scale_factor)
     rows = []
     with torch.inference_mode():
-        for b in (1, 2):
-            report(f"UNet step, batch {b}")
-            rows.append(_step_row(f"UNet step, batch {b}", ours, theirs, inputs[b], device, repeats, warmup,
-                                  latent=latent))
+        for batch in (1, 2):
+            report(f"UNet step, batch {batch}")
+            rows.append(step_row(f"UNet step, batch {batch}", ours, theirs, work.first(batch), latent=latent))
         report(f"{steps}-step DDIM image with guidance")
-        rows.append(_image_row(f"{steps}-step guided DDIM image + decode", ours, theirs, inputs[2][2], z, steps,
-                               arch.scale_factor, device, repeats, image=latent * 8))
+        rows.append(image_row(f"{steps}-step guided DDIM image + decode", ours, theirs, work, image=latent * 8))
         report("decode")
-        rows.append(compare("decode", lambda: ours["decode"](z), theirs and (lambda: theirs["decode"](z)),
-                            device, repeats, warmup, image=latent * 8))
+        rows.append(decode_row("decode", ours, theirs, work, image=latent * 8))
         report("peak memory")
-        rows.append(_memory_row(ours, theirs, (unet, vae), reference, inputs[2][2], z, steps, arch.scale_factor, device))
-        rows += _fast_rows(ours, theirs, (unet, reference and reference[0]), inputs[2], z, steps, arch.scale_factor,
-                           device, repeats, warmup, report, channels_last, compile_unet, cuda_graph_step)
+        rows.append(memory_row(ours, theirs, work))
+        rows += fast_rows(ours, theirs, work, report, channels_last, compile_unet, cuda_graph_step)
     if cold:
         rows += cold_start_rows(device, report)
     return rows
 
 
-def _step_row(name, ours, theirs, inputs, device, repeats, warmup, **extra) -> Row:
-    return compare(name, lambda: ours["step"](*inputs), theirs and (lambda: theirs["step"](*inputs)),
-                   device, repeats, warmup, **extra)
-
-
-def _image(runner: dict, make_image, context, z, steps, scale_factor) -> Callable[[], torch.Tensor]:
-    return lambda: make_image(guided(runner["step"], context), runner["decode"], z, steps, scale_factor)
-
-
-def _image_row(name, ours, theirs, context, z, steps, scale_factor, device, repeats, **extra) -> Row:
-    """A whole image is slow on CPU: a third of the repeats, one warm-up."""
-    return compare(name, _image(ours, latentgen_image, context, z, steps, scale_factor),
-                   theirs and _image(theirs, diffusers_image, context, z, steps, scale_factor),
-                   device, max(1, repeats // 3), warmup=1, **extra)
-
-
-def _memory_row(ours, theirs, our_modules, their_modules, context, z, steps, scale_factor, device) -> Row:
-    name = "peak memory, guided image (MB)" if device.type == "cuda" else "peak RSS of the process (MB)"
-    row = Row(name, peak_memory_mb(_image(ours, latentgen_image, context, z, steps, scale_factor), device,
-                                   *our_modules))
-    if theirs is not None and device.type == "cuda":
-        row.diffusers_ms = peak_memory_mb(_image(theirs, diffusers_image, context, z, steps, scale_factor), device,
-                                          *their_modules)
-    return row
-
-
-def _fast_rows(ours, theirs, unets, inputs, z, steps, scale_factor, device, repeats, warmup, report,
-               channels_last, compile_unet, cuda_graph_step) -> list[Row]:
-    """The GPU levers, each timed (UNet step at batch 2 and a whole image) against the same lever
-    applied to diffusers; `rel_eager` is how far our fast output is from our eager one."""
-    x, t, context = inputs
-    eager = ours["step"](x, t, context)
-    variants = []
+def fast_rows(ours: Runner, theirs: Optional[Runner], work: Workload, report: Report = lambda text: None,
+              channels_last: bool = False, compile_unet: bool = False, cuda_graph_step: bool = False) -> list[Row]:
+    """The GPU levers, each timed (guided UNet step and a whole image) against the same lever applied
+    to diffusers. `rel_eager` is how far our fast step's output is from our eager one; `*_setup_s` is
+    the time to compile or capture, first call included. channels_last, when asked, applies to the
+    levers after it (and converts the models in place)."""
+    eager = ours.step(work.x, work.t, work.context)
+    levers = []
     if channels_last:
-        for unet in unets:
-            if unet is not None:
-                unet.to(memory_format=torch.channels_last)
-        x = x.contiguous(memory_format=torch.channels_last)
-        variants.append(("channels_last", lambda step: step))
+        for runner in (ours, theirs):
+            for module in runner.modules if runner is not None else ():
+                module.to(memory_format=torch.channels_last)
+        work = replace(work, x=work.x.contiguous(memory_format=torch.channels_last))
+        levers.append(("channels_last", lambda step: step))
     if compile_unet:
-        variants.append(("torch.compile", torch.compile))
-    if cuda_graph_step:
-        if device.type == "cuda":
-            variants.append(("CUDA graph", lambda step: cuda_graph(step, x, t, context)))
-        else:
-            report("skipping --cuda-graph: CUDA graphs need a CUDA device")
-    layout = " + channels_last" if channels_last else ""
+        levers.append(("torch.compile", torch.compile))
+    if cuda_graph_step and work.device.type == "cuda":
+        levers.append(("CUDA graph", lambda step: cuda_graph(step, work.x, work.t, work.context)))
+    elif cuda_graph_step:
+        report("skipping --cuda-graph: CUDA graphs need a CUDA device")
     rows = []
-    for label, transform in variants:
-        label = label if label == "channels_last" else label + layout
+    for label, lever in levers:
+        label += " + channels_last" if channels_last and label != "channels_last" else ""
         report(f"UNet step and image, {label}")
-        fast, setup = {}, {}
+        setup, fast = {}, {}
         for side, runner in (("latentgen", ours), ("diffusers", theirs)):
-            if runner is None:
-                continue
-            begin = time.perf_counter()
-            fast[side] = {**runner, "step": transform(runner["step"])}
-            fast[side]["step"](x, t, context)
-            setup[f"{side}_setup_s"] = round(time.perf_counter() - begin, 2)
-        rel_eager = relative_difference(fast["latentgen"]["step"](x, t, context), eager)
-        rows.append(_step_row(f"UNet step, batch 2, {label}", fast["latentgen"], fast.get("diffusers"),
-                              (x, t, context), device, repeats, warmup, rel_eager=rel_eager, **setup))
-        rows.append(_image_row(f"{steps}-step guided image, {label}", fast["latentgen"], fast.get("diffusers"),
-                               context, z, steps, scale_factor, device, repeats))
+            if runner is not None:
+                begin = time.perf_counter()
+                fast[side] = replace(runner, step=lever(runner.step))
+                fast[side].step(work.x, work.t, work.context)
+                setup[f"{side}_setup_s"] = round(time.perf_counter() - begin, 2)
+        rel_eager = relative_difference(fast["latentgen"].step(work.x, work.t, work.context), eager)
+        rows.append(step_row(f"UNet step, batch 2, {label}", fast["latentgen"], fast.get("diffusers"), work,
+                             rel_eager=rel_eager, **setup))
+        rows.append(image_row(f"{work.steps}-step guided image, {label}", fast["latentgen"], fast.get("diffusers"),
+                              work))
     return rows
 
 
@@ -445,25 +485,23 @@ def run_bundled(device: torch.device, dtype: torch.dtype, repeats: int, with_dif
         unet_params = model.config["unet_config"]["params"]
         latent, context_dim = unet_params.get("image_size", 32), unet_params.get("context_dim")
         batch = 2 if context_dim is not None else 1
-        reference = None
+        ours, theirs = latentgen_runner(model.unet, model.first_stage), None
         if with_diffusers:
             kl = model.first_stage if isinstance(model.first_stage, AutoencoderKL) else None
             try:
                 reference = diffusers_models(model.unet, kl, model.config)
+                theirs = reference and diffusers_runner(*reference)
             except Exception as error:  # a layout diffusers' converter does not know: time ours alone
-                report(f"{name}: diffusers cannot convert it ({type(error).__name__}: {error})")
-        ours = {"step": latentgen_step(model.unet), "decode": model.first_stage.decode}
-        theirs_step = reference and reference[0] and diffusers_step(reference[0])
-        theirs_decode = reference and reference[1] and (lambda z, vae=reference[1]: vae.decode(z, return_dict=False)[0])
-        inputs = _inputs(batch, unet_params["in_channels"], latent, context_dim, 77, device, dtype)
-        z = torch.randn(1, model.first_stage.embed_dim, latent, latent, device=device, dtype=dtype)
+                reason = str(error).splitlines()[0][:200]
+                report(f"{name}: diffusers cannot convert it ({type(error).__name__}: {reason})")
+        work = Workload.random(batch, unet_params["in_channels"], latent, context_dim, 77, device, dtype, repeats,
+                               warmup)
+        work.z = work.z[:, :model.first_stage.embed_dim]
         with torch.inference_mode():
             report(f"{name}: UNet step and decode")
-            rows.append(compare(f"{name}: UNet step, batch {batch}", lambda: ours["step"](*inputs),
-                                theirs_step and (lambda: theirs_step(*inputs)), device, repeats, warmup, latent=latent))
-            rows.append(compare(f"{name}: decode", lambda: ours["decode"](z), theirs_decode and (lambda: theirs_decode(z)),
-                                device, repeats, warmup, latent=latent))
-        del model, reference
+            rows.append(step_row(f"{name}: UNet step, batch {batch}", ours, theirs, work, latent=latent))
+            rows.append(decode_row(f"{name}: decode", ours, theirs, work, latent=latent))
+        del model, ours, theirs
     return rows
 
 
