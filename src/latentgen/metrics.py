@@ -1,0 +1,94 @@
+"""Image quality numbers: PSNR, SSIM (Wang et al. 2004) and gradient energy.
+
+Inputs are image tensors [B, C, H, W] (or [C, H, W]) in `value_range`, [-1, 1] by default.
+PSNR and SSIM map them to [0, 1] first and, with `quantize` (the default), round to the 256
+levels an 8-bit PNG stores: the numbers are then those of the saved uint8 files computed with
+peak 255, as the LDM paper and the super-resolution literature report them. Batches give the
+mean of the per-image values.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+# ITU-R BT.601 luma of [0, 1] RGB, as MATLAB's rgb2ycbcr (the SR literature's "Y channel").
+Y_WEIGHTS = (65.481 / 255, 128.553 / 255, 24.966 / 255)
+Y_OFFSET = 16 / 255
+
+
+def _unit(x: torch.Tensor, value_range: tuple[float, float], quantize: bool, y_channel: bool) -> torch.Tensor:
+    """[B, C, H, W] float64 in [0, 1]: rescaled, optionally 8-bit quantised, optionally reduced to Y."""
+    x = x.detach().to(torch.float64).cpu()
+    if x.dim() == 3:
+        x = x[None]
+    low, high = value_range
+    x = ((x - low) / (high - low)).clamp(0, 1)
+    if quantize:
+        x = (x * 255).round() / 255
+    if y_channel:
+        weights = torch.tensor(Y_WEIGHTS, dtype=x.dtype).view(1, 3, 1, 1)
+        x = (x * weights).sum(dim=1, keepdim=True) + Y_OFFSET
+    return x
+
+
+def _pair(a, b, value_range, quantize, y_channel):
+    if a.shape != b.shape:
+        raise ValueError(f"images differ in shape: {tuple(a.shape)} vs {tuple(b.shape)}")
+    return _unit(a, value_range, quantize, y_channel), _unit(b, value_range, quantize, y_channel)
+
+
+def psnr(a: torch.Tensor, b: torch.Tensor, value_range: tuple[float, float] = (-1.0, 1.0),
+         quantize: bool = True, y_channel: bool = False) -> float:
+    """Peak signal-to-noise ratio in dB, 10 log10(1 / MSE) on [0, 1] images (inf when identical)."""
+    x, y = _pair(a, b, value_range, quantize, y_channel)
+    mse = ((x - y) ** 2).flatten(1).mean(dim=1)
+    values = [math.inf if m == 0 else -10 * math.log10(m) for m in mse.tolist()]
+    return sum(values) / len(values)
+
+
+def _gaussian_window(radius: int, sigma: float) -> torch.Tensor:
+    taps = torch.arange(-radius, radius + 1, dtype=torch.float64)
+    window = torch.exp(-(taps**2) / (2 * sigma**2))
+    return window / window.sum()
+
+
+def ssim(a: torch.Tensor, b: torch.Tensor, value_range: tuple[float, float] = (-1.0, 1.0),
+         quantize: bool = True, y_channel: bool = False, sigma: float = 1.5,
+         k1: float = 0.01, k2: float = 0.03) -> float:
+    """Mean structural similarity (Wang et al. 2004) with an 11x11 Gaussian window, sigma 1.5.
+
+    Matches scikit-image's structural_similarity(gaussian_weights=True, sigma=1.5,
+    use_sample_covariance=False, data_range=1, channel_axis=...) on the [0, 1] images: local
+    statistics over windows that fit inside the image, averaged over pixels and channels. Images
+    smaller than the window use the largest window that fits (1x1 compares means only)."""
+    x, y = _pair(a, b, value_range, quantize, y_channel)
+    radius = min(int(3.5 * sigma + 0.5), (min(x.shape[-2:]) - 1) // 2)
+    window = _gaussian_window(radius, sigma)
+    channels = x.shape[1]
+    rows = window.view(1, 1, -1, 1).expand(channels, 1, -1, 1)
+    cols = window.view(1, 1, 1, -1).expand(channels, 1, 1, -1)
+
+    def local_mean(t: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(F.conv2d(t, rows, groups=channels), cols, groups=channels)
+
+    mu_x, mu_y = local_mean(x), local_mean(y)
+    var_x = local_mean(x * x) - mu_x**2
+    var_y = local_mean(y * y) - mu_y**2
+    cov = local_mean(x * y) - mu_x * mu_y
+    c1, c2 = k1**2, k2**2
+    score = ((2 * mu_x * mu_y + c1) * (2 * cov + c2)) / ((mu_x**2 + mu_y**2 + c1) * (var_x + var_y + c2))
+    return float(score.flatten(1).mean(dim=1).mean())
+
+
+def gradient_energy(x: torch.Tensor) -> float:
+    """Mean squared forward-difference gradient, |dx|^2 + |dy|^2 averaged over pixels and channels.
+
+    A sharpness measure: its ratio between two renderings of the same content (e.g. a
+    super-resolved image over its bicubic upsampling) says which has more high-frequency detail."""
+    x = x.detach().to(torch.float64)
+    dx = x[..., :, 1:] - x[..., :, :-1]
+    dy = x[..., 1:, :] - x[..., :-1, :]
+    return float((dx**2).mean() + (dy**2).mean())
