@@ -1,0 +1,151 @@
+"""`latentgen train ...`: prepare the data once, then train stage 1 (autoencoder) and stage 2 (LDM).
+
+Every command is reproducible from its arguments (seeded), and the training commands resume from
+their run folder's checkpoint when run again.
+"""
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.progress import Progress
+
+from latentgen.errors import LatentgenError
+
+from . import data as datasets
+
+REPO = Path(__file__).resolve().parents[3]
+DATA = REPO / "data"
+PHOTOS = REPO.parent / "shared" / "data" / "photos-train"
+
+train_app = typer.Typer(help="Prepare data and train the autoencoders and latent diffusion models.",
+                        no_args_is_help=True, add_completion=False)
+console = Console(stderr=True)
+
+
+def _numbers(text: str, kind=int) -> tuple:
+    try:
+        return tuple(kind(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise LatentgenError(f"expected comma-separated numbers, got {text!r}") from None
+
+
+@train_app.command("prepare-photos")
+def prepare_photos(
+    src: Path = typer.Option(PHOTOS, help="training photos (never photos-eval)"),
+    out: Path = typer.Option(DATA, help="output folder"),
+    size: int = typer.Option(128, help="crop size in pixels"),
+    count: int = typer.Option(6000, help="number of crops (1300 at 128 px fit a 64 MiB device upload)"),
+    scales: str = typer.Option("0.35,0.5,0.75,1.0", help="scales a crop is taken at (1 = native pixels)"),
+    seed: int = typer.Option(0),
+) -> None:
+    """Seeded multi-scale random crops of the training photos as one uint8 array."""
+    path = datasets.prepare_photos(src, out, size, count, _numbers(scales, float), seed)
+    console.print(f"wrote {count} crops of {size} px to {path}")
+
+
+@train_app.command("prepare-emoji")
+def prepare_emoji(
+    out: Path = typer.Option(DATA, help="output folder"),
+    version: str = typer.Option(datasets.EMOJI_VERSION, help="emoji-datasource-google/-twitter version"),
+    size: int = typer.Option(64, help="image size (the packages' PNGs are 64 px)"),
+    captions: int = typer.Option(2, help="captions per image"),
+    contexts: bool = typer.Option(True, help="precompute the MiniLM contexts of all captions (fp16)"),
+    seed: int = typer.Option(0),
+) -> None:
+    """Both emoji sets (npm), their captions and, optionally, the captions' text contexts."""
+    encoder = None
+    if contexts:
+        from latentgen.models.text import MiniLMEmbedder
+
+        encoder = MiniLMEmbedder()
+    with Progress(console=console, transient=True) as progress:
+        task = progress.add_task("text contexts", total=None)
+        path = datasets.prepare_emoji(out, version, size, captions, seed, encoder,
+                                      progress=lambda done, total: progress.update(task, completed=done, total=total))
+    console.print(f"wrote {path}")
+
+
+@train_app.command("autoencoder")
+def autoencoder(
+    run: Path = typer.Option(..., help="run folder: checkpoint.pt, samples/, export/"),
+    kind: str = typer.Option("kl", help="kl or vq"),
+    ch: int = typer.Option(32, help="base channel count"),
+    ch_mult: str = typer.Option("1,2,4,4", help="channel multipliers; f = 2^(levels - 1)"),
+    num_res_blocks: int = typer.Option(1),
+    z_channels: int = typer.Option(4, help="latent channels"),
+    n_embed: int = typer.Option(8192, help="VQ codebook size"),
+    photos: Path = typer.Option(DATA / "photos-128.npy", help="prepared photo crops"),
+    crop: int = typer.Option(128, help="training crop size"),
+    batch: int = typer.Option(8),
+    lr: float = typer.Option(4e-4),
+    steps: int = typer.Option(20000),
+    kl_weight: float = typer.Option(1e-6),
+    disc_start: int = typer.Option(10000, help="step at which the PatchGAN loss starts"),
+    disc_weight: float = typer.Option(0.5),
+    seed: int = typer.Option(0),
+    checkpoint_every: int = typer.Option(500),
+    sample_every: int = typer.Option(0, help="save input/reconstruction grids every N steps (0: never)"),
+    device: str = typer.Option("auto"),
+    resume: bool = typer.Option(True, help="continue from the run folder's checkpoint"),
+    export_to: Optional[Path] = typer.Option(None, help="export folder (default RUN/export)"),
+) -> None:
+    """Stage 1: a KL or VQ autoencoder on photo crops (L1 + SSIM + FFT + KL/VQ + PatchGAN)."""
+    from .autoencoder import AutoencoderConfig, load_photos, train_autoencoder
+
+    config = AutoencoderConfig(
+        kind=kind, ch=ch, ch_mult=_numbers(ch_mult), num_res_blocks=num_res_blocks, z_channels=z_channels,
+        n_embed=n_embed, crop=crop, batch=batch, lr=lr, steps=steps, kl_weight=kl_weight, disc_start=disc_start,
+        disc_weight=disc_weight, seed=seed, checkpoint_every=checkpoint_every, sample_every=sample_every, device=device,
+    )
+    trainer = train_autoencoder(config, load_photos(photos, crop), run, resume, export_dir=export_to)
+    console.print(f"step {trainer.step}: exported to {export_to or run / 'export'}")
+
+
+@train_app.command("ldm")
+def ldm(
+    run: Path = typer.Option(..., help="run folder: checkpoint.pt, samples/, export/"),
+    first_stage: Path = typer.Option(..., help="frozen autoencoder (a model folder or checkpoint)"),
+    task: str = typer.Option("txt2img", help="txt2img, inpaint, sr or uncond"),
+    data: Path = typer.Option(DATA, help="folder with the prepared emoji.npz / photos-<size>.npy"),
+    photos: str = typer.Option("photos-128.npy", help="photo crops file inside --data"),
+    image_size: int = typer.Option(128, help="training size in pixels"),
+    model_channels: int = typer.Option(64),
+    channel_mult: str = typer.Option("1,2,2"),
+    num_res_blocks: int = typer.Option(1),
+    attention_resolutions: str = typer.Option("2", help="downsampling factors with attention ('' for none)"),
+    num_head_channels: int = typer.Option(32),
+    batch: int = typer.Option(16),
+    lr: float = typer.Option(2e-4),
+    steps: int = typer.Option(20000),
+    cond_drop: float = typer.Option(0.1, help="text dropout for classifier-free guidance"),
+    emoji_fraction: float = typer.Option(0.25, help="sr: share of emoji mosaics among the targets"),
+    contexts: bool = typer.Option(True, help="txt2img: use the precomputed text contexts when prepared"),
+    seed: int = typer.Option(0),
+    checkpoint_every: int = typer.Option(500),
+    sample_every: int = typer.Option(0, help="save sample grids every N steps (0: never)"),
+    device: str = typer.Option("auto"),
+    resume: bool = typer.Option(True, help="continue from the run folder's checkpoint"),
+    export_to: Optional[Path] = typer.Option(None, help="export folder (default RUN/export)"),
+) -> None:
+    """Stage 2: a latent diffusion UNet on a frozen first stage (eps-prediction, EMA, CFG dropout)."""
+    from latentgen.loader import load_model
+
+    from .autoencoder import load_photos
+    from .ldm import LDMConfig, LDMData, train_ldm
+
+    config = LDMConfig(
+        task=task, image_size=image_size, model_channels=model_channels, channel_mult=_numbers(channel_mult),
+        num_res_blocks=num_res_blocks, attention_resolutions=_numbers(attention_resolutions),
+        num_head_channels=num_head_channels, batch=batch, lr=lr, steps=steps, cond_drop=cond_drop,
+        emoji_fraction=emoji_fraction, seed=seed, checkpoint_every=checkpoint_every, sample_every=sample_every,
+        device=device,
+    )
+    wants_emoji = task == "txt2img" or (task == "sr" and emoji_fraction > 0)
+    sources = LDMData(
+        photos=load_photos(data / photos, image_size) if task != "txt2img" else None,
+        emoji=datasets.EmojiSet.load(data, use_contexts=contexts) if wants_emoji else None,
+    )
+    trainer = train_ldm(config, load_model(first_stage), sources, run, resume, export_dir=export_to)
+    console.print(f"step {trainer.step}: exported to {export_to or run / 'export'}")

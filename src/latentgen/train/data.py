@@ -1,0 +1,413 @@
+"""Training data: photo crops, the emoji text-image pairs, inpainting masks and SR degradations.
+
+Preparation writes compact uint8 arrays (plus a JSON manifest) to an ignored folder once; the
+loops then draw batches from memory with a seeded `torch.Generator`, so a checkpoint that saves
+the generator's state resumes on exactly the same batches. Batches are float tensors in [-1, 1],
+NCHW, as everywhere else in latentgen.
+"""
+
+import io
+import json
+import random
+import subprocess
+import tarfile
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from latentgen.errors import LatentgenError
+
+PHOTO_SUFFIXES = (".jpg", ".jpeg", ".png")
+EMOJI_VERSION = "16.0.0"
+EMOJI_SETS = {"google": "emoji-datasource-google", "twitter": "emoji-datasource-twitter"}
+# The style word each set adds to its captions, so that a prompt can ask for one look or the other.
+EMOJI_STYLES = {"google": "noto emoji style", "twitter": "twemoji style"}
+# CLDR names and keywords (MIT): emoji-datasource has only the legacy Unicode names, where
+# "HEAVY BLACK HEART" is the red heart.
+EMOJI_KEYWORDS = "emojilib@4.0.3"
+SKIN_TONES = {"1F3FB": "light", "1F3FC": "medium-light", "1F3FD": "medium", "1F3FE": "medium-dark", "1F3FF": "dark"}
+# Legacy Unicode names say "black"/"white" for filled/outlined shapes ("HEAVY BLACK HEART" is red);
+# emojilib keeps them as keywords, which would teach the wrong colours.
+LEGACY_COLOUR_WORDS = frozenset({"black", "white"})
+
+
+# ---- photos ---------------------------------------------------------------------------------
+
+
+def list_photos(folder: Path) -> list[Path]:
+    photos = sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in PHOTO_SUFFIXES)
+    if not photos:
+        raise LatentgenError(f"no photos ({', '.join(PHOTO_SUFFIXES)}) under {folder}")
+    return photos
+
+
+def prepare_photos(src: Path, dst: Path, size: int = 128, count: int = 6000,
+                   scales: Sequence[float] = (0.35, 0.5, 0.75, 1.0), seed: int = 0) -> Path:
+    """`count` seeded square crops of `size` px: a random photo, a random scale (the crop covers
+    size / scale source pixels, resized with Lanczos) at a random place, flipped half the time.
+    Writes photos-<size>.npy (uint8 [N, size, size, 3]) and a manifest saying where each came from."""
+    files = list_photos(src)
+    photos = [np.asarray(Image.open(f).convert("RGB")) for f in files]
+    rng = np.random.default_rng(seed)
+    crops = np.empty((count, size, size, 3), dtype=np.uint8)
+    records = []
+    for i in range(count):
+        index = int(rng.integers(len(photos)))
+        photo = photos[index]
+        height, width = photo.shape[:2]
+        side = min(round(size / float(rng.choice(scales))), height, width)
+        top, left = int(rng.integers(height - side + 1)), int(rng.integers(width - side + 1))
+        flip = bool(rng.random() < 0.5)
+        crop = Image.fromarray(photo[top:top + side, left:left + side]).resize((size, size), Image.LANCZOS)
+        crops[i] = np.asarray(crop)[:, ::-1] if flip else np.asarray(crop)
+        records.append([files[index].relative_to(src).as_posix(), left, top, side, flip])
+    dst.mkdir(parents=True, exist_ok=True)
+    out = dst / f"photos-{size}.npy"
+    np.save(out, crops)
+    manifest = {"source": str(src), "size": size, "seed": seed, "scales": list(scales),
+                "fields": ["file", "left", "top", "side", "flipped"], "crops": records}
+    (dst / f"photos-{size}.json").write_text(json.dumps(manifest))
+    return out
+
+
+def to_tensor(images: np.ndarray) -> torch.Tensor:
+    """uint8 NHWC -> float NCHW in [-1, 1]."""
+    return torch.from_numpy(np.array(images, dtype=np.uint8)).permute(0, 3, 1, 2).float() / 127.5 - 1
+
+
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """float NCHW in [-1, 1] -> uint8 NHWC."""
+    return ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+
+
+@dataclass
+class ImageBatches:
+    """Random batches from a uint8 [N, H, W, 3] array: random `crop` px windows, random
+    horizontal flips (`flip`; off for emoji, whose arrows and letters have a direction)."""
+
+    images: np.ndarray
+    crop: Optional[int] = None
+    flip: bool = True
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def sample(self, batch: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """(images [B, 3, crop, crop] in [-1, 1], their indices)."""
+        indices = torch.randint(len(self.images), (batch,), generator=generator)
+        x = to_tensor(self.images[indices.numpy()])
+        if self.crop is not None and self.crop < x.shape[-1]:
+            top, left = (int(v) for v in torch.randint(x.shape[-1] - self.crop + 1, (2,), generator=generator))
+            x = x[..., top:top + self.crop, left:left + self.crop]
+        if self.flip:
+            flipped = torch.rand(batch, generator=generator) < 0.5
+            x = torch.where(flipped[:, None, None, None], x.flip(-1), x)
+        return x, indices
+
+
+# ---- emoji ----------------------------------------------------------------------------------
+
+
+def npm_pack(specs: Sequence[str], workdir: Path) -> list[Path]:
+    """`npm pack` each package spec into `workdir` (the registry's tarball, no install scripts run)."""
+    try:
+        subprocess.run(["npm", "pack", "--silent", *specs], cwd=workdir, check=True, capture_output=True, text=True)
+    except FileNotFoundError:
+        raise LatentgenError("npm is not installed; it is needed to fetch the emoji packages") from None
+    except subprocess.CalledProcessError as error:
+        raise LatentgenError(f"npm pack {' '.join(specs)} failed: {error.stderr.strip().splitlines()[-1:]}") from None
+    return sorted(workdir.glob("*.tgz"))
+
+
+def _tar_member(tar: tarfile.TarFile, name: str) -> Optional[bytes]:
+    try:
+        return tar.extractfile(f"package/{name}").read()
+    except KeyError:
+        return None
+
+
+def emoji_char(unified: str) -> str:
+    return "".join(chr(int(code, 16)) for code in unified.split("-"))
+
+
+def _cldr_entry(keywords: dict, record: dict, unified: str) -> Optional[list]:
+    for code in (unified, record.get("non_qualified") or "", unified.replace("-FE0F", "")):
+        if code and emoji_char(code) in keywords:
+            return keywords[emoji_char(code)]
+    return None
+
+
+def _tone_words(tone_key: str) -> str:
+    tones = [SKIN_TONES[t] for t in tone_key.split("-") if t in SKIN_TONES]
+    return f"{' and '.join(dict.fromkeys(tones))} skin tone" if tones else ""
+
+
+def describe_emoji(record: dict, keywords: dict, tone_key: str = "") -> dict:
+    """Name, keywords and category of one emoji (or one skin-tone variant of it): the CLDR name
+    from emojilib where it has one, else the lower-cased Unicode name. Colour keywords that the
+    name does not carry are dropped (they come from legacy names, like "black" for the red heart)."""
+    unified = record["unified"] if not tone_key else record["skin_variations"][tone_key]["unified"]
+    entry = _cldr_entry(keywords, record, record["unified"]) or []
+    name = entry[0].replace("_", " ").strip() if entry else ""
+    if name in ("", "keycap"):
+        name = record["name"].lower()
+    name_words = set(name.split())
+    extra = [k.replace("_", " ") for k in entry[1:] if k not in name_words and k not in LEGACY_COLOUR_WORDS]
+    tone = _tone_words(tone_key)
+    return {"unified": unified, "name": f"{name}, {tone}" if tone else name, "keywords": extra,
+            "short_names": [s.replace("_", " ") for s in record["short_names"]],
+            "category": record["category"].lower(), "subcategory": record["subcategory"].replace("-", " ")}
+
+
+CAPTION_TEMPLATES = (
+    "an emoji of {a} {name}",
+    "{name}, {style}",
+    "{a} {name} emoji, {style}",
+    "{name}",
+    "{name} emoji",
+    "{a} {name}",
+    "{style} {name}",
+    "{a} {name} in {style}",
+    "an icon of {a} {name}, {keyword}",
+    "{name}, {keyword}, {keyword2}",
+    "{short_name}, {style}",
+    "{a} {name}, a {subcategory} emoji",
+    "{category}: {name}, {style}",
+    "a picture of {a} {name} on a white background",
+)
+
+
+def _article(word: str) -> str:
+    return "an" if word[:1].lower() in "aeiou" else "a"
+
+
+def emoji_captions(info: dict, style: str, rng: random.Random, count: int) -> list[str]:
+    """`count` different captions from varied templates; about half name the style."""
+    keywords = info["keywords"] or [info["subcategory"]]
+    templates = rng.sample(CAPTION_TEMPLATES, k=min(count, len(CAPTION_TEMPLATES)))
+    captions = []
+    for template in templates:
+        picked = rng.sample(keywords, k=min(2, len(keywords)))
+        captions.append(template.format(
+            a=_article(info["name"]), name=info["name"], style=style, keyword=picked[0],
+            keyword2=picked[-1], short_name=rng.choice(info["short_names"]), category=info["category"],
+            subcategory=info["subcategory"],
+        ))
+    return captions
+
+
+def _emoji_image(png: bytes) -> np.ndarray:
+    """An emoji PNG composited over white, uint8 RGB."""
+    image = Image.open(io.BytesIO(png)).convert("RGBA")
+    canvas = Image.new("RGBA", image.size, (255, 255, 255, 255))
+    return np.asarray(Image.alpha_composite(canvas, image).convert("RGB"))
+
+
+def read_emoji_package(tgz: Path, set_name: str, keywords: dict, size: int, captions: int,
+                       rng: random.Random) -> tuple[list[np.ndarray], list[dict]]:
+    """Every emoji image of one emoji-datasource tarball (skin tones included) with its captions."""
+    images, records = [], []
+    with tarfile.open(tgz) as tar:
+        table = json.loads(_tar_member(tar, "emoji.json"))
+        for record in table:
+            for tone_key in ["", *record.get("skin_variations", {})]:
+                entry = record if not tone_key else record["skin_variations"][tone_key]
+                png = _tar_member(tar, f"img/{set_name}/64/{entry['image']}")
+                if png is None or not entry.get(f"has_img_{set_name}", True):
+                    continue
+                image = _emoji_image(png)
+                if image.shape[0] != size:
+                    image = np.asarray(Image.fromarray(image).resize((size, size), Image.LANCZOS))
+                info = describe_emoji(record, keywords, tone_key)
+                style = EMOJI_STYLES[set_name]
+                images.append(image)
+                records.append({"set": set_name, "style": style, "image": entry["image"], **info,
+                                "captions": emoji_captions(info, style, rng, captions)})
+    return images, records
+
+
+def prepare_emoji(dst: Path, version: str = EMOJI_VERSION, size: int = 64, captions: int = 2, seed: int = 0,
+                  encoder: Optional[Callable[[list[str]], torch.Tensor]] = None, batch: int = 64,
+                  progress: Optional[Callable[[int, int], None]] = None) -> Path:
+    """Fetch both emoji sets with npm and write emoji.npz (uint8 [N, size, size, 3]) and
+    emoji.json (name, style, keywords and `captions` per image); with an `encoder`, also the
+    text contexts of every caption as emoji-contexts.npy (fp16 [N * captions, L, D], image-major)
+    and of the empty prompt as emoji-empty-context.npy."""
+    rng = random.Random(seed)
+    with tempfile.TemporaryDirectory() as tmp:
+        specs = [f"{package}@{version}" for package in EMOJI_SETS.values()] + [EMOJI_KEYWORDS]
+        npm_pack(specs, Path(tmp))
+        keyword_tgz = next(Path(tmp).glob("emojilib-*.tgz"))
+        with tarfile.open(keyword_tgz) as tar:
+            keywords = json.loads(_tar_member(tar, "dist/emoji-en-US.json"))
+        images, records = [], []
+        for set_name, package in EMOJI_SETS.items():
+            tgz = next(Path(tmp).glob(f"{package}-*.tgz"))
+            set_images, set_records = read_emoji_package(tgz, set_name, keywords, size, captions, rng)
+            images += set_images
+            records += set_records
+    dst.mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(dst / "emoji.npz", images=np.stack(images))
+    (dst / "emoji.json").write_text(json.dumps({"version": version, "seed": seed, "size": size,
+                                                "captions_per_image": captions, "emoji": records}))
+    if encoder is not None:
+        texts = [caption for record in records for caption in record["captions"]]
+        np.save(dst / "emoji-contexts.npy", encode_texts(encoder, texts, batch, progress))
+        np.save(dst / "emoji-empty-context.npy", encode_texts(encoder, [""], 1)[0])
+    return dst / "emoji.npz"
+
+
+def encode_texts(encoder: Callable[[list[str]], torch.Tensor], texts: list[str], batch: int = 64,
+                 progress: Optional[Callable[[int, int], None]] = None) -> np.ndarray:
+    """Contexts of `texts` in fp16, `batch` at a time."""
+    out = None
+    for start in range(0, len(texts), batch):
+        with torch.no_grad():
+            context = encoder(texts[start:start + batch]).to(torch.float16).cpu().numpy()
+        if out is None:
+            out = np.empty((len(texts), *context.shape[1:]), dtype=np.float16)
+        out[start:start + len(context)] = context
+        if progress is not None:
+            progress(min(start + batch, len(texts)), len(texts))
+    return out
+
+
+@dataclass
+class EmojiSet:
+    """The prepared emoji: images, one caption list per image, and cached contexts when prepared."""
+
+    images: np.ndarray
+    captions: list[list[str]]
+    contexts: Optional[np.ndarray] = None
+    empty_context: Optional[np.ndarray] = None
+
+    @classmethod
+    def load(cls, folder: Path, use_contexts: bool = True) -> "EmojiSet":
+        if not (folder / "emoji.npz").is_file():
+            raise LatentgenError(f"{folder} has no emoji.npz: run `latentgen train prepare-emoji` first")
+        images = np.load(folder / "emoji.npz")["images"]
+        records = json.loads((folder / "emoji.json").read_text())["emoji"]
+        contexts = empty = None
+        if use_contexts and (folder / "emoji-contexts.npy").is_file():
+            contexts = np.load(folder / "emoji-contexts.npy", mmap_mode="r")
+            empty = np.load(folder / "emoji-empty-context.npy")
+        return cls(images, [r["captions"] for r in records], contexts, empty)
+
+    def pick_captions(self, indices: torch.Tensor, generator: torch.Generator) -> tuple[list[str], list[int]]:
+        """One random caption per image, and its row in `contexts`."""
+        per_image = len(self.captions[0])
+        choice = torch.randint(per_image, (len(indices),), generator=generator).tolist()
+        rows = [int(i) * per_image + c for i, c in zip(indices.tolist(), choice)]
+        return [self.captions[int(i)][c] for i, c in zip(indices.tolist(), choice)], rows
+
+
+def emoji_mosaic(images: np.ndarray, batch: int, tiles: int, generator: torch.Generator) -> torch.Tensor:
+    """[B, 3, tiles * s, tiles * s] grids of random emoji at their native size s: sharp-edged
+    high-resolution targets for super-resolution, never upsampled."""
+    indices = torch.randint(len(images), (batch, tiles * tiles), generator=generator)
+    x = to_tensor(images[indices.reshape(-1).numpy()])
+    size = x.shape[-1]
+    x = x.reshape(batch, tiles, tiles, 3, size, size).permute(0, 3, 1, 4, 2, 5)
+    return x.reshape(batch, 3, tiles * size, tiles * size)
+
+
+# ---- inpainting masks -----------------------------------------------------------------------
+
+MASK_COVERAGE = (0.05, 0.6)
+
+
+def _stroke(height: int, width: int, generator: torch.Generator) -> torch.Tensor:
+    """A thick random polyline (LaMa's irregular masks): 1-5 segments, width 1/16 to 1/5 of the side."""
+    side = min(height, width)
+    ys, xs = torch.meshgrid(torch.arange(height, dtype=torch.float32), torch.arange(width, dtype=torch.float32),
+                            indexing="ij")
+    radius = side * (1 / 32 + torch.rand((), generator=generator) * (1 / 10 - 1 / 32))
+    point = torch.rand(2, generator=generator) * torch.tensor([height, width], dtype=torch.float32)
+    angle = torch.rand((), generator=generator) * 2 * torch.pi
+    mask = torch.zeros(height, width, dtype=torch.bool)
+    for _ in range(int(torch.randint(1, 6, (), generator=generator))):
+        angle = angle + (torch.rand((), generator=generator) - 0.5) * torch.pi
+        length = side * (0.1 + 0.3 * torch.rand((), generator=generator))
+        end = point + length * torch.stack([torch.sin(angle), torch.cos(angle)])
+        direction = end - point
+        along = (((ys - point[0]) * direction[0] + (xs - point[1]) * direction[1]) / direction.square().sum()).clamp(0, 1)
+        distance = (ys - point[0] - along * direction[0]).square() + (xs - point[1] - along * direction[1]).square()
+        mask |= distance <= radius**2
+        point = end
+    return mask
+
+
+def _box(height: int, width: int, generator: torch.Generator) -> torch.Tensor:
+    """A random rectangle, 10% to 50% of each side."""
+    h, w = (int(s * (0.1 + 0.4 * float(torch.rand((), generator=generator)))) for s in (height, width))
+    top = int(torch.randint(height - h + 1, (), generator=generator))
+    left = int(torch.randint(width - w + 1, (), generator=generator))
+    mask = torch.zeros(height, width, dtype=torch.bool)
+    mask[top:top + h, left:left + w] = True
+    return mask
+
+
+def random_mask(height: int, width: int, generator: torch.Generator,
+                coverage: tuple[float, float] = MASK_COVERAGE) -> torch.Tensor:
+    """A LaMa-style training mask [1, H, W] (1 = fill): thick strokes and boxes, redrawn until the
+    covered fraction lies in `coverage`."""
+    while True:
+        mask = torch.zeros(height, width, dtype=torch.bool)
+        for _ in range(int(torch.randint(1, 4, (), generator=generator))):
+            mask |= _stroke(height, width, generator)
+        for _ in range(int(torch.randint(0, 3, (), generator=generator))):
+            mask |= _box(height, width, generator)
+        if coverage[0] <= float(mask.float().mean()) <= coverage[1]:
+            return mask[None].float()
+
+
+def random_masks(batch: int, height: int, width: int, generator: torch.Generator) -> torch.Tensor:
+    return torch.stack([random_mask(height, width, generator) for _ in range(batch)])
+
+
+# ---- super-resolution degradation (the paper's "bsr-light") ---------------------------------
+
+
+def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
+    radius = max(1, int(3 * sigma + 0.5))
+    taps = torch.arange(-radius, radius + 1, dtype=x.dtype, device=x.device)
+    kernel = torch.exp(-taps.square() / (2 * sigma**2))
+    kernel = kernel / kernel.sum()
+    channels = x.shape[1]
+    x = F.pad(x, (radius,) * 4, mode="reflect")
+    x = F.conv2d(x, kernel.view(1, 1, -1, 1).expand(channels, 1, -1, 1), groups=channels)
+    return F.conv2d(x, kernel.view(1, 1, 1, -1).expand(channels, 1, 1, -1), groups=channels)
+
+
+def jpeg(x: torch.Tensor, quality: int) -> torch.Tensor:
+    """A JPEG round trip of one [3, H, W] image in [-1, 1]."""
+    buffer = io.BytesIO()
+    Image.fromarray(to_uint8(x[None])[0]).save(buffer, format="JPEG", quality=quality)
+    return to_tensor(np.asarray(Image.open(buffer).convert("RGB"))[None])[0].to(x)
+
+
+def degrade(hr: torch.Tensor, factor: int, generator: torch.Generator) -> torch.Tensor:
+    """Low-resolution inputs for SR training, per image: Gaussian blur (sigma 0.2-1.2, half the
+    time), bicubic antialiased downsampling by `factor`, Gaussian noise (std up to 0.04, half the
+    time) and JPEG (quality 60-95, half the time); [B, 3, H/f, W/f] in [-1, 1]."""
+    out = []
+    for image in hr:
+        image = image[None]
+        if torch.rand((), generator=generator) < 0.5:
+            image = gaussian_blur(image, 0.2 + float(torch.rand((), generator=generator)))
+        size = (hr.shape[-2] // factor, hr.shape[-1] // factor)
+        image = F.interpolate(image, size=size, mode="bicubic", antialias=True, align_corners=False)
+        if torch.rand((), generator=generator) < 0.5:
+            std = 0.04 * float(torch.rand((), generator=generator))
+            image = image + std * torch.randn(image.shape, generator=generator).to(image)
+        image = image.clamp(-1, 1)
+        if torch.rand((), generator=generator) < 0.5:
+            image = jpeg(image[0], int(torch.randint(60, 96, (), generator=generator)))[None]
+        out.append(image)
+    return torch.cat(out)

@@ -1,0 +1,382 @@
+"""Stage 2: train a diffusion UNet in the latent space of a frozen first stage (L_LDM, eps-prediction),
+and export it in the official CompVis layout (`model.diffusion_model.*` from the EMA weights,
+`first_stage_model.*`) with a config.json shaped like the official YAML's `model.params`.
+
+Tasks and their conditioning, matching what `pipelines` feeds the UNet at inference:
+- txt2img: cross-attention on a frozen text encoder's context (MiniLM, [B, 77, 384]);
+- inpaint: concat of [masked-image latent (scaled), mask at latent size] (LDM: 2C + 1 channels);
+- sr: concat of the degraded low-resolution image at latent size (LDM-SR; factor = the first stage's f);
+- uncond: nothing.
+Condition dropout for classifier-free guidance: text is replaced by the empty prompt's context with
+probability `cond_drop` (SD's `ucg_training`; the pipeline's unconditional branch is "" too). The
+concat tasks keep their condition, as the LDM paper's inpainting and SR models: their pipelines
+never guide (scale 1), so a dropped image would only be wasted capacity.
+"""
+
+import copy
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from latentgen.detect import FIRST_STAGE, UNCONDITIONAL, UNET_TARGET
+from latentgen.errors import LatentgenError
+from latentgen.guidance import Conditioning, guided_model
+from latentgen.ldm import LatentDiffusion
+from latentgen.models.autoencoder import AutoencoderKL
+from latentgen.models.unet import UNetModel
+from latentgen.samplers import make_noise, sample
+from latentgen.schedules import make_alphas_cumprod
+
+from . import losses, runs
+from .data import EmojiSet, ImageBatches, degrade, emoji_mosaic, random_masks, to_tensor
+
+TASKS = ("txt2img", "inpaint", "sr", "uncond")
+CONDITIONING_KEYS = {"txt2img": "crossattn", "inpaint": "concat", "sr": "concat", "uncond": None}
+COND_STAGE_CONFIGS = {"inpaint": FIRST_STAGE, "sr": {"target": "torch.nn.Identity"}, "uncond": UNCONDITIONAL}
+LDM_TARGET = "ldm.models.diffusion.ddpm.LatentDiffusion"
+SAMPLE_PROMPTS = ("a red heart", "a blue heart", "a green apple", "a yellow star",
+                  "a smiling face, twemoji style", "a cat face, noto emoji style", "a red car", "a pizza")
+Encoder = Callable[[list[str]], torch.Tensor]
+
+
+@dataclass
+class LDMConfig:
+    """UNet architecture (CompVis unet_config names), schedule and recipe."""
+
+    task: str = "txt2img"
+    image_size: int = 128
+    model_channels: int = 64
+    channel_mult: tuple[int, ...] = (1, 2, 2)
+    num_res_blocks: int = 1
+    attention_resolutions: tuple[int, ...] = (2,)
+    num_head_channels: int = 32
+    transformer_depth: int = 1
+    context_dim: int = 384
+    linear_start: float = 0.00085
+    linear_end: float = 0.012
+    timesteps: int = 1000
+    batch: int = 16
+    lr: float = 2e-4
+    steps: int = 20000
+    ema_decay: float = 0.9999
+    cond_drop: float = 0.1
+    emoji_fraction: float = 0.25
+    seed: int = 0
+    checkpoint_every: int = 500
+    sample_every: int = 0
+    sample_steps: int = 25
+    device: str = "auto"
+
+    def unet_config(self, embed_dim: int, f: int) -> dict:
+        extra = {"txt2img": 0, "uncond": 0, "inpaint": embed_dim + 1, "sr": 3}[self.task]
+        params = {"image_size": self.image_size // f, "in_channels": embed_dim + extra, "out_channels": embed_dim,
+                  "model_channels": self.model_channels, "attention_resolutions": list(self.attention_resolutions),
+                  "num_res_blocks": self.num_res_blocks, "channel_mult": list(self.channel_mult),
+                  "num_head_channels": self.num_head_channels}
+        if self.task == "txt2img":
+            params.update(use_spatial_transformer=True, transformer_depth=self.transformer_depth,
+                          context_dim=self.context_dim)
+        return {"target": UNET_TARGET, "params": params}
+
+
+@dataclass
+class LDMData:
+    """What a task draws from: photo crops (inpaint, sr, uncond), emoji (txt2img; mosaics for sr)."""
+
+    photos: Optional[ImageBatches] = None
+    emoji: Optional[EmojiSet] = None
+
+
+def first_stage_factor(first_stage: torch.nn.Module) -> int:
+    return 2 ** (len(first_stage.encoder.down) - 1)
+
+
+def encode(first_stage: torch.nn.Module, x: torch.Tensor, sample_posterior: bool) -> torch.Tensor:
+    """Unscaled latents: a KL posterior sample (CompVis trains on samples) or its mean; VQ's pre-quantisation h."""
+    if not isinstance(first_stage, AutoencoderKL):
+        return first_stage.encode(x)
+    mean, logvar = first_stage.encode_moments(x)
+    return mean + (0.5 * logvar).exp() * torch.randn_like(mean) if sample_posterior else mean
+
+
+def emoji_at(images: np.ndarray, size: int) -> torch.Tensor:
+    """Emoji as [N, 3, size, size] in [-1, 1], bicubic-resized from their native size."""
+    x = to_tensor(images)
+    if x.shape[-1] != size:
+        x = F.interpolate(x, size=(size, size), mode="bicubic", antialias=True, align_corners=False).clamp(-1, 1)
+    return x
+
+
+@dataclass
+class LDMTrainer:
+    """UNet, its EMA copy, optimiser and the frozen first stage at `step`."""
+
+    config: LDMConfig
+    unet: UNetModel
+    ema: UNetModel
+    optimizer: torch.optim.Optimizer
+    first_stage: torch.nn.Module
+    first_stage_config: dict
+    data: LDMData
+    generator: torch.Generator
+    device: torch.device
+    alphas_cumprod: torch.Tensor
+    text_encoder: Optional[Encoder] = None
+    scale_factor: float = 1.0
+    emoji_latents: Optional[torch.Tensor] = None
+    empty_context: Optional[torch.Tensor] = None
+    step: int = 0
+
+    @classmethod
+    def create(cls, config: LDMConfig, first_stage: LatentDiffusion, data: LDMData,
+               text_encoder: Optional[Encoder] = None) -> "LDMTrainer":
+        if config.task not in TASKS:
+            raise LatentgenError(f"unknown task {config.task!r}: choose one of {', '.join(TASKS)}")
+        torch.manual_seed(config.seed)
+        device = runs.pick_device(config.device)
+        stage = first_stage.first_stage.to(device).eval().requires_grad_(False)
+        f = first_stage_factor(stage)
+        if config.image_size % (f * 2 ** (len(config.channel_mult) - 1)):
+            raise LatentgenError(f"image size {config.image_size} must divide by f x 2^(levels - 1)")
+        unet = UNetModel(**config.unet_config(stage.embed_dim, f)["params"]).to(device)
+        trainer = cls(config, unet, copy.deepcopy(unet).requires_grad_(False), torch.optim.AdamW(unet.parameters(), config.lr),
+                      stage, first_stage.config["first_stage_config"], data, torch.Generator().manual_seed(config.seed),
+                      device, make_alphas_cumprod("linear", config.timesteps, config.linear_start, config.linear_end),
+                      text_encoder)
+        trainer._check_data()
+        if config.task == "txt2img":
+            trainer.emoji_latents = trainer._encode_emoji()
+            trainer.empty_context = trainer._empty_context()
+        trainer.scale_factor = trainer._measure_scale_factor()
+        return trainer
+
+    # ---- data --------------------------------------------------------------------------------
+
+    def _check_data(self) -> None:
+        task, data = self.config.task, self.data
+        if task == "txt2img" and data.emoji is None:
+            raise LatentgenError("txt2img training needs the prepared emoji (--data with emoji.npz)")
+        if task != "txt2img" and data.photos is None:
+            raise LatentgenError(f"{task} training needs the prepared photos (--data with photos-<size>.npy)")
+        if data.photos is not None:
+            data.photos.crop = self.config.image_size
+
+    def _encode_emoji(self) -> torch.Tensor:
+        """Latent statistics of every emoji, once: KL (mean, logvar) stacked on channels, or VQ's h."""
+        out = []
+        with torch.no_grad():
+            for start in range(0, len(self.data.emoji.images), 64):
+                x = emoji_at(self.data.emoji.images[start:start + 64], self.config.image_size).to(self.device)
+                if isinstance(self.first_stage, AutoencoderKL):
+                    out.append(torch.cat(self.first_stage.encode_moments(x), 1).cpu())
+                else:
+                    out.append(self.first_stage.encode(x).cpu())
+        return torch.cat(out)
+
+    def _empty_context(self) -> torch.Tensor:
+        emoji = self.data.emoji
+        if emoji.contexts is not None:
+            return torch.from_numpy(np.asarray(emoji.empty_context)).float()
+        return self._encode_texts([""])[0]
+
+    def _encode_texts(self, texts: list[str]) -> torch.Tensor:
+        if self.text_encoder is None:
+            from latentgen.models.text import MiniLMEmbedder
+
+            self.text_encoder = MiniLMEmbedder()
+        with torch.no_grad():
+            return self.text_encoder(texts).float().cpu()
+
+    def _emoji_latents(self, indices: torch.Tensor) -> torch.Tensor:
+        stats = self.emoji_latents[indices].to(self.device)
+        if isinstance(self.first_stage, AutoencoderKL):
+            mean, logvar = stats.chunk(2, dim=1)
+            return mean + (0.5 * logvar).exp() * torch.randn_like(mean)
+        return stats
+
+    def _photos(self, batch: int, generator: torch.Generator) -> torch.Tensor:
+        return self.data.photos.sample(batch, generator)[0].to(self.device)
+
+    def _text_condition(self, indices: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        emoji = self.data.emoji
+        captions, rows = emoji.pick_captions(indices, generator)
+        dropped = (torch.rand(len(indices), generator=generator) < self.config.cond_drop).tolist()
+        if emoji.contexts is not None:
+            context = torch.from_numpy(np.asarray(emoji.contexts[rows])).float()
+            context[torch.tensor(dropped, dtype=torch.bool)] = self.empty_context
+        else:
+            context = self._encode_texts(["" if drop else c for c, drop in zip(captions, dropped)])
+        return context.to(self.device)
+
+    def batch(self, batch: int, generator: torch.Generator) -> tuple[torch.Tensor, Conditioning]:
+        """(scaled latents z0, their conditioning) for one training step."""
+        task, sf = self.config.task, self.scale_factor
+        if task == "txt2img":
+            indices = torch.randint(len(self.emoji_latents), (batch,), generator=generator)
+            return self._emoji_latents(indices) * sf, Conditioning(context=self._text_condition(indices, generator))
+        if task == "sr":
+            x = self._sr_targets(batch, generator)
+            low = degrade(x.cpu(), first_stage_factor(self.first_stage), generator).to(self.device)
+            with torch.no_grad():
+                return encode(self.first_stage, x, True) * sf, Conditioning(concat=low)
+        x = self._photos(batch, generator)
+        with torch.no_grad():
+            z = encode(self.first_stage, x, True) * sf
+            if task == "uncond":
+                return z, Conditioning()
+            mask = random_masks(batch, x.shape[-2], x.shape[-1], generator).to(self.device)
+            masked = encode(self.first_stage, x * (mask < 0.5), False) * sf
+            small = F.interpolate(mask, size=z.shape[-2:], mode="nearest")
+            return z, Conditioning(concat=torch.cat([masked, small], 1))
+
+    def _sr_targets(self, batch: int, generator: torch.Generator) -> torch.Tensor:
+        """High-resolution targets: photo crops plus, when emoji are given, sharp emoji mosaics."""
+        emoji, size = self.data.emoji, self.config.image_size
+        count = 0
+        if emoji is not None and size % emoji.images.shape[1] == 0:
+            count = min(round(batch * self.config.emoji_fraction), batch - 1)
+        x = self._photos(batch - count, generator)
+        if count:
+            x = torch.cat([x, emoji_mosaic(emoji.images, count, size // emoji.images.shape[1], generator).to(self.device)])
+        return x
+
+    def _measure_scale_factor(self, samples: int = 256) -> float:
+        """1 / std of the training latents, as the LDM paper rescales them (drawn with a separate
+        generator so the training batches do not depend on it)."""
+        generator = torch.Generator().manual_seed(self.config.seed + 1)
+        latents, batch = [], self.config.batch
+        rng = torch.get_rng_state()
+        with torch.no_grad():
+            for _ in range(max(1, samples // batch)):
+                if self.config.task == "txt2img":
+                    z = self._emoji_latents(torch.randint(len(self.emoji_latents), (batch,), generator=generator))
+                else:
+                    x = self._sr_targets(batch, generator) if self.config.task == "sr" else self._photos(batch, generator)
+                    z = encode(self.first_stage, x, True)
+                latents.append(z.float().cpu())
+        torch.set_rng_state(rng)
+        return float(1 / torch.cat(latents).std())
+
+    # ---- training ----------------------------------------------------------------------------
+
+    def train_step(self) -> dict[str, float]:
+        z0, cond = self.batch(self.config.batch, self.generator)
+        t = torch.randint(0, self.config.timesteps, (len(z0),)).to(self.device)
+        noise = torch.randn(z0.shape).to(self.device)
+        x_t = losses.q_sample(z0, t, noise, self.alphas_cumprod)
+        if cond.concat is not None:
+            x_t = torch.cat([x_t, cond.concat], 1)
+        with runs.autocast(self.device):
+            output = self.unet(x_t, t, context=cond.context)
+        loss = losses.ldm_loss(output, noise)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        self.step += 1
+        self._update_ema()
+        return {"loss": loss.item()}
+
+    def _update_ema(self) -> None:
+        """CompVis LitEma: decay warms up as (1 + n) / (10 + n) towards `ema_decay`."""
+        decay = min(self.config.ema_decay, (1 + self.step) / (10 + self.step))
+        with torch.no_grad():
+            for average, param in zip(self.ema.parameters(), self.unet.parameters()):
+                average.lerp_(param, 1 - decay)
+
+    def state(self) -> dict:
+        return {"config": asdict(self.config), "unet": self.unet.state_dict(), "ema": self.ema.state_dict(),
+                "optimizer": self.optimizer.state_dict(), "step": self.step, "scale_factor": self.scale_factor,
+                "random": runs.random_state(self.generator)}
+
+    def load(self, state: dict) -> None:
+        self.unet.load_state_dict(state["unet"])
+        self.ema.load_state_dict(state["ema"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.step = int(state["step"])
+        self.scale_factor = float(state["scale_factor"])
+        runs.restore_random_state(state["random"], self.generator)
+
+    # ---- export and samples ------------------------------------------------------------------
+
+    def model_params(self) -> dict:
+        """The official YAML's `model.params` for this model."""
+        config = self.config
+        params = {
+            "linear_start": config.linear_start, "linear_end": config.linear_end, "timesteps": config.timesteps,
+            "image_size": config.image_size // first_stage_factor(self.first_stage),
+            "channels": self.first_stage.embed_dim, "scale_factor": self.scale_factor,
+            "conditioning_key": CONDITIONING_KEYS[config.task], "parameterization": "eps",
+            "unet_config": config.unet_config(self.first_stage.embed_dim, first_stage_factor(self.first_stage)),
+            "first_stage_config": self.first_stage_config,
+        }
+        if config.task == "txt2img":
+            params["cond_stage"] = "minilm"
+        else:
+            params["cond_stage_config"] = COND_STAGE_CONFIGS[config.task]
+        return params
+
+    def export(self, folder: Path) -> Path:
+        tensors = {"model.diffusion_model." + k: v for k, v in self.ema.state_dict().items()}
+        tensors.update({"first_stage_model." + k: v for k, v in self.first_stage.state_dict().items()})
+        config = {"model": {"target": LDM_TARGET, "params": self.model_params()},
+                  "training": {"steps": self.step, "recipe": asdict(self.config)}}
+        return runs.export_folder(folder, tensors, config)
+
+    def samples(self, count: int = 8) -> torch.Tensor:
+        """EMA samples with fixed seeds (DDIM): prompts for txt2img (guidance 5), otherwise fixed
+        validation inputs shown as [condition, sample, target] rows."""
+        config, sf = self.config, self.scale_factor
+        generator = torch.Generator().manual_seed(12345)
+        rng = torch.get_rng_state()
+        self.ema.eval()
+        with torch.no_grad():
+            if config.task == "txt2img":
+                cond = Conditioning(context=self._encode_texts(list(SAMPLE_PROMPTS[:count])).to(self.device))
+                uncond = Conditioning(context=self.empty_context.expand(len(cond.context), -1, -1).to(self.device))
+                z0, scale = None, 5.0
+            else:
+                z0, cond = self.batch(min(count, 4), generator)
+                uncond, scale = None, 1.0
+            shape = (len(cond.context) if z0 is None else len(z0), self.first_stage.embed_dim,
+                     *(2 * [config.image_size // first_stage_factor(self.first_stage)]))
+            x_T = make_noise(shape, 0).to(self.device)
+            z = sample("ddim", guided_model(self.ema, cond, uncond, scale), x_T, self.alphas_cumprod, "eps",
+                       config.sample_steps)
+            images = self.first_stage.decode(z / sf).float().clamp(-1, 1).cpu()
+            if z0 is not None:
+                images = torch.cat([self._show_condition(cond, images.shape[-1]), images,
+                                    self.first_stage.decode(z0 / sf).float().clamp(-1, 1).cpu()])
+        torch.set_rng_state(rng)
+        self.ema.train()
+        return images
+
+    def _show_condition(self, cond: Conditioning, size: int) -> torch.Tensor:
+        if cond.concat is None:
+            return torch.zeros(0, 3, size, size)
+        if self.config.task == "sr":
+            low = cond.concat.float().cpu()
+        else:
+            low = self.first_stage.decode(cond.concat[:, :-1] / self.scale_factor).float().cpu()
+        return F.interpolate(low, size=(size, size), mode="nearest").clamp(-1, 1)
+
+
+def train_ldm(config: LDMConfig, first_stage: LatentDiffusion, data: LDMData, run_dir: Path, resume: bool = True,
+              text_encoder: Optional[Encoder] = None, quiet: bool = False,
+              on_step: Optional[Callable[[int, dict], None]] = None,
+              export_dir: Optional[Path] = None) -> LDMTrainer:
+    """Train to `config.steps` (continuing `run_dir`'s checkpoint when `resume`), checkpoint every
+    `checkpoint_every` steps and at the end, save sample grids every `sample_every` steps, then
+    export to `export_dir` (default `run_dir`/export)."""
+    trainer = LDMTrainer.create(config, first_stage, data, text_encoder)
+    state = runs.load_checkpoint(run_dir) if resume else None
+    if state is not None:
+        trainer.load(state)
+    trainer.unet.train()
+    runs.train_loop(trainer, config.steps, run_dir, config.checkpoint_every, config.sample_every,
+                    f"ldm {config.task}", quiet, on_step)
+    trainer.export(export_dir or run_dir / "export")
+    return trainer

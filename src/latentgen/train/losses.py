@@ -1,0 +1,135 @@
+"""Training objectives of both stages.
+
+Stage 1 (autoencoder): pixel L1 + a structural term (SSIM) + a frequency term (L1 between FFT
+magnitudes) stand in for LPIPS, whose pretrained VGG cannot be downloaded here; the KL or VQ
+regulariser; and a pix2pix PatchGAN with the hinge loss, switched on after a warm-up and
+weighted adaptively as in taming-transformers (Esser et al. 2021), as the LDM paper's stage 1.
+Stage 2 (LDM): the eps-prediction MSE on noised latents of the frozen first stage.
+"""
+
+import functools
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+# ---- reconstruction terms -------------------------------------------------------------------
+
+
+@functools.cache
+def _ssim_window(sigma: float) -> torch.Tensor:
+    taps = torch.arange(-int(3.5 * sigma + 0.5), int(3.5 * sigma + 0.5) + 1, dtype=torch.float32)
+    window = torch.exp(-taps.square() / (2 * sigma**2))
+    return window / window.sum()
+
+
+def ssim_map(x: torch.Tensor, y: torch.Tensor, sigma: float = 1.5) -> torch.Tensor:
+    """Differentiable SSIM (Wang et al. 2004, 11x11 Gaussian window) of [-1, 1] images mapped to
+    [0, 1], per valid pixel and channel. (metrics.ssim is the evaluation one: float64, quantised.)"""
+    x, y = (x + 1) / 2, (y + 1) / 2
+    window = _ssim_window(sigma).to(x)
+    channels = x.shape[1]
+    rows = window.view(1, 1, -1, 1).expand(channels, 1, -1, 1)
+    cols = window.view(1, 1, 1, -1).expand(channels, 1, 1, -1)
+
+    def local_mean(t: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(F.conv2d(t, rows, groups=channels), cols, groups=channels)
+
+    mu_x, mu_y = local_mean(x), local_mean(y)
+    var_x = local_mean(x * x) - mu_x.square()
+    var_y = local_mean(y * y) - mu_y.square()
+    cov = local_mean(x * y) - mu_x * mu_y
+    c1, c2 = 0.01**2, 0.03**2
+    return ((2 * mu_x * mu_y + c1) * (2 * cov + c2)) / ((mu_x.square() + mu_y.square() + c1) * (var_x + var_y + c2))
+
+
+def fft_loss(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Mean L1 distance between the 2-D spectra's magnitudes: punishes the missing high frequencies
+    (blur) that pixel losses tolerate."""
+    return (torch.fft.rfft2(x.float(), norm="ortho").abs() - torch.fft.rfft2(y.float(), norm="ortho").abs()).abs().mean()
+
+
+def reconstruction_loss(x: torch.Tensor, xrec: torch.Tensor, ssim_weight: float = 0.2,
+                        fft_weight: float = 0.1) -> tuple[torch.Tensor, dict[str, float]]:
+    """L1 + ssim_weight * (1 - SSIM) + fft_weight * FFT-magnitude L1; the total and its parts."""
+    l1 = (x - xrec).abs().mean()
+    structural = 1 - ssim_map(x, xrec).mean()
+    frequency = fft_loss(x, xrec)
+    total = l1 + ssim_weight * structural + fft_weight * frequency
+    parts = {"l1": l1.item(), "ssim": 1 - structural.item(), "fft": frequency.item()}
+    return total, parts
+
+
+def kl_loss(mean: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    """KL(q(z|x) || N(0, I)) summed over the latent and averaged over the batch (CompVis)."""
+    return 0.5 * (mean.square() + logvar.exp() - 1 - logvar).flatten(1).sum(1).mean()
+
+
+# ---- adversarial terms (taming-transformers) --------------------------------------------------
+
+
+class NLayerDiscriminator(nn.Module):
+    """pix2pix PatchGAN: a logit per overlapping patch (70x70 receptive field with 3 layers)."""
+
+    def __init__(self, input_nc: int = 3, ndf: int = 64, n_layers: int = 3):
+        super().__init__()
+        layers = [nn.Conv2d(input_nc, ndf, 4, stride=2, padding=1), nn.LeakyReLU(0.2, True)]
+        mult = 1
+        for n in range(1, n_layers + 1):
+            previous, mult = mult, min(2**n, 8)
+            layers += [nn.Conv2d(ndf * previous, ndf * mult, 4, stride=2 if n < n_layers else 1, padding=1, bias=False),
+                       nn.BatchNorm2d(ndf * mult), nn.LeakyReLU(0.2, True)]
+        layers.append(nn.Conv2d(ndf * mult, 1, 4, stride=1, padding=1))
+        self.main = nn.Sequential(*layers)
+        self.apply(_init_weights)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.main(x)
+
+
+def _init_weights(module: nn.Module) -> None:
+    """pix2pix initialisation: N(0, 0.02) convolutions, N(1, 0.02) batch-norm scales."""
+    if isinstance(module, nn.Conv2d):
+        nn.init.normal_(module.weight, 0.0, 0.02)
+    elif isinstance(module, nn.BatchNorm2d):
+        nn.init.normal_(module.weight, 1.0, 0.02)
+        nn.init.zeros_(module.bias)
+
+
+def hinge_d_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor) -> torch.Tensor:
+    """Discriminator hinge loss: (mean relu(1 - D(x)) + mean relu(1 + D(x_rec))) / 2."""
+    return 0.5 * (F.relu(1 - logits_real).mean() + F.relu(1 + logits_fake).mean())
+
+
+def generator_loss(logits_fake: torch.Tensor) -> torch.Tensor:
+    return -logits_fake.mean()
+
+
+def adaptive_weight(rec_loss: torch.Tensor, g_loss: torch.Tensor, last_layer: torch.Tensor,
+                    disc_weight: float = 0.5, max_weight: float = 1e4) -> torch.Tensor:
+    """taming's `calculate_adaptive_weight`: balance the two gradients at the decoder's last layer,
+    ||grad rec|| / (||grad GAN|| + 1e-4), clamped to [0, max_weight], times `disc_weight`, detached."""
+    rec_grad = torch.autograd.grad(rec_loss, last_layer, retain_graph=True)[0]
+    g_grad = torch.autograd.grad(g_loss, last_layer, retain_graph=True)[0]
+    weight = rec_grad.norm() / (g_grad.norm() + 1e-4)
+    return weight.clamp(0.0, max_weight).detach() * disc_weight
+
+
+def gan_factor(step: int, start: int) -> float:
+    """taming's `adopt_weight`: 0 during the warm-up, then 1."""
+    return 1.0 if step >= start else 0.0
+
+
+# ---- stage 2 ----------------------------------------------------------------------------------
+
+
+def q_sample(x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, alphas_cumprod: torch.Tensor) -> torch.Tensor:
+    """x_t = sqrt(a_t) x0 + sqrt(1 - a_t) eps, with the same float64 alphas_cumprod as inference."""
+    alpha = alphas_cumprod.to(x0.device)[t].view(-1, *[1] * (x0.dim() - 1))
+    return (alpha.sqrt() * x0 + (1 - alpha).sqrt() * noise).to(x0.dtype)
+
+
+def ldm_loss(output: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """L_LDM: the mean squared error between predicted and true noise (the simple DDPM loss)."""
+    return F.mse_loss(output.float(), noise.float())

@@ -1,0 +1,140 @@
+"""What both training loops share: resumable checkpoints written atomically, the random state that
+makes a resumed run draw exactly what an uninterrupted one would, the rich progress bar, and
+the fp16 safetensors + config.json export that `load_model` reads like an official checkpoint."""
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Callable, Optional, Protocol
+
+import numpy as np
+import torch
+from PIL import Image
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from latentgen.errors import LatentgenError
+
+CHECKPOINT = "checkpoint.pt"
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def autocast(device: torch.device):
+    """bf16 autocast on CUDA (the GPU runs), plain float32 elsewhere."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
+def random_state(generator: torch.Generator) -> dict:
+    """The global torch RNG (noise, timesteps, KL samples), CUDA's, and the data generator's."""
+    state = {"torch": torch.get_rng_state(), "data": generator.get_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_random_state(state: dict, generator: torch.Generator) -> None:
+    torch.set_rng_state(state["torch"])
+    generator.set_state(state["data"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _atomic(path: Path, write) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temp = path.with_name(path.name + ".tmp")
+    try:
+        write(temp)
+        os.replace(temp, path)
+    finally:
+        temp.unlink(missing_ok=True)
+
+
+def save_checkpoint(folder: Path, state: dict) -> Path:
+    """`folder`/checkpoint.pt, replaced atomically: an interrupted save leaves the previous one."""
+    path = folder / CHECKPOINT
+    _atomic(path, lambda temp: torch.save(state, temp))
+    return path
+
+
+def load_checkpoint(folder: Path) -> Optional[dict]:
+    """The run's checkpoint, or None when it has none yet (tensors, numbers and strings only)."""
+    path = folder / CHECKPOINT
+    if not path.is_file():
+        return None
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # a foreign or truncated file: tell the user which
+        raise LatentgenError(f"cannot resume from {path}: {str(error).splitlines()[0]}") from None
+
+
+def export_folder(folder: Path, tensors: dict[str, torch.Tensor], config: dict) -> Path:
+    """model.safetensors (fp16) and config.json in `folder`, each written atomically."""
+    from safetensors.torch import save_file
+
+    half = {k: (v.half() if v.is_floating_point() else v).contiguous().cpu() for k, v in tensors.items()}
+    _atomic(folder / "model.safetensors", lambda temp: save_file(half, str(temp), metadata={"format": "pt"}))
+    _atomic(folder / "config.json", lambda temp: temp.write_text(json.dumps(config, indent=2) + "\n"))
+    return folder
+
+
+def save_grid(images: torch.Tensor, path: Path, columns: int = 4) -> Path:
+    """A grid PNG of [B, 3, H, W] images in [-1, 1]."""
+    from .data import to_uint8
+
+    pixels = to_uint8(images)
+    rows = -(-len(pixels) // columns)
+    height, width = pixels.shape[1:3]
+    grid = np.full((rows * height, columns * width, 3), 255, dtype=np.uint8)
+    for i, image in enumerate(pixels):
+        r, c = divmod(i, columns)
+        grid[r * height:(r + 1) * height, c * width:(c + 1) * width] = image
+    _atomic(path, lambda temp: Image.fromarray(grid).save(temp, format="PNG"))
+    return path
+
+
+def progress_bar(quiet: bool = False) -> Progress:
+    """Steps done, loss, it/s and time left."""
+    return Progress(
+        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]:.4f}"), TextColumn("{task.fields[rate]:.2f} it/s"),
+        TimeRemainingColumn(), disable=quiet,
+    )
+
+
+class Trainer(Protocol):
+    """What `train_loop` drives: a model's training state at `step`."""
+
+    step: int
+
+    def train_step(self) -> dict[str, float]: ...
+
+    def state(self) -> dict: ...
+
+    def samples(self) -> torch.Tensor: ...
+
+
+def train_loop(trainer: Trainer, steps: int, run_dir: Path, checkpoint_every: int, sample_every: int = 0,
+               description: str = "train", quiet: bool = False,
+               on_step: Optional[Callable[[int, dict], None]] = None) -> None:
+    """Step to `steps` with a progress bar (loss, it/s); checkpoint every `checkpoint_every` steps and
+    at the end, save a sample grid to `run_dir`/samples every `sample_every` steps."""
+    rate = 0.0
+    with progress_bar(quiet) as progress:
+        task = progress.add_task(description, total=steps, completed=trainer.step, loss=0.0, rate=0.0)
+        while trainer.step < steps:
+            started = time.perf_counter()
+            logs = trainer.train_step()
+            speed = 1 / (time.perf_counter() - started)
+            rate = speed if rate == 0 else 0.9 * rate + 0.1 * speed
+            progress.update(task, completed=trainer.step, loss=logs["loss"], rate=rate)
+            if on_step is not None:
+                on_step(trainer.step, logs)
+            if trainer.step % checkpoint_every == 0 or trainer.step == steps:
+                save_checkpoint(run_dir, trainer.state())
+            if sample_every and trainer.step % sample_every == 0:
+                save_grid(trainer.samples(), run_dir / "samples" / f"step-{trainer.step:06d}.png")

@@ -1,0 +1,344 @@
+"""Training code: objectives against hand computations, data preparation on synthetic files, and
+a few steps of each loop on tiny models (finite losses, exact resume, loadable official-layout export)."""
+
+import io
+import json
+import random
+import tarfile
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from safetensors import safe_open
+
+from latentgen.loader import load_model
+from latentgen.schedules import make_alphas_cumprod
+from latentgen.train import data, losses
+from latentgen.train.autoencoder import AutoencoderConfig, train_autoencoder
+from latentgen.train.data import EmojiSet, ImageBatches
+from latentgen.train.ldm import LDMConfig, LDMData, train_ldm
+
+# ---- losses ---------------------------------------------------------------------------------
+
+
+def test_hinge_loss_matches_hand_computation():
+    real = torch.tensor([[2.0, 0.5, -1.0]])
+    fake = torch.tensor([[-2.0, 0.0, 1.0]])
+    # relu(1 - real) = [0, 0.5, 2] -> mean 5/6; relu(1 + fake) = [0, 1, 2] -> mean 1
+    assert losses.hinge_d_loss(real, fake).item() == pytest.approx(0.5 * (5 / 6 + 1))
+    assert losses.generator_loss(fake).item() == pytest.approx(1 / 3)
+
+
+def test_adaptive_weight_matches_hand_computation():
+    last = torch.tensor([1.0, -2.0], requires_grad=True)
+    rec = (last * torch.tensor([3.0, 4.0])).sum()  # gradient (3, 4): norm 5
+    g = (last * torch.tensor([0.0, 2.0])).sum()  # gradient (0, 2): norm 2
+    weight = losses.adaptive_weight(rec, g, last, disc_weight=0.5)
+    assert weight.item() == pytest.approx(0.5 * 5 / (2 + 1e-4))
+    assert not weight.requires_grad
+    tiny = (last * 1e-9).sum()
+    assert losses.adaptive_weight(rec, tiny, last, disc_weight=1.0).item() == pytest.approx(1e4)
+
+
+def test_gan_factor_switches_on_at_start():
+    assert [losses.gan_factor(s, 3) for s in range(5)] == [0, 0, 0, 1, 1]
+
+
+def test_kl_loss_matches_closed_form():
+    mean = torch.tensor([[[[0.5]], [[-1.0]]]])
+    logvar = torch.tensor([[[[0.0]], [[np.log(2.0)]]]], dtype=torch.float32)
+    expected = 0.5 * ((0.25 + 1 - 1 - 0) + (1 + 2 - 1 - np.log(2.0)))
+    assert losses.kl_loss(mean, logvar).item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_reconstruction_terms_vanish_on_identical_images_and_grow_with_blur():
+    x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    total, parts = losses.reconstruction_loss(x, x.clone())
+    assert total.item() == pytest.approx(0.0, abs=1e-5)
+    assert parts["ssim"] == pytest.approx(1.0, abs=1e-5)
+    blurred = F.avg_pool2d(x, 3, 1, 1, count_include_pad=False)
+    assert losses.fft_loss(x, blurred) > 0.05
+    assert losses.ssim_map(x, blurred).mean() < 0.9
+
+
+def test_ssim_agrees_with_the_evaluation_metric():
+    from latentgen.metrics import ssim
+
+    g = torch.Generator().manual_seed(1)
+    x = torch.rand(1, 3, 24, 24, generator=g) * 2 - 1
+    y = (x + 0.2 * torch.randn(x.shape, generator=g)).clamp(-1, 1)
+    assert losses.ssim_map(x, y).mean().item() == pytest.approx(ssim(x, y, quantize=False), abs=1e-4)
+
+
+def test_q_sample_uses_the_inference_schedule():
+    alphas = make_alphas_cumprod("linear", 1000, 0.00085, 0.012)
+    x0, noise = torch.ones(2, 1, 1, 1), torch.full((2, 1, 1, 1), 2.0)
+    t = torch.tensor([0, 999])
+    out = losses.q_sample(x0, t, noise, alphas)
+    expected = alphas[t].sqrt() + 2 * (1 - alphas[t]).sqrt()
+    torch.testing.assert_close(out.flatten(), expected.float())
+
+
+def test_discriminator_gives_patch_logits():
+    disc = losses.NLayerDiscriminator(3, ndf=8, n_layers=3)
+    assert disc(torch.zeros(2, 3, 64, 64)).shape == (2, 1, 6, 6)
+
+
+# ---- data -----------------------------------------------------------------------------------
+
+
+def test_masks_cover_a_bounded_varied_fraction():
+    g = torch.Generator().manual_seed(0)
+    masks = data.random_masks(40, 64, 48, g)
+    coverage = masks.flatten(1).mean(1)
+    assert masks.shape == (40, 1, 64, 48)
+    assert set(masks.unique().tolist()) <= {0.0, 1.0}
+    assert coverage.min() >= data.MASK_COVERAGE[0] and coverage.max() <= data.MASK_COVERAGE[1]
+    assert coverage.std() > 0.05
+    again = data.random_masks(40, 64, 48, torch.Generator().manual_seed(0))
+    assert torch.equal(masks, again)
+
+
+def test_sr_degradation_keeps_shape_range_and_content():
+    g = torch.Generator().manual_seed(0)
+    yy, xx = torch.meshgrid(torch.linspace(-1, 1, 64), torch.linspace(-1, 1, 64), indexing="ij")
+    hr = torch.stack([xx, yy, xx * yy]).expand(6, 3, 64, 64).contiguous()
+    low = data.degrade(hr, 4, g)
+    assert low.shape == (6, 3, 16, 16)
+    assert low.min() >= -1 and low.max() <= 1
+    bicubic = F.interpolate(hr, size=(16, 16), mode="bicubic", antialias=True)
+    assert (low - bicubic).abs().mean() < 0.06
+    assert not torch.equal(low[0], low[1])  # each image draws its own degradation
+
+
+def _heart_record(tones: bool = False) -> dict:
+    record = {"unified": "2764-FE0F", "non_qualified": "2764", "name": "HEAVY BLACK HEART",
+              "short_names": ["heart"], "category": "Smileys & Emotion", "subcategory": "heart",
+              "image": "2764-fe0f.png", "has_img_twitter": True}
+    if tones:
+        record["skin_variations"] = {"1F3FD": {"unified": "2764-1F3FD", "image": "tone.png", "has_img_twitter": True}}
+    return record
+
+
+KEYWORDS = {"\u2764\ufe0f": ["red_heart", "love", "black", "heavy", "valentines"]}
+
+
+def test_emoji_names_come_from_cldr_without_legacy_colours():
+    info = data.describe_emoji(_heart_record(), KEYWORDS)
+    assert info["name"] == "red heart"
+    assert "black" not in info["keywords"] and "love" in info["keywords"]
+    toned = data.describe_emoji(_heart_record(tones=True), KEYWORDS, "1F3FD")
+    assert toned["name"] == "red heart, medium skin tone"
+
+
+def test_emoji_captions_vary_and_name_the_style():
+    info = data.describe_emoji(_heart_record(), KEYWORDS)
+    rng = random.Random(0)
+    captions = [c for _ in range(20) for c in data.emoji_captions(info, "twemoji style", rng, 3)]
+    assert len(set(captions)) >= 10
+    assert all("red heart" in c or "heart" in c for c in captions)
+    with_style = sum("twemoji style" in c for c in captions)
+    assert 0.2 * len(captions) < with_style < 0.8 * len(captions)
+    assert all(len(set(data.emoji_captions(info, "x", random.Random(s), 3))) == 3 for s in range(5))
+
+
+def _png(colour, alpha=255) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGBA", (8, 8), (*colour, alpha)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_emoji_package_reading_composites_on_white(tmp_path):
+    tgz = tmp_path / "emoji-datasource-twitter-16.0.0.tgz"
+    with tarfile.open(tgz, "w:gz") as tar:
+        for name, payload in {"package/emoji.json": json.dumps([_heart_record(tones=True)]).encode(),
+                              "package/img/twitter/64/2764-fe0f.png": _png((255, 0, 0)),
+                              "package/img/twitter/64/tone.png": _png((0, 0, 0), alpha=0)}.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(payload)
+            tar.addfile(info, io.BytesIO(payload))
+    images, records = data.read_emoji_package(tgz, "twitter", KEYWORDS, 8, 2, random.Random(0))
+    assert [r["name"] for r in records] == ["red heart", "red heart, medium skin tone"]
+    assert images[0][0, 0].tolist() == [255, 0, 0]
+    assert images[1][0, 0].tolist() == [255, 255, 255]  # transparent -> white background
+    assert all(len(r["captions"]) == 2 and r["style"] == "twemoji style" for r in records)
+
+
+def test_prepare_photos_is_seeded_and_documented(tmp_path):
+    src = tmp_path / "photos"
+    src.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(2):
+        Image.fromarray(rng.integers(0, 256, (40 + 8 * i, 56, 3), dtype=np.uint8)).save(src / f"p{i}.png")
+    path = data.prepare_photos(src, tmp_path / "a", size=16, count=12, scales=(0.5, 1.0), seed=3)
+    again = data.prepare_photos(src, tmp_path / "b", size=16, count=12, scales=(0.5, 1.0), seed=3)
+    crops = np.load(path)
+    assert crops.shape == (12, 16, 16, 3) and crops.dtype == np.uint8
+    assert np.array_equal(crops, np.load(again))
+    manifest = json.loads((tmp_path / "a" / "photos-16.json").read_text())
+    file, left, top, side, flipped = manifest["crops"][0]
+    assert side in (16, 32)
+    source = np.asarray(Image.open(src / file))[top:top + side, left:left + side]
+    if side == 16:
+        assert np.array_equal(crops[0], source[:, ::-1] if flipped else source)
+
+
+def test_image_batches_flip_and_crop():
+    images = np.arange(2 * 4 * 4 * 3, dtype=np.uint8).reshape(2, 4, 4, 3)
+    batches = ImageBatches(images, crop=2)
+    x, indices = batches.sample(16, torch.Generator().manual_seed(0))
+    assert x.shape == (16, 3, 2, 2) and x.min() >= -1 and x.max() <= 1
+    assert torch.equal(data.to_tensor(data.to_uint8(x)), x)
+
+
+# ---- loops ----------------------------------------------------------------------------------
+
+
+def _photos(count=6, size=16) -> ImageBatches:
+    g = np.random.default_rng(0)
+    base = g.integers(0, 256, (count, size // 4, size // 4, 3), dtype=np.uint8)
+    return ImageBatches(base.repeat(4, 1).repeat(4, 2), crop=size)
+
+
+def _ae_config(kind: str, steps: int) -> AutoencoderConfig:
+    return AutoencoderConfig(kind=kind, ch=32, ch_mult=(1, 2), num_res_blocks=1, z_channels=3, n_embed=16,
+                             resolution=16, crop=16, batch=2, lr=1e-3, steps=steps, disc_start=2, disc_ndf=8,
+                             disc_layers=2, checkpoint_every=2, device="cpu")
+
+
+def _run_ae(kind, steps, run_dir):
+    logs = []
+    trainer = train_autoencoder(_ae_config(kind, steps), _photos(), run_dir, quiet=True,
+                                on_step=lambda step, log: logs.append(log))
+    return trainer, logs
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["kl", "vq"])
+def test_autoencoder_resumes_exactly_and_exports_official_layout(tmp_path, kind):
+    straight, logs = _run_ae(kind, 4, tmp_path / "straight")
+    assert all(np.isfinite(log["loss"]) for log in logs)
+    assert "d_loss" in logs[-1] and "d_loss" not in logs[0]  # the GAN joins after disc_start
+    _run_ae(kind, 2, tmp_path / "resumed")
+    resumed, resumed_logs = _run_ae(kind, 4, tmp_path / "resumed")
+    assert resumed.step == 4
+    assert [log["loss"] for log in resumed_logs] == [log["loss"] for log in logs[2:]]
+    for key, value in straight.model.state_dict().items():
+        torch.testing.assert_close(resumed.model.state_dict()[key], value, rtol=0, atol=0)
+
+    export = tmp_path / "straight" / "export"
+    with safe_open(str(export / "model.safetensors"), framework="pt") as f:
+        keys = set(f.keys())
+        assert all(f.get_tensor(k).dtype == torch.float16 for k in keys if "embedding" in k or "conv" in k)
+    assert keys == set(straight.model.state_dict())
+    assert {k.split(".")[0] for k in keys} >= {"encoder", "decoder", "quant_conv", "post_quant_conv"}
+    loaded = load_model(export)
+    assert loaded.unet is None and loaded.family == f"autoencoder-{kind}"
+    x = _photos().sample(2, torch.Generator().manual_seed(1))[0]
+    reference = straight.model.half().float().eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.first_stage.decode(loaded.first_stage.encode(x)),
+                                   reference.decode(reference.encode(x)), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.slow
+def test_autoencoder_loss_decreases(tmp_path):
+    config = _ae_config("kl", 30)
+    config.disc_start = 1000
+    logs = []
+    train_autoencoder(config, _photos(2), tmp_path, quiet=True, on_step=lambda step, log: logs.append(log["l1"]))
+    assert np.mean(logs[-5:]) < 0.7 * np.mean(logs[:5])
+
+
+class FakeTextEncoder(torch.nn.Module):
+    """A deterministic stand-in for MiniLM: a context per string from its characters."""
+
+    context_dim = 8
+
+    def forward(self, texts):
+        codes = torch.zeros(len(texts), 4, dtype=torch.long)
+        for i, text in enumerate(texts):
+            for j, ch in enumerate(text[:4]):
+                codes[i, j] = ord(ch) % 97
+        g = torch.Generator().manual_seed(0)
+        table = torch.randn(97, self.context_dim, generator=g)
+        return table[codes]
+
+
+@pytest.fixture(scope="module")
+def first_stage(tmp_path_factory):
+    run = tmp_path_factory.mktemp("ae")
+    train_autoencoder(_ae_config("kl", 1), _photos(), run, quiet=True)
+    return load_model(run / "export")
+
+
+def _emoji(count=6, size=8) -> EmojiSet:
+    images = np.random.default_rng(1).integers(0, 256, (count, size, size, 3), dtype=np.uint8)
+    return EmojiSet(images, [[f"emoji {i}", f"picture {i}"] for i in range(count)])
+
+
+def _ldm_config(task: str, steps: int) -> LDMConfig:
+    return LDMConfig(task=task, image_size=16, model_channels=32, channel_mult=(1, 2), num_res_blocks=1,
+                     attention_resolutions=(2,), num_head_channels=16, context_dim=8, batch=2, lr=1e-3,
+                     steps=steps, checkpoint_every=2, emoji_fraction=0.5, device="cpu")
+
+
+def _run_ldm(task, steps, run_dir, first_stage):
+    logs = []
+    sources = LDMData(photos=_photos() if task != "txt2img" else None,
+                      emoji=_emoji() if task in ("txt2img", "sr") else None)
+    trainer = train_ldm(_ldm_config(task, steps), first_stage, sources, run_dir, text_encoder=FakeTextEncoder(),
+                        quiet=True, on_step=lambda step, log: logs.append(log["loss"]))
+    return trainer, logs
+
+
+@pytest.mark.slow
+def test_txt2img_ldm_resumes_exactly_and_exports_official_layout(tmp_path, first_stage):
+    straight, losses_straight = _run_ldm("txt2img", 4, tmp_path / "straight", first_stage)
+    assert all(np.isfinite(losses_straight))
+    _run_ldm("txt2img", 2, tmp_path / "resumed", first_stage)
+    resumed, losses_resumed = _run_ldm("txt2img", 4, tmp_path / "resumed", first_stage)
+    assert resumed.step == 4 and losses_resumed == losses_straight[2:]
+    for key, value in straight.ema.state_dict().items():
+        assert torch.equal(resumed.ema.state_dict()[key], value)
+    changed = [not torch.equal(a, b) for a, b in zip(straight.unet.parameters(), straight.ema.parameters())]
+    assert any(changed)  # the EMA lags the trained weights
+
+    export = tmp_path / "straight" / "export"
+    with safe_open(str(export / "model.safetensors"), framework="pt") as f:
+        keys = set(f.keys())
+    expected = {"model.diffusion_model." + k for k in straight.ema.state_dict()}
+    expected |= {"first_stage_model." + k for k in first_stage.first_stage.state_dict()}
+    assert keys == expected
+    config = json.loads((export / "config.json").read_text())["model"]["params"]
+    assert config["cond_stage"] == "minilm" and config["conditioning_key"] == "crossattn"
+    assert config["scale_factor"] == pytest.approx(straight.scale_factor) and config["scale_factor"] > 0
+
+    loaded = load_model(export)
+    assert loaded.family == "ldm-txt2img" and type(loaded.cond_stage).__name__ == "MiniLMEmbedder"
+    assert loaded.conditioning_key == "crossattn" and loaded.scale_factor == pytest.approx(straight.scale_factor)
+    torch.testing.assert_close(loaded.alphas_cumprod, straight.alphas_cumprod)
+    x, t = torch.randn(2, 3, 8, 8), torch.tensor([10, 500])
+    context = FakeTextEncoder()(["a", "b"])
+    reference = straight.ema.half().float().eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.unet(x, t, context=context), reference(x, t, context=context),
+                                   rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("task,family,extra", [("inpaint", "ldm-inpaint", 4), ("sr", "ldm-sr", 3)])
+def test_concat_ldms_train_and_load(tmp_path, first_stage, task, family, extra):
+    trainer, logs = _run_ldm(task, 2, tmp_path, first_stage)
+    assert all(np.isfinite(logs))
+    z0, cond = trainer.batch(2, torch.Generator().manual_seed(0))
+    assert cond.concat.shape == (2, extra, 8, 8) and z0.shape == (2, 3, 8, 8)
+    if task == "inpaint":
+        assert set(cond.concat[:, -1].unique().tolist()) <= {0.0, 1.0}
+    loaded = load_model(tmp_path / "export")
+    assert loaded.family == family and loaded.conditioning_key == "concat" and loaded.cond_stage is None
+    assert loaded.config["unet_config"]["params"]["in_channels"] == 3 + extra
+    grid = trainer.samples(2)
+    assert grid.shape == (6, 3, 16, 16) and torch.isfinite(grid).all()
