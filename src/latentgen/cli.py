@@ -1,10 +1,333 @@
-"""The `latentgen` command line: one typer command per user task."""
+"""The `latentgen` command line: one typer command per user task, rich output, one-line errors."""
 
+import functools
+from contextlib import nullcontext
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Callable, Optional
+
+import torch
 import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from . import catalog, images, pipelines
+from .errors import LatentgenError
+from .loader import convert_checkpoint, file_sha256, load_model
+from .samplers import SAMPLERS
+from .train.cli import train_app
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Latent Diffusion image generation.")
+app.add_typer(train_app, name="train", help="Train autoencoders and latent diffusion models.")
+console = Console(stderr=True)
+
+
+class Settings:
+    """Options of the top-level callback that every command reads."""
+
+    debug = False
+    quiet = False
+    json = False
+
+
+# Options shared by several commands.
+Ckpt = Annotated[Optional[Path], typer.Option("--ckpt", help="Checkpoint file or model folder (default: the bundled model).")]
+Prediction = Annotated[Optional[str], typer.Option("--prediction", help="eps or v, for checkpoints whose kind cannot be detected (SD 2.x).")]
+Config = Annotated[Optional[Path], typer.Option("--config", help="Official YAML or JSON config for --ckpt.")]
+Device = Annotated[str, typer.Option("--device", help="auto, cuda, cuda:N, mps or cpu.")]
+Dtype = Annotated[str, typer.Option("--dtype", help="auto (fp16/bf16 on GPU, fp32 on CPU), fp32, fp16 or bf16.")]
+Out = Annotated[Optional[Path], typer.Option("--out", "-o", help="Output file (.png) or folder.")]
+Overwrite = Annotated[bool, typer.Option("--overwrite", help="Replace existing files instead of numbering new ones.")]
+Seed = Annotated[int, typer.Option("--seed", help="Seed of the first image; image i uses seed + i.")]
+Steps = Annotated[Optional[int], typer.Option("--steps", help="Sampling steps (default: the model's).")]
+Sampler = Annotated[str, typer.Option("--sampler", help=f"One of: {', '.join(SAMPLERS)}.")]
+Eta = Annotated[float, typer.Option("--eta", help="DDIM eta (0 = deterministic).")]
+Karras = Annotated[bool, typer.Option("--karras", help="Karras sigmas for the k-diffusion samplers.")]
+Guidance = Annotated[Optional[float], typer.Option("--scale", help="Classifier-free guidance scale (1 = off).")]
+Negative = Annotated[str, typer.Option("--negative", help="Negative prompt (the unconditional context).")]
+DeviceNoise = Annotated[bool, typer.Option("--device-noise", help="Draw noise on the device (faster, not reproducible across devices).")]
 
 
 @app.callback()
-def main() -> None:
+def main(
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress or tables.")] = False,
+    json_output: Annotated[bool, typer.Option("--json", help="Print one JSON summary line on stdout.")] = False,
+) -> None:
     """latentgen: txt2img, inpaint, upscale and reconstruct with Latent Diffusion Models."""
+    Settings.debug, Settings.quiet, Settings.json = debug, quiet or json_output, json_output
+
+
+def user_errors(command: Callable) -> Callable:
+    """Print a user mistake as one line and exit 1; keep tracebacks for --debug."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except LatentgenError as error:
+            if Settings.debug:
+                raise
+            console.print(f"[bold red]error:[/] {error}", highlight=False)
+            raise typer.Exit(1)
+        except KeyboardInterrupt:
+            console.print("[bold red]interrupted[/]: finished images are complete; nothing partial was written")
+            raise typer.Exit(130)
+
+    return wrapper
+
+
+def progress_bar() -> Progress:
+    return Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+        console=console, disable=Settings.quiet, transient=True,
+    )
+
+
+def say(text: str) -> None:
+    if not Settings.quiet:
+        console.print(text, highlight=False)
+
+
+def summary(command: str, **fields) -> None:
+    if Settings.json:
+        print(json.dumps({"command": command, **fields}, default=str), flush=True)
+
+
+def open_model(ckpt: Optional[Path], task: str, config: Optional[Path], device: str, dtype: str,
+               prediction: Optional[str] = None):
+    path = ckpt if ckpt is not None else catalog.default_model(task)
+    with nullcontext() if Settings.quiet else console.status(f"loading {path.name}", spinner="dots"):
+        model = load_model(path, config=config, prediction=prediction)
+    return pipelines.prepare(model, device, dtype)
+
+
+def output_path(out: Optional[Path], stem: str) -> Path:
+    """`--out` names a file when it ends in .png, else a folder (default ./outputs)."""
+    if out is not None and out.suffix.lower() == ".png":
+        return out
+    return (out or Path("outputs")) / f"{stem}.png"
+
+
+def sampling_options(sampler, steps, eta, karras, scale, seed, device_noise, model) -> pipelines.Sampling:
+    return pipelines.Sampling(
+        sampler=sampler, steps=pipelines.DEFAULT_STEPS if steps is None else steps, eta=eta, karras=karras,
+        scale=scale if scale is not None else pipelines.default_scale(model), seed=seed, on_device_noise=device_noise,
+    )
+
+
+@app.command()
+@user_errors
+def txt2img(
+    prompt: Annotated[Optional[str], typer.Argument(help="What to draw.")] = None,
+    negative: Negative = "",
+    prompts: Annotated[Optional[Path], typer.Option("--prompts", help="A text file with one prompt per line.")] = None,
+    class_label: Annotated[Optional[list[int]], typer.Option("--class", help="Class id(s) for class-conditional models.")] = None,
+    num: Annotated[int, typer.Option("--num", "-n", help="Images per prompt.")] = 1,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Images per forward pass.")] = 1,
+    height: Annotated[Optional[int], typer.Option("--height", help="Pixels; a multiple of 8*f (default: the model's).")] = None,
+    width: Annotated[Optional[int], typer.Option("--width", help="Pixels; a multiple of 8*f (default: the model's).")] = None,
+    steps: Steps = None, sampler: Sampler = "ddim", eta: Eta = 0.0, karras: Karras = False,
+    scale: Guidance = None, seed: Seed = 0, device_noise: DeviceNoise = False,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue a stopped --prompts run from its manifest.")] = False,
+    ckpt: Ckpt = None, config: Config = None, prediction: Prediction = None, device: Device = "auto",
+    dtype: Dtype = "auto", out: Out = None, overwrite: Overwrite = False,
+) -> None:
+    """Generate images from a text prompt (or class ids, or unconditionally)."""
+    jobs = pipelines.plan_jobs(prompt, prompts, class_label, num, seed)
+    model = open_model(ckpt, "txt2img", config, device, dtype, prediction)
+    options = sampling_options(sampler, steps, eta, karras, scale, seed, device_noise, model)
+    size = pipelines.check_size(model, height, width)
+    folder = out if out is not None and out.suffix.lower() != ".png" else None
+    manifest = pipelines.Manifest.open(folder, resume) if folder is not None or prompts else None
+    todo = [job for job in jobs if manifest is None or not manifest.done(job)]
+    written = []
+    with progress_bar() as bar:
+        batches = bar.add_task("images", total=len(jobs), completed=len(jobs) - len(todo))
+        steps_task = bar.add_task("steps", total=options.steps)
+        for batch in pipelines.batched(todo, batch_size):
+            bar.reset(steps_task, total=options.steps)
+            results = pipelines.txt2img_jobs(
+                model, batch, negative, options, size, progress=lambda i, n: bar.update(steps_task, completed=i, total=n)
+            )
+            for job, image in zip(batch, results):
+                target = output_path(out, f"{job.index:05d}-{job.seed}") if len(jobs) > 1 else output_path(out, f"txt2img-{job.seed}")
+                info = pipelines.parameters_text(model, options, job.prompt, negative, size, job.seed, job.label)
+                path = images.save_image(image, target, parameters=info, overwrite=overwrite, check=True)
+                written.append(path)
+                if manifest is not None:
+                    manifest.record(job, path)
+                bar.advance(batches)
+    for path in written:
+        say(f"wrote {path}")
+    summary("txt2img", outputs=[str(p) for p in written], seed=seed, steps=options.steps, sampler=sampler,
+            scale=options.scale, model=model.name, model_hash=model.sha256[:10])
+
+
+@app.command()
+@user_errors
+def inpaint(
+    image: Annotated[Path, typer.Argument(help="The image to repair.")],
+    mask: Annotated[Path, typer.Argument(help="White = region to fill, black = keep.")],
+    prompt: Annotated[str, typer.Option("--prompt", "-p", help="Text for text-conditional models.")] = "",
+    negative: Negative = "",
+    feather: Annotated[int, typer.Option("--feather", help="Feather radius of the composite edge in pixels.")] = 4,
+    steps: Steps = None, sampler: Sampler = "ddim", eta: Eta = 0.0, karras: Karras = False,
+    scale: Guidance = None, seed: Seed = 0, device_noise: DeviceNoise = False,
+    ckpt: Ckpt = None, config: Config = None, prediction: Prediction = None, device: Device = "auto",
+    dtype: Dtype = "auto", out: Out = None, overwrite: Overwrite = False,
+) -> None:
+    """Fill the white region of MASK in IMAGE."""
+    picture = images.load_image(image)
+    region = images.load_mask(mask, picture.shape[-2:])
+    pipelines.check_mask(region)
+    model = open_model(ckpt, "inpaint", config, device, dtype, prediction)
+    options = sampling_options(sampler, steps, eta, karras, scale, seed, device_noise, model)
+    with progress_bar() as bar:
+        task = bar.add_task("steps", total=options.steps)
+        result = pipelines.inpaint(model, picture, region, prompt, negative, options, feather,
+                                   progress=lambda i, n: bar.update(task, completed=i, total=n))
+    info = pipelines.parameters_text(model, options, prompt, negative, tuple(picture.shape[-2:]), seed)
+    path = images.save_image(result, output_path(out, f"inpaint-{seed}"), parameters=info, overwrite=overwrite, check=True)
+    say(f"wrote {path}")
+    summary("inpaint", outputs=[str(path)], seed=seed, steps=options.steps, model=model.name, model_hash=model.sha256[:10])
+
+
+@app.command()
+@user_errors
+def upscale(
+    image: Annotated[Path, typer.Argument(help="The low-resolution image.")],
+    factor: Annotated[Optional[int], typer.Option("--scale", help="Output factor (the model's, 4, by default).")] = None,
+    prompt: Annotated[str, typer.Option("--prompt", "-p", help="Text for text-conditional upscalers.")] = "",
+    tile: Annotated[int, typer.Option("--tile", help="Tile size in low-resolution pixels for large images.")] = 128,
+    steps: Steps = None, sampler: Sampler = "ddim", eta: Eta = 0.0, karras: Karras = False,
+    seed: Seed = 0, device_noise: DeviceNoise = False,
+    ckpt: Ckpt = None, config: Config = None, prediction: Prediction = None, device: Device = "auto",
+    dtype: Dtype = "auto", out: Out = None, overwrite: Overwrite = False,
+) -> None:
+    """Super-resolve IMAGE (4x with the LDM-SR family)."""
+    picture = images.load_image(image)
+    model = open_model(ckpt, "upscale", config, device, dtype, prediction)
+    options = sampling_options(sampler, steps, eta, karras, None, seed, device_noise, model)
+    with progress_bar() as bar:
+        task = bar.add_task("tiles", total=1)
+        result = pipelines.upscale(model, picture, options, factor, tile, prompt,
+                                   progress=lambda i, n: bar.update(task, completed=i, total=n))
+    info = pipelines.parameters_text(model, options, prompt, "", tuple(result.shape[-2:]), seed)
+    path = images.save_image(result, output_path(out, f"upscale-{seed}"), parameters=info, overwrite=overwrite, check=True)
+    say(f"wrote {path}")
+    summary("upscale", outputs=[str(path)], size=list(result.shape[-2:]), model=model.name, model_hash=model.sha256[:10])
+
+
+@app.command()
+@user_errors
+def reconstruct(
+    inputs: Annotated[list[Path], typer.Argument(help="Images to pass through the autoencoder.")],
+    f: Annotated[int, typer.Option("--f", help="Downsampling factor of the bundled autoencoder: 4, 8 or 16.")] = 4,
+    compare: Annotated[bool, typer.Option("--compare", help="Also write input | reconstruction | amplified error.")] = False,
+    ckpt: Ckpt = None, config: Config = None, device: Device = "auto", dtype: Dtype = "auto",
+    out: Out = None, overwrite: Overwrite = False,
+) -> None:
+    """Encode and decode images through a first-stage autoencoder; report PSNR and SSIM."""
+    pictures = [(path, images.load_image(path)) for path in inputs]
+    path = ckpt if ckpt is not None else catalog.autoencoder_for_factor(f)
+    model = pipelines.prepare(load_model(path, config=config), device, dtype)
+    table = Table("image", "PSNR dB", "SSIM", "latent", "compression")
+    rows = []
+    for source, picture in pictures:
+        result = pipelines.reconstruct(model, picture)
+        target = (out or Path("outputs")) / f"{source.stem}-recon.png"
+        written = images.save_image(result.image, target, overwrite=overwrite)
+        if compare:
+            sheet = images.side_by_side([picture, result.image, images.error_map(picture, result.image)],
+                                        labels=["input", "reconstruction", "error x8"])
+            images.save_image(sheet, target.with_name(f"{source.stem}-compare.png"), overwrite=overwrite)
+        table.add_row(str(source), f"{result.psnr:.2f}", f"{result.ssim:.4f}", "x".join(map(str, result.latent_shape)),
+                      f"{result.compression:.1f}x")
+        rows.append({"input": str(source), "output": str(written), "psnr": result.psnr, "ssim": result.ssim,
+                     "latent_shape": list(result.latent_shape), "compression": result.compression})
+    if not Settings.quiet:
+        Console().print(table)
+    summary("reconstruct", model=model.name, results=rows)
+
+
+@app.command()
+@user_errors
+def info(image: Annotated[Path, typer.Argument(help="A PNG written by latentgen, AUTOMATIC1111 or stable-diffusion.cpp.")]) -> None:
+    """Show the generation parameters stored in an image."""
+    text = images.read_parameters(image)
+    if text is None:
+        raise LatentgenError(f"{image} has no generation parameters")
+    if Settings.json:
+        summary("info", file=str(image), **images.parse_parameters(text))
+    else:
+        print(text)
+
+
+@app.command()
+@user_errors
+def models() -> None:
+    """List the bundled models and the checkpoints in weights/ and $LATENTGEN_MODELS."""
+    rows = [pipelines.describe(path) for path in catalog.discover()]
+    if Settings.json:
+        summary("models", models=rows)
+        return
+    table = Table("name", "family", "f", "size MB", "hash", "path")
+    for row in rows:
+        table.add_row(row["name"], row["family"], str(row["f"]), f"{row['size_mb']:.1f}", row["hash"], row["path"])
+    Console().print(table)
+
+
+@app.command()
+@user_errors
+def convert(
+    source: Annotated[Path, typer.Argument(help="A .ckpt/.pt checkpoint.")],
+    target: Annotated[Path, typer.Argument(help="The .safetensors file to write.")],
+    half: Annotated[bool, typer.Option("--half", help="Store floating-point tensors as fp16.")] = False,
+    trust: Annotated[bool, typer.Option("--trust", help="Fully unpickle a file that needs more than tensors: this RUNS any code in it. Only for files you trust.")] = False,
+) -> None:
+    """Convert a checkpoint to safetensors (without --trust no code is executed while reading it)."""
+    written = convert_checkpoint(source, target, half=half, trust=trust)
+    say(f"wrote {written} (sha256 {file_sha256(written)[:10]})")
+    summary("convert", output=str(written))
+
+
+@app.command()
+@user_errors
+def bench(
+    latent: Annotated[Optional[int], typer.Option("--latent", help="Latent side (64 = 512 px; default 64 on GPU, 16 on CPU).")] = None,
+    steps: Annotated[Optional[int], typer.Option("--steps", help="DDIM steps of the full image (default 50 on GPU, 4 on CPU).")] = None,
+    repeats: Annotated[int, typer.Option("--repeats", help="Timed repeats per measurement (median).")] = 5,
+    no_diffusers: Annotated[bool, typer.Option("--no-diffusers", help="Time latentgen alone.")] = False,
+    bundled: Annotated[bool, typer.Option("--bundled", help="Time the bundled default models instead of SD 1.5.")] = False,
+    cold: Annotated[bool, typer.Option("--cold", help="Also time a cold txt2img process with the bundled model.")] = False,
+    channels_last: Annotated[bool, typer.Option("--channels-last", help="Also time channels_last memory format.")] = False,
+    compile_unet: Annotated[bool, typer.Option("--compile", help="Also time torch.compile'd UNets.")] = False,
+    cuda_graph: Annotated[bool, typer.Option("--cuda-graph", help="Also time a CUDA-graph-captured step (GPU).")] = False,
+    arch: Annotated[str, typer.Option("--arch", hidden=True, help="sd15 or tiny (for tests).")] = "sd15",
+    device: Device = "auto", dtype: Dtype = "auto",
+    out: Annotated[Path, typer.Option("--out", "-o", help="JSON file for the results.")] = Path("bench.json"),
+) -> None:
+    """Time latentgen and diffusers on the same weights (UNet step, full image, VAE decode, memory)."""
+    from . import bench as benchmark
+
+    target = pipelines.pick_device(device)
+    precision = pipelines.pick_dtype(dtype, target)
+    gpu = target.type == "cuda"
+    if bundled:
+        rows = benchmark.run_bundled(target, precision, repeats, not no_diffusers, say)
+    else:
+        rows = benchmark.run(target, precision, latent or (64 if gpu else 16), steps or (50 if gpu else 4), repeats,
+                             not no_diffusers, say, arch=arch, channels_last=channels_last, compile_unet=compile_unet,
+                             cuda_graph_step=cuda_graph, cold=cold)
+    context = benchmark.environment(target, precision)
+    benchmark.write_json(rows, out, context)
+    if not Settings.quiet:
+        Console().print(benchmark.table(rows, f"{context.get('device', target)}, {precision}"))
+    summary("bench", file=str(out), **context)
+
+
+if __name__ == "__main__":
+    sys.exit(app())

@@ -1,0 +1,228 @@
+"""End-to-end CLI tests on tiny random-weight models in every bundled layout."""
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from typer.testing import CliRunner
+
+from latentgen import images, metrics, pipelines
+from latentgen.cli import app
+from latentgen.loader import load_model
+
+sys.path.insert(0, str(Path(__file__).parent))
+import tiny_models  # noqa: E402
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("models")
+    return {
+        "txt2img": tiny_models.diffusion_model(root / "txt2img", "txt2img"),
+        "inpaint": tiny_models.diffusion_model(root / "inpaint", "inpaint"),
+        "upscale": tiny_models.diffusion_model(root / "upscale", "upscale"),
+        "vq": tiny_models.autoencoder(root / "vq-f4", "vq"),
+    }
+
+
+def invoke(*args):
+    result = runner.invoke(app, [str(a) for a in args])
+    return result
+
+
+def pixels(path: Path) -> np.ndarray:
+    return np.array(Image.open(path).convert("RGB"))
+
+
+def photo(path: Path, size=(40, 28), seed=0) -> Path:
+    rng = np.random.default_rng(seed)
+    Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(path)
+    return path
+
+
+def test_txt2img_writes_png_with_parameters_and_is_deterministic(models, tmp_path):
+    common = ["txt2img", "a red heart", "--ckpt", models["txt2img"], "--steps", 3, "--seed", 7, "--negative", "blue, dark"]
+    first = invoke("--json", *common, "--out", tmp_path / "a.png")
+    assert first.exit_code == 0, first.output
+    summary = json.loads(first.stdout.strip().splitlines()[-1])
+    out = Path(summary["outputs"][0])
+    image = Image.open(out)
+    assert image.size == (64, 64) and image.mode == "RGB"
+    second = invoke(*common, "--out", tmp_path / "b.png")
+    assert second.exit_code == 0, second.output
+    np.testing.assert_array_equal(pixels(out), pixels(tmp_path / "b.png"))
+    params = images.parse_parameters(images.read_parameters(out))
+    assert params["prompt"] == "a red heart" and params["negative_prompt"] == "blue, dark"
+    assert params["Seed"] == "7" and params["Steps"] == "3" and params["Sampler"] == "ddim"
+    assert params["Model hash"] == summary["model_hash"]
+    info = invoke("info", out)
+    assert info.exit_code == 0 and "Negative prompt: blue, dark" in info.stdout
+
+
+def test_txt2img_never_overwrites_unless_asked(models, tmp_path):
+    target = tmp_path / "x.png"
+    for _ in range(2):
+        assert invoke("txt2img", "cat", "--ckpt", models["txt2img"], "--steps", 2, "--out", target).exit_code == 0
+    assert target.exists() and (tmp_path / "x-1.png").exists()
+    before = target.read_bytes()
+    assert invoke("txt2img", "dog", "--ckpt", models["txt2img"], "--steps", 2, "--out", target, "--overwrite").exit_code == 0
+    assert target.read_bytes() != before and not (tmp_path / "x-2.png").exists()
+
+
+def test_seed_gives_same_image_in_any_batch(models, tmp_path):
+    invoke("txt2img", "cat", "--ckpt", models["txt2img"], "--steps", 2, "-n", 2, "--batch-size", 2, "--out", tmp_path / "b")
+    invoke("txt2img", "cat", "--ckpt", models["txt2img"], "--steps", 2, "-n", 2, "--batch-size", 1, "--out", tmp_path / "s")
+    for name in ("00000-0.png", "00001-1.png"):
+        np.testing.assert_allclose(pixels(tmp_path / "b" / name), pixels(tmp_path / "s" / name), atol=1)
+
+
+def test_prompts_file_run_interrupted_then_resumed(models, tmp_path, monkeypatch):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a cat\n\na dog\na red heart\n")
+    out = tmp_path / "run"
+    real, calls = pipelines.txt2img_jobs, []
+
+    def dies_on_second_batch(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(pipelines, "txt2img_jobs", dies_on_second_batch)
+    stopped = invoke("txt2img", "--prompts", prompts, "--ckpt", models["txt2img"], "--steps", 2, "--out", out)
+    assert stopped.exit_code == 130
+    assert sorted(p.name for p in out.glob("*.png")) == ["00000-0.png"]
+    first_bytes = (out / "00000-0.png").read_bytes()
+    monkeypatch.setattr(pipelines, "txt2img_jobs", real)
+    resumed = invoke("txt2img", "--prompts", prompts, "--ckpt", models["txt2img"], "--steps", 2, "--out", out, "--resume")
+    assert resumed.exit_code == 0, resumed.output
+    assert sorted(p.name for p in out.glob("*.png")) == ["00000-0.png", "00001-1.png", "00002-2.png"]
+    assert (out / "00000-0.png").read_bytes() == first_bytes
+    assert not list(out.glob("*.tmp*"))
+
+
+def test_inpaint_keeps_unmasked_pixels_exactly(models, tmp_path):
+    source = photo(tmp_path / "img.png", (44, 30))
+    mask = np.zeros((30, 44), dtype=np.uint8)
+    mask[8:20, 10:30] = 255
+    Image.fromarray(mask).save(tmp_path / "mask.png")
+    result = invoke("inpaint", source, tmp_path / "mask.png", "--ckpt", models["inpaint"], "--steps", 3,
+                    "--out", tmp_path / "out.png")
+    assert result.exit_code == 0, result.output
+    before, after = pixels(source), pixels(tmp_path / "out.png")
+    assert after.shape == before.shape
+    keep = mask == 0
+    np.testing.assert_array_equal(after[keep], before[keep])
+    assert (after[~keep] != before[~keep]).any()
+
+
+def test_inpaint_by_masked_sampling_with_a_text_model(models, tmp_path):
+    source = photo(tmp_path / "img.png", (64, 64))
+    mask = np.zeros((64, 64), dtype=np.uint8)
+    mask[16:48, 16:48] = 255
+    Image.fromarray(mask).save(tmp_path / "mask.png")
+    result = invoke("inpaint", source, tmp_path / "mask.png", "-p", "a cat", "--ckpt", models["txt2img"], "--steps", 3,
+                    "--out", tmp_path / "out.png")
+    assert result.exit_code == 0, result.output
+    np.testing.assert_array_equal(pixels(tmp_path / "out.png")[mask == 0], pixels(source)[mask == 0])
+
+
+@pytest.mark.parametrize("content, message", [(0, "all black"), (255, "all white")])
+def test_inpaint_refuses_empty_and_full_masks(models, tmp_path, content, message):
+    source = photo(tmp_path / "img.png", (32, 32))
+    Image.fromarray(np.full((32, 32), content, dtype=np.uint8)).save(tmp_path / "mask.png")
+    result = invoke("inpaint", source, tmp_path / "mask.png", "--ckpt", models["inpaint"])
+    assert result.exit_code == 1 and message in result.output
+
+
+def test_upscale_is_4x_and_tiles_large_inputs(models, tmp_path):
+    source = photo(tmp_path / "low.png", (24, 20))
+    result = invoke("upscale", source, "--ckpt", models["upscale"], "--steps", 2, "--out", tmp_path / "hi.png")
+    assert result.exit_code == 0, result.output
+    assert Image.open(tmp_path / "hi.png").size == (96, 80)
+    tiled = invoke("upscale", source, "--ckpt", models["upscale"], "--steps", 2, "--tile", 16, "--out", tmp_path / "t.png")
+    assert tiled.exit_code == 0, tiled.output
+    assert Image.open(tmp_path / "t.png").size == (96, 80)
+
+
+def test_reconstruct_reports_psnr_ssim_that_match_the_written_files(models, tmp_path):
+    source = photo(tmp_path / "img.png", (37, 29))
+    result = invoke("--json", "reconstruct", source, "--ckpt", models["vq"], "--out", tmp_path / "out", "--compare")
+    assert result.exit_code == 0, result.output
+    row = json.loads(result.stdout.strip().splitlines()[-1])["results"][0]
+    written = Path(row["output"])
+    a = torch.from_numpy(pixels(source)).double()
+    b = torch.from_numpy(pixels(written)).double()
+    mse = float(((a - b) ** 2).mean())
+    assert row["psnr"] == pytest.approx(10 * np.log10(255**2 / mse), abs=1e-6)
+    assert row["ssim"] == pytest.approx(metrics.ssim(images.load_image(source), images.load_image(written)), abs=1e-9)
+    assert row["latent_shape"] == [3, 8, 10] and row["compression"] == pytest.approx(37 * 29 * 3 / (3 * 8 * 10))
+    assert Image.open(tmp_path / "out" / "img-compare.png").size[0] > 3 * 37
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["txt2img", "x", "--sampler", "nope"], "ddim"),
+    (["txt2img", "x", "--steps", "0"], "steps"),
+    (["txt2img", "x", "--height", "65"], "multiple of 16"),
+    (["txt2img", "x", "-n", "0"], "--num"),
+])
+def test_bad_arguments_are_one_clear_line(models, args, expected):
+    result = invoke(*args, "--ckpt", models["txt2img"])
+    assert result.exit_code == 1
+    assert expected in result.output and "Traceback" not in result.output
+
+
+def test_missing_and_corrupt_inputs_are_refused(models, tmp_path):
+    bad = tmp_path / "bad.ckpt"
+    bad.write_bytes(b"\x80\x04garbage")
+    result = invoke("txt2img", "x", "--ckpt", bad)
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    missing = invoke("reconstruct", tmp_path / "none.png", "--ckpt", models["vq"])
+    assert missing.exit_code == 1
+
+
+def test_models_lists_folders_with_family_and_hash(models, monkeypatch):
+    monkeypatch.setenv("LATENTGEN_MODELS", str(models["vq"].parent))
+    result = invoke("--json", "models")
+    assert result.exit_code == 0, result.output
+    rows = {row["name"]: row for row in json.loads(result.stdout.strip().splitlines()[-1])["models"]}
+    assert rows["vq-f4"]["f"] == 4 and len(rows["vq-f4"]["hash"]) == 10
+    assert rows["txt2img"]["f"] == 8
+
+
+def test_decode_falls_back_to_tiles_on_out_of_memory(models, monkeypatch):
+    model = pipelines.prepare(load_model(models["vq"]), "cpu", "fp32")
+    z = torch.randn(1, 3, 80, 80)
+    expected = pipelines.decode(model, z)
+    real, calls = model.first_stage.decode, []
+
+    def fails_on_big_latents(latent):
+        calls.append(latent.shape[-1])
+        if latent.shape[-1] > 64:
+            raise torch.OutOfMemoryError("simulated")
+        return real(latent)
+
+    monkeypatch.setattr(model.first_stage, "decode", fails_on_big_latents)
+    tiled = pipelines.decode(model, z)
+    assert calls[0] == 80 and max(calls[1:]) <= 64
+    assert tiled.shape == expected.shape and torch.isfinite(tiled).all()
+
+
+def test_half_precision_decode_retries_in_float32(models, monkeypatch):
+    model = pipelines.prepare(load_model(models["vq"]), "cpu", "bf16")
+    real = type(model.first_stage).decode
+
+    def overflows_in_half(self, latent):
+        out = real(self, latent)
+        return out * float("nan") if out.dtype != torch.float32 else out
+
+    monkeypatch.setattr(type(model.first_stage), "decode", overflows_in_half)
+    image = pipelines.decode(model, torch.randn(1, 3, 8, 8))
+    assert torch.isfinite(image).all()
+    assert next(model.first_stage.parameters()).dtype == torch.bfloat16

@@ -1,0 +1,68 @@
+"""Tiny random-weight model folders in the bundled layout (model.safetensors + config.json)."""
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from latentgen.models.autoencoder import AutoencoderKL, VQModel
+from latentgen.models.unet import UNetModel
+
+KL_F8 = {"double_z": True, "z_channels": 4, "resolution": 64, "in_channels": 3, "out_ch": 3, "ch": 32,
+         "ch_mult": [1, 2, 2, 2], "num_res_blocks": 1, "attn_resolutions": [], "dropout": 0.0}
+VQ_F4 = {"double_z": False, "z_channels": 3, "resolution": 64, "in_channels": 3, "out_ch": 3, "ch": 32,
+         "ch_mult": [1, 2, 2], "num_res_blocks": 1, "attn_resolutions": [], "dropout": 0.0}
+
+
+def _unet_params(in_channels: int, out_channels: int, context_dim=None) -> dict:
+    params = {"image_size": 8, "in_channels": in_channels, "out_channels": out_channels, "model_channels": 32,
+              "attention_resolutions": [2], "num_res_blocks": 1, "channel_mult": [1, 2], "num_head_channels": 16}
+    if context_dim:
+        params.update(use_spatial_transformer=True, context_dim=context_dim, transformer_depth=1, legacy=False)
+    return params
+
+
+def _randomise(module: torch.nn.Module, seed: int) -> dict:
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn(p.shape, generator=generator) * 0.05)
+    return module.state_dict()
+
+
+def _save(folder: Path, state: dict, config: dict) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in state.items()}, str(folder / "model.safetensors"))
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+def autoencoder(folder: Path, kind: str = "vq") -> Path:
+    if kind == "vq":
+        model, config = VQModel(VQ_F4, n_embed=64, embed_dim=3), {"model": {
+            "target": "ldm.models.autoencoder.VQModel", "params": {"ddconfig": VQ_F4, "n_embed": 64, "embed_dim": 3}}}
+    else:
+        model, config = AutoencoderKL(KL_F8, embed_dim=4), {"model": {
+            "target": "ldm.models.autoencoder.AutoencoderKL", "params": {"ddconfig": KL_F8, "embed_dim": 4}}}
+    return _save(folder, _randomise(model, 1), config)
+
+
+def diffusion_model(folder: Path, task: str) -> Path:
+    """task: "txt2img" (MiniLM text, KL f8), "inpaint" (VQ f4, masked image + mask concat), "upscale" (VQ f4, low-res concat)."""
+    if task == "txt2img":
+        first, first_cfg = AutoencoderKL(KL_F8, embed_dim=4), {
+            "target": "ldm.models.autoencoder.AutoencoderKL", "params": {"ddconfig": KL_F8, "embed_dim": 4}}
+        unet_params, extra = _unet_params(4, 4, context_dim=384), {"conditioning_key": "crossattn", "cond_stage": "minilm"}
+    else:
+        first, first_cfg = VQModel(VQ_F4, n_embed=64, embed_dim=3), {
+            "target": "ldm.models.autoencoder.VQModelInterface", "params": {"ddconfig": VQ_F4, "n_embed": 64, "embed_dim": 3}}
+        unet_params = _unet_params(7 if task == "inpaint" else 6, 3)
+        extra = {"conditioning_key": "concat"}
+    unet = UNetModel(**unet_params)
+    state = {f"model.diffusion_model.{k}": v for k, v in _randomise(unet, 2).items()}
+    state.update({f"first_stage_model.{k}": v for k, v in _randomise(first, 3).items()})
+    config = {"unet_config": {"target": "ldm.modules.diffusionmodules.openaimodel.UNetModel", "params": unet_params},
+              "first_stage_config": first_cfg, "linear_start": 0.0015, "linear_end": 0.0205, "timesteps": 1000,
+              "scale_factor": 1.0, "parameterization": "eps", **extra}
+    return _save(folder, state, config)
