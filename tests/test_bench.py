@@ -125,9 +125,8 @@ def test_cli_bench_writes_a_table_and_json(monkeypatch, tmp_path):
 
     from latentgen.cli import app
 
-    monkeypatch.setattr(bench, "DEFAULT_ARCH", "tiny")
     out = tmp_path / "bench.json"
-    result = CliRunner().invoke(app, ["bench", "--device", "cpu", "--latent", "8", "--steps", "2", "--repeats", "1",
+    result = CliRunner().invoke(app, ["bench", "--arch", "tiny", "--device", "cpu", "--latent", "8", "--steps", "2", "--repeats", "1",
                                       "--out", str(out)])
     assert result.exit_code == 0, result.output
     context, rows = bench.read_json(out)

@@ -306,7 +306,7 @@ def bench(
     channels_last: Annotated[bool, typer.Option("--channels-last", help="Also time channels_last memory format.")] = False,
     compile_unet: Annotated[bool, typer.Option("--compile", help="Also time torch.compile'd UNets.")] = False,
     cuda_graph: Annotated[bool, typer.Option("--cuda-graph", help="Also time a CUDA-graph-captured step (GPU).")] = False,
-    arch: Annotated[str, typer.Option("--arch", hidden=True, help="sd15 or tiny (for tests).")] = "sd15",
+    arch: Annotated[Optional[str], typer.Option("--arch", hidden=True, help="sd15 (default) or tiny (for tests).")] = None,
     device: Device = "auto", dtype: Dtype = "auto",
     out: Annotated[Path, typer.Option("--out", "-o", help="JSON file for the results.")] = Path("bench.json"),
 ) -> None:
