@@ -133,7 +133,9 @@ class LDMTrainer:
 
     @classmethod
     def create(cls, config: LDMConfig, first_stage: LatentDiffusion, data: LDMData,
-               text_encoder: Optional[Encoder] = None) -> "LDMTrainer":
+               text_encoder: Optional[Encoder] = None, cache_dir: Optional[Path] = None) -> "LDMTrainer":
+        """A fresh trainer; the emoji latents are computed once and kept in `cache_dir` (keyed by the
+        first stage's hash and the image size) so that resumed runs skip the encoding."""
         if config.task not in TASKS:
             raise LatentgenError(f"unknown task {config.task!r}: choose one of {', '.join(TASKS)}")
         torch.manual_seed(config.seed)
@@ -149,7 +151,8 @@ class LDMTrainer:
                       text_encoder)
         trainer._check_data()
         if config.task == "txt2img":
-            trainer.emoji_latents = trainer._encode_emoji()
+            cache = cache_dir / f"emoji-latents-{first_stage.sha256[:12]}-{config.image_size}.pt" if cache_dir else None
+            trainer.emoji_latents = trainer._encode_emoji(cache)
             trainer.empty_context = trainer._empty_context()
         trainer.scale_factor = trainer._measure_scale_factor()
         return trainer
@@ -165,8 +168,10 @@ class LDMTrainer:
         if data.photos is not None:
             data.photos.crop = self.config.image_size
 
-    def _encode_emoji(self) -> torch.Tensor:
-        """Latent statistics of every emoji, once: KL (mean, logvar) stacked on channels, or VQ's h."""
+    def _encode_emoji(self, cache: Optional[Path]) -> torch.Tensor:
+        """Latent statistics of every emoji: KL (mean, logvar) stacked on channels, or VQ's h."""
+        if cache is not None and cache.is_file():
+            return torch.load(cache, weights_only=True)
         out = []
         with torch.no_grad():
             for start in range(0, len(self.data.emoji.images), 64):
@@ -175,7 +180,10 @@ class LDMTrainer:
                     out.append(torch.cat(self.first_stage.encode_moments(x), 1).cpu())
                 else:
                     out.append(self.first_stage.encode(x).cpu())
-        return torch.cat(out)
+        latents = torch.cat(out)
+        if cache is not None:
+            runs.atomic_write(cache, lambda temp: torch.save(latents, temp))
+        return latents
 
     def _empty_context(self) -> torch.Tensor:
         emoji = self.data.emoji
@@ -371,7 +379,7 @@ def train_ldm(config: LDMConfig, first_stage: LatentDiffusion, data: LDMData, ru
     """Train to `config.steps` (continuing `run_dir`'s checkpoint when `resume`), checkpoint every
     `checkpoint_every` steps and at the end, save sample grids every `sample_every` steps, then
     export to `export_dir` (default `run_dir`/export)."""
-    trainer = LDMTrainer.create(config, first_stage, data, text_encoder)
+    trainer = LDMTrainer.create(config, first_stage, data, text_encoder, run_dir)
     state = runs.load_checkpoint(run_dir) if resume else None
     if state is not None:
         trainer.load(state)

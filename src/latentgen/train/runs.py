@@ -44,7 +44,7 @@ def restore_random_state(state: dict, generator: torch.Generator) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _atomic(path: Path, write) -> None:
+def atomic_write(path: Path, write) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     temp = path.with_name(path.name + ".tmp")
     try:
@@ -57,7 +57,7 @@ def _atomic(path: Path, write) -> None:
 def save_checkpoint(folder: Path, state: dict) -> Path:
     """`folder`/checkpoint.pt, replaced atomically: an interrupted save leaves the previous one."""
     path = folder / CHECKPOINT
-    _atomic(path, lambda temp: torch.save(state, temp))
+    atomic_write(path, lambda temp: torch.save(state, temp))
     return path
 
 
@@ -77,8 +77,8 @@ def export_folder(folder: Path, tensors: dict[str, torch.Tensor], config: dict) 
     from safetensors.torch import save_file
 
     half = {k: (v.half() if v.is_floating_point() else v).contiguous().cpu() for k, v in tensors.items()}
-    _atomic(folder / "model.safetensors", lambda temp: save_file(half, str(temp), metadata={"format": "pt"}))
-    _atomic(folder / "config.json", lambda temp: temp.write_text(json.dumps(config, indent=2) + "\n"))
+    atomic_write(folder / "model.safetensors", lambda temp: save_file(half, str(temp), metadata={"format": "pt"}))
+    atomic_write(folder / "config.json", lambda temp: temp.write_text(json.dumps(config, indent=2) + "\n"))
     return folder
 
 
@@ -93,7 +93,7 @@ def save_grid(images: torch.Tensor, path: Path, columns: int = 4) -> Path:
     for i, image in enumerate(pixels):
         r, c = divmod(i, columns)
         grid[r * height:(r + 1) * height, c * width:(c + 1) * width] = image
-    _atomic(path, lambda temp: Image.fromarray(grid).save(temp, format="PNG"))
+    atomic_write(path, lambda temp: Image.fromarray(grid).save(temp, format="PNG"))
     return path
 
 
