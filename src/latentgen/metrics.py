@@ -55,18 +55,12 @@ def _gaussian_window(radius: int, sigma: float) -> torch.Tensor:
     return window / window.sum()
 
 
-def ssim(a: torch.Tensor, b: torch.Tensor, value_range: tuple[float, float] = (-1.0, 1.0),
-         quantize: bool = True, y_channel: bool = False, sigma: float = 1.5,
-         k1: float = 0.01, k2: float = 0.03) -> float:
-    """Mean structural similarity (Wang et al. 2004) with an 11x11 Gaussian window, sigma 1.5.
-
-    Matches scikit-image's structural_similarity(gaussian_weights=True, sigma=1.5,
-    use_sample_covariance=False, data_range=1, channel_axis=...) on the [0, 1] images: local
-    statistics over windows that fit inside the image, averaged over pixels and channels. Images
-    smaller than the window use the largest window that fits (1x1 compares means only)."""
-    x, y = _pair(a, b, value_range, quantize, y_channel)
+def ssim_map(x: torch.Tensor, y: torch.Tensor, sigma: float = 1.5, k1: float = 0.01, k2: float = 0.03) -> torch.Tensor:
+    """Per-pixel, per-channel SSIM (Wang et al. 2004) of [0, 1] images over the Gaussian windows
+    that fit inside the image; differentiable, in the inputs' dtype (training uses it as a loss).
+    Images smaller than the 11x11 window use the largest window that fits."""
     radius = min(int(3.5 * sigma + 0.5), (min(x.shape[-2:]) - 1) // 2)
-    window = _gaussian_window(radius, sigma)
+    window = _gaussian_window(radius, sigma).to(x)
     channels = x.shape[1]
     rows = window.view(1, 1, -1, 1).expand(channels, 1, -1, 1)
     cols = window.view(1, 1, 1, -1).expand(channels, 1, 1, -1)
@@ -79,8 +73,19 @@ def ssim(a: torch.Tensor, b: torch.Tensor, value_range: tuple[float, float] = (-
     var_y = local_mean(y * y) - mu_y**2
     cov = local_mean(x * y) - mu_x * mu_y
     c1, c2 = k1**2, k2**2
-    score = ((2 * mu_x * mu_y + c1) * (2 * cov + c2)) / ((mu_x**2 + mu_y**2 + c1) * (var_x + var_y + c2))
-    return float(score.flatten(1).mean(dim=1).mean())
+    return ((2 * mu_x * mu_y + c1) * (2 * cov + c2)) / ((mu_x**2 + mu_y**2 + c1) * (var_x + var_y + c2))
+
+
+def ssim(a: torch.Tensor, b: torch.Tensor, value_range: tuple[float, float] = (-1.0, 1.0),
+         quantize: bool = True, y_channel: bool = False, sigma: float = 1.5,
+         k1: float = 0.01, k2: float = 0.03) -> float:
+    """Mean structural similarity with an 11x11 Gaussian window, sigma 1.5, in float64.
+
+    Matches scikit-image's structural_similarity(gaussian_weights=True, sigma=1.5,
+    use_sample_covariance=False, data_range=1, channel_axis=...) on the [0, 1] images: local
+    statistics over windows that fit inside the image, averaged over pixels and channels."""
+    x, y = _pair(a, b, value_range, quantize, y_channel)
+    return float(ssim_map(x, y, sigma, k1, k2).flatten(1).mean(dim=1).mean())
 
 
 def gradient_energy(x: torch.Tensor) -> float:

@@ -7,41 +7,20 @@ weighted adaptively as in taming-transformers (Esser et al. 2021), as the LDM pa
 Stage 2 (LDM): the eps-prediction MSE on noised latents of the frozen first stage.
 """
 
-import functools
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from latentgen import metrics
+
 
 # ---- reconstruction terms -------------------------------------------------------------------
 
 
-@functools.cache
-def _ssim_window(sigma: float) -> torch.Tensor:
-    taps = torch.arange(-int(3.5 * sigma + 0.5), int(3.5 * sigma + 0.5) + 1, dtype=torch.float32)
-    window = torch.exp(-taps.square() / (2 * sigma**2))
-    return window / window.sum()
-
-
 def ssim_map(x: torch.Tensor, y: torch.Tensor, sigma: float = 1.5) -> torch.Tensor:
-    """Differentiable SSIM (Wang et al. 2004, 11x11 Gaussian window) of [-1, 1] images mapped to
-    [0, 1], per valid pixel and channel. (metrics.ssim is the evaluation one: float64, quantised.)"""
-    x, y = (x + 1) / 2, (y + 1) / 2
-    window = _ssim_window(sigma).to(x)
-    channels = x.shape[1]
-    rows = window.view(1, 1, -1, 1).expand(channels, 1, -1, 1)
-    cols = window.view(1, 1, 1, -1).expand(channels, 1, 1, -1)
-
-    def local_mean(t: torch.Tensor) -> torch.Tensor:
-        return F.conv2d(F.conv2d(t, rows, groups=channels), cols, groups=channels)
-
-    mu_x, mu_y = local_mean(x), local_mean(y)
-    var_x = local_mean(x * x) - mu_x.square()
-    var_y = local_mean(y * y) - mu_y.square()
-    cov = local_mean(x * y) - mu_x * mu_y
-    c1, c2 = 0.01**2, 0.03**2
-    return ((2 * mu_x * mu_y + c1) * (2 * cov + c2)) / ((mu_x.square() + mu_y.square() + c1) * (var_x + var_y + c2))
+    """Differentiable SSIM of [-1, 1] images mapped to [0, 1], per valid pixel and channel."""
+    return metrics.ssim_map((x + 1) / 2, (y + 1) / 2, sigma)
 
 
 def fft_loss(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
