@@ -5,6 +5,8 @@ import io
 import json
 import random
 import tarfile
+import time
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -15,7 +17,7 @@ from safetensors import safe_open
 
 from latentgen.loader import load_model
 from latentgen.schedules import make_alphas_cumprod
-from latentgen.train import data, losses
+from latentgen.train import data, losses, runs
 from latentgen.train.autoencoder import AutoencoderConfig, train_autoencoder
 from latentgen.train.data import EmojiSet, ImageBatches
 from latentgen.train.ldm import LDMConfig, LDMData, train_ldm
@@ -241,6 +243,32 @@ def test_autoencoder_resumes_exactly_and_exports_official_layout(tmp_path, kind)
     with torch.no_grad():
         torch.testing.assert_close(loaded.first_stage.decode(loaded.first_stage.encode(x)),
                                    reference.decode(reference.encode(x)), rtol=1e-4, atol=1e-4)
+
+
+class CountingTrainer:
+    """The least `train_loop` drives: a step counter whose state is the step."""
+
+    def __init__(self):
+        self.step = 0
+
+    def train_step(self):
+        self.step += 1
+        return {"loss": 1.0 / self.step}
+
+    def state(self):
+        return {"step": self.step}
+
+
+def test_train_loop_stops_at_the_time_budget_with_a_checkpoint(tmp_path, monkeypatch):
+    clock = iter(range(0, 10_000, 20))  # every reading of the clock is 20 s later
+    monkeypatch.setattr(runs, "time", SimpleNamespace(monotonic=lambda: next(clock), perf_counter=time.perf_counter))
+    trainer = CountingTrainer()
+    runs.train_loop(trainer, 1000, tmp_path, checkpoint_every=500, quiet=True, max_minutes=1.0)
+    assert 0 < trainer.step < 10  # stopped after about a minute, far short of 1000 steps
+    assert runs.load_checkpoint(tmp_path) == {"step": trainer.step}
+    unlimited = CountingTrainer()
+    runs.train_loop(unlimited, 30, tmp_path / "unlimited", checkpoint_every=500, quiet=True)
+    assert unlimited.step == 30 and runs.load_checkpoint(tmp_path / "unlimited") == {"step": 30}
 
 
 @pytest.mark.slow

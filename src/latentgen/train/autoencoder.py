@@ -49,6 +49,7 @@ class AutoencoderConfig:
     seed: int = 0
     checkpoint_every: int = 500
     sample_every: int = 0
+    max_minutes: float = 0.0
     device: str = "auto"
 
     def ddconfig(self) -> dict:
@@ -183,6 +184,6 @@ def train_autoencoder(config: AutoencoderConfig, data: ImageBatches, run_dir: Pa
         trainer.load(state)
     trainer.model.train()
     runs.train_loop(trainer, config.steps, run_dir, config.checkpoint_every, config.sample_every,
-                    f"{config.kind}-f{2 ** (len(config.ch_mult) - 1)}", quiet, on_step)
+                    f"{config.kind}-f{2 ** (len(config.ch_mult) - 1)}", quiet, on_step, config.max_minutes)
     trainer.export(export_dir or run_dir / "export")
     return trainer

@@ -87,6 +87,7 @@ def autoencoder(
     seed: int = typer.Option(0),
     checkpoint_every: int = typer.Option(500),
     sample_every: int = typer.Option(0, help="save input/reconstruction grids every N steps (0: never)"),
+    max_minutes: float = typer.Option(0.0, help="stop (checkpointed and exported) after this wall time; 0: no limit"),
     device: str = typer.Option("auto"),
     resume: bool = typer.Option(True, help="continue from the run folder's checkpoint"),
     export_to: Optional[Path] = typer.Option(None, help="export folder (default RUN/export)"),
@@ -97,7 +98,8 @@ def autoencoder(
     config = AutoencoderConfig(
         kind=kind, ch=ch, ch_mult=_numbers(ch_mult), num_res_blocks=num_res_blocks, z_channels=z_channels,
         n_embed=n_embed, crop=crop, batch=batch, lr=lr, steps=steps, kl_weight=kl_weight, disc_start=disc_start,
-        disc_weight=disc_weight, seed=seed, checkpoint_every=checkpoint_every, sample_every=sample_every, device=device,
+        disc_weight=disc_weight, seed=seed, checkpoint_every=checkpoint_every, sample_every=sample_every,
+        max_minutes=max_minutes, device=device,
     )
     trainer = train_autoencoder(config, load_photos(photos, crop), run, resume, export_dir=export_to)
     console.print(f"step {trainer.step}: exported to {export_to or run / 'export'}")
@@ -125,6 +127,7 @@ def ldm(
     seed: int = typer.Option(0),
     checkpoint_every: int = typer.Option(500),
     sample_every: int = typer.Option(0, help="save sample grids every N steps (0: never)"),
+    max_minutes: float = typer.Option(0.0, help="stop (checkpointed and exported) after this wall time; 0: no limit"),
     device: str = typer.Option("auto"),
     resume: bool = typer.Option(True, help="continue from the run folder's checkpoint"),
     export_to: Optional[Path] = typer.Option(None, help="export folder (default RUN/export)"),
@@ -140,7 +143,7 @@ def ldm(
         num_res_blocks=num_res_blocks, attention_resolutions=_numbers(attention_resolutions),
         num_head_channels=num_head_channels, batch=batch, lr=lr, steps=steps, cond_drop=cond_drop,
         emoji_fraction=emoji_fraction, seed=seed, checkpoint_every=checkpoint_every, sample_every=sample_every,
-        device=device,
+        max_minutes=max_minutes, device=device,
     )
     wants_emoji = task == "txt2img" or (task == "sr" and emoji_fraction > 0)
     sources = LDMData(

@@ -69,6 +69,7 @@ class LDMConfig:
     checkpoint_every: int = 500
     sample_every: int = 0
     sample_steps: int = 25
+    max_minutes: float = 0.0
     device: str = "auto"
 
     def unet_config(self, embed_dim: int, f: int) -> dict:
@@ -385,6 +386,6 @@ def train_ldm(config: LDMConfig, first_stage: LatentDiffusion, data: LDMData, ru
         trainer.load(state)
     trainer.unet.train()
     runs.train_loop(trainer, config.steps, run_dir, config.checkpoint_every, config.sample_every,
-                    f"ldm {config.task}", quiet, on_step)
+                    f"ldm {config.task}", quiet, on_step, config.max_minutes)
     trainer.export(export_dir or run_dir / "export")
     return trainer

@@ -120,9 +120,11 @@ class Trainer(Protocol):
 
 def train_loop(trainer: Trainer, steps: int, run_dir: Path, checkpoint_every: int, sample_every: int = 0,
                description: str = "train", quiet: bool = False,
-               on_step: Optional[Callable[[int, dict], None]] = None) -> None:
+               on_step: Optional[Callable[[int, dict], None]] = None, max_minutes: float = 0.0) -> None:
     """Step to `steps` with a progress bar (loss, it/s); checkpoint every `checkpoint_every` steps and
-    at the end, save a sample grid to `run_dir`/samples every `sample_every` steps."""
+    at the end, save a sample grid to `run_dir`/samples every `sample_every` steps. With `max_minutes`,
+    stop early once that much wall time has passed (checkpointed, so a rerun continues)."""
+    deadline = time.monotonic() + max_minutes * 60 if max_minutes > 0 else float("inf")
     rate = 0.0
     with progress_bar(quiet) as progress:
         task = progress.add_task(description, total=steps, completed=trainer.step, loss=0.0, rate=0.0)
@@ -134,7 +136,10 @@ def train_loop(trainer: Trainer, steps: int, run_dir: Path, checkpoint_every: in
             progress.update(task, completed=trainer.step, loss=logs["loss"], rate=rate)
             if on_step is not None:
                 on_step(trainer.step, logs)
-            if trainer.step % checkpoint_every == 0 or trainer.step == steps:
+            out_of_time = time.monotonic() > deadline
+            if trainer.step % checkpoint_every == 0 or trainer.step == steps or out_of_time:
                 save_checkpoint(run_dir, trainer.state())
             if sample_every and trainer.step % sample_every == 0:
                 save_grid(trainer.samples(), run_dir / "samples" / f"step-{trainer.step:06d}.png")
+            if out_of_time:
+                break
