@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-from latentgen import images, metrics, pipelines
+from latentgen import images, loader, metrics, pipelines
 from latentgen.cli import app
 from latentgen.loader import load_model
 
@@ -189,11 +189,17 @@ def test_missing_and_corrupt_inputs_are_refused(models, tmp_path):
 
 def test_models_lists_folders_with_family_and_hash(models, monkeypatch):
     monkeypatch.setenv("LATENTGEN_MODELS", str(models["vq"].parent))
+
+    def no_tensor_reads(path):
+        raise AssertionError(f"listing read the tensors of {path}")
+
+    monkeypatch.setattr(loader, "_read_safetensors", no_tensor_reads)
     result = invoke("--json", "models")
     assert result.exit_code == 0, result.output
     rows = {row["name"]: row for row in json.loads(result.stdout.strip().splitlines()[-1])["models"]}
     assert rows["vq-f4"]["f"] == 4 and len(rows["vq-f4"]["hash"]) == 10
-    assert rows["txt2img"]["f"] == 8
+    assert rows["vq-f4"]["family"] == "autoencoder-vq"
+    assert rows["txt2img"]["f"] == 8 and rows["inpaint"]["family"] == "ldm-inpaint"
 
 
 def test_decode_falls_back_to_tiles_on_out_of_memory(models, monkeypatch):

@@ -19,7 +19,7 @@ from .detect import detect_family
 from .guidance import Conditioning, guided_model
 from .images import composite, crop_padding, format_parameters, pad_to_multiple
 from .ldm import LatentDiffusion
-from .loader import file_sha256, load_state_dict
+from .loader import file_sha256, load_state_dict, read_safetensors_header
 from .models.text import ClassEmbedder
 from .samplers import make_noise, sample
 from .tiling import map_tiled
@@ -441,8 +441,13 @@ def parameters_text(model: LatentDiffusion, options: Sampling, prompt: str, nega
 
 
 def describe(path: Path) -> dict:
-    """One row of `latentgen models`: family, factor, size and hash, without building the model."""
+    """One row of `latentgen models`: family, factor, size and hash, without building the model
+    (safetensors: from the header alone, so listing multi-GB files stays instant)."""
     weights = path / "model.safetensors" if path.is_dir() else path
-    family, f = detect_family(load_state_dict(weights), path)
+    if weights.suffix == ".safetensors":  # shapes from the header: no tensor is read
+        shapes = {name: entry["shape"] for name, entry in read_safetensors_header(weights)[0].items()}
+    else:
+        shapes = load_state_dict(weights)
+    family, f = detect_family(shapes, path)
     return {"name": path.name if path.is_dir() else path.stem, "family": family, "f": f,
             "size_mb": weights.stat().st_size / 2**20, "hash": file_sha256(weights)[:10], "path": str(path)}
