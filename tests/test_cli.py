@@ -13,6 +13,7 @@ from typer.testing import CliRunner
 from latentgen import images, loader, metrics, pipelines
 from latentgen.cli import app
 from latentgen.loader import load_model
+from latentgen.models.unet import UNetModel
 
 sys.path.insert(0, str(Path(__file__).parent))
 import tiny_models  # noqa: E402
@@ -131,6 +132,62 @@ def test_inpaint_by_masked_sampling_with_a_text_model(models, tmp_path):
                     "--out", tmp_path / "out.png")
     assert result.exit_code == 0, result.output
     np.testing.assert_array_equal(pixels(tmp_path / "out.png")[mask == 0], pixels(source)[mask == 0])
+
+
+def test_sd_inpainting_checkpoint_gets_mask_then_masked_latent(tmp_path, monkeypatch):
+    """SD 1.x inpainting (9-channel hybrid UNet) in the official layout, through the CLI: the UNet
+    sees [latent | mask | masked-image latent] as runwayml trained it, and kept pixels stay exact."""
+    ckpt = tiny_models.official_checkpoint(tmp_path / "sd-v1-5-inpainting.safetensors", "sd-inpaint")
+    config = tiny_models.tiny_clip_config(tmp_path / "tiny-clip.json")
+    source = photo(tmp_path / "img.png", (50, 36))  # not a multiple of 16 (8 * the UNet's 2): padded, cropped back
+    mask = np.zeros((36, 50), dtype=np.uint8)
+    mask[4:20, 8:40] = 255
+    Image.fromarray(mask).save(tmp_path / "mask.png")
+    model = load_model(ckpt, config)
+    keep = torch.from_numpy(mask == 0)[None, None].float()
+    image = torch.from_numpy(pixels(source)).permute(2, 0, 1)[None].float() / 127.5 - 1
+    masked = images.pad_to_multiple(image, 16)[0] * images.pad_to_multiple(keep, 16)[0]  # reflected like the image
+    with torch.no_grad():
+        want_latent = model.first_stage.encode(masked) * model.scale_factor
+    seen = []
+    real_forward = UNetModel.forward
+
+    def spy(unet, x, timesteps, context=None, y=None):
+        seen.append(x.detach().clone())
+        return real_forward(unet, x, timesteps, context, y)
+
+    monkeypatch.setattr(UNetModel, "forward", spy)
+    result = invoke("inpaint", source, tmp_path / "mask.png", "-p", "a cat", "--ckpt", ckpt, "--config", config,
+                    "--steps", 2, "--scale", 3, "--device", "cpu", "--out", tmp_path / "out.png")
+    assert result.exit_code == 0, result.output
+    assert all(x.shape[1] == 9 for x in seen) and seen[0].shape[0] == 2  # guidance batched in one forward
+    small_mask = seen[0][:, 4]
+    assert set(small_mask.unique().tolist()) == {0.0, 1.0} and small_mask.shape[-2:] == (6, 8)
+    assert small_mask[0, 1, 2] == 1 and small_mask[0, 4, 0] == 0  # 8x8 cells inside / outside the hole
+    torch.testing.assert_close(seen[0][:1, 5:], want_latent, rtol=1e-4, atol=1e-4)
+    after = pixels(tmp_path / "out.png")
+    assert after.shape == (36, 50, 3)
+    np.testing.assert_array_equal(after[mask == 0], pixels(source)[mask == 0])
+    assert "Model: sd-v1-5-inpainting" in images.read_parameters(tmp_path / "out.png")
+
+
+def test_class_conditional_checkpoint_samples_the_asked_classes(tmp_path):
+    ckpt = tiny_models.official_checkpoint(tmp_path / "cin256-v2.safetensors", "cin")
+    common = ["txt2img", "--ckpt", ckpt, "--steps", 3, "--scale", 2, "--seed", 5]
+    result = invoke(*common, "--class", 3, "--class", 7, "--out", tmp_path / "classes")
+    assert result.exit_code == 0, result.output
+    written = sorted((tmp_path / "classes").glob("*.png"))
+    assert [p.name for p in written] == ["00000-5.png", "00001-6.png"]  # seeds count up per image, as in A1111
+    assert "Class: 3" in images.read_parameters(written[0]) and "Class: 7" in images.read_parameters(written[1])
+    for label, seed, name in ((3, 5, "three.png"), (7, 5, "seven.png")):
+        again = invoke("txt2img", "--ckpt", ckpt, "--steps", 3, "--scale", 2, "--seed", seed, "--class", label,
+                       "--out", tmp_path / name)
+        assert again.exit_code == 0, again.output
+    np.testing.assert_array_equal(pixels(tmp_path / "three.png"), pixels(written[0]))  # same class + seed
+    assert not np.array_equal(pixels(tmp_path / "seven.png"), pixels(written[0]))  # only the class differs
+    for bad, message in (([], "pass --class"), (["--class", 11], "0..10")):
+        refused = invoke(*common, *bad, "--out", tmp_path / "bad.png")
+        assert refused.exit_code == 1 and message in refused.output and "Traceback" not in refused.output
 
 
 @pytest.mark.parametrize("content, message", [(0, "all black"), (255, "all white")])

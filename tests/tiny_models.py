@@ -66,3 +66,37 @@ def diffusion_model(folder: Path, task: str) -> Path:
               "first_stage_config": first_cfg, "linear_start": 0.0015, "linear_end": 0.0205, "timesteps": 1000,
               "scale_factor": 1.0, "parameterization": "eps", **extra}
     return _save(folder, state, config)
+
+
+TINY_CLIP = {"vocab_size": 49408, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+             "num_attention_heads": 2, "max_position_embeddings": 77}
+
+
+def official_checkpoint(path: Path, kind: str) -> Path:
+    """A single .safetensors file in the official CompVis key layout, at tiny widths.
+
+    kind: "cin" (class-conditional like cin256-v2: ClassEmbedder with a null class, cross-attention,
+    VQ f4) or "sd-inpaint" (SD 1.x inpainting: 9-channel hybrid UNet, CLIP text, KL f8; its CLIP is
+    tiny, so loading needs the `cond_stage_config` of `TINY_CLIP` as --config).
+    """
+    from latentgen.models.text import ClassEmbedder, FrozenCLIPEmbedder
+
+    if kind == "cin":
+        unet, first, cond = UNetModel(**_unet_params(3, 3, context_dim=32)), VQModel(VQ_F4, n_embed=64, embed_dim=3), \
+            ClassEmbedder(32, n_classes=11)
+    else:
+        unet, first, cond = UNetModel(**_unet_params(9, 4, context_dim=32)), AutoencoderKL(KL_F8, embed_dim=4), \
+            FrozenCLIPEmbedder(TINY_CLIP)
+    state = {f"model.diffusion_model.{k}": v for k, v in _randomise(unet, 4).items()}
+    state.update({f"first_stage_model.{k}": v for k, v in _randomise(first, 5).items()})
+    state.update({f"cond_stage_model.{k}": v for k, v in _randomise(cond, 6).items()})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in state.items()}, str(path))
+    return path
+
+
+def tiny_clip_config(path: Path) -> Path:
+    """The partial config that tells the loader the tiny CLIP's sizes (everything else is detected)."""
+    path.write_text(json.dumps({"cond_stage_config": {
+        "target": "ldm.modules.encoders.modules.FrozenCLIPEmbedder", "params": {"config": TINY_CLIP}}}))
+    return path
