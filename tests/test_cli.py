@@ -256,7 +256,8 @@ def test_models_lists_folders_with_family_and_hash(models, monkeypatch):
     rows = {row["name"]: row for row in json.loads(result.stdout.strip().splitlines()[-1])["models"]}
     assert rows["vq-f4"]["f"] == 4 and len(rows["vq-f4"]["hash"]) == 10
     assert rows["vq-f4"]["family"] == "autoencoder-vq"
-    assert rows["txt2img"]["f"] == 8 and rows["inpaint"]["family"] == "ldm-inpaint"
+    assert rows["txt2img"]["f"] == 8 and rows["txt2img"]["family"] == "ldm-txt2img"  # MiniLM: named in config.json
+    assert rows["inpaint"]["family"] == "ldm-inpaint" and rows["upscale"]["family"] == "ldm-sr"
 
 
 def test_decode_falls_back_to_tiles_on_out_of_memory(models, monkeypatch):

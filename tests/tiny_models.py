@@ -58,7 +58,8 @@ def diffusion_model(folder: Path, task: str) -> Path:
         first, first_cfg = VQModel(VQ_F4, n_embed=64, embed_dim=3), {
             "target": "ldm.models.autoencoder.VQModelInterface", "params": {"ddconfig": VQ_F4, "n_embed": 64, "embed_dim": 3}}
         unet_params = _unet_params(7 if task == "inpaint" else 6, 3)
-        extra = {"conditioning_key": "concat"}
+        cond = "__is_first_stage__" if task == "inpaint" else {"target": "torch.nn.Identity"}  # as training exports
+        extra = {"conditioning_key": "concat", "cond_stage_config": cond}
     unet = UNetModel(**unet_params)
     state = {f"model.diffusion_model.{k}": v for k, v in _randomise(unet, 2).items()}
     state.update({f"first_stage_model.{k}": v for k, v in _randomise(first, 3).items()})

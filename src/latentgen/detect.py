@@ -422,9 +422,3 @@ def family_of(params: Mapping[str, Any]) -> str:
 def latent_factor(params: Mapping[str, Any]) -> int:
     """Downsampling factor f of the first stage."""
     return 2 ** (len(params["first_stage_config"]["params"]["ddconfig"]["ch_mult"]) - 1)
-
-
-def detect_family(state_dict: Mapping[str, Any], path: Any = "") -> tuple[str, int]:
-    """(family, f) of a checkpoint, for listings."""
-    params = detect_config(state_dict, str(path))
-    return family_of(params), latent_factor(params)

@@ -588,6 +588,19 @@ def _weights_and_config(path: Path, config) -> tuple[Path, Any]:
     return path, config
 
 
+def read_params(path: PathLike) -> tuple[dict, Path]:
+    """(the `model.params` a model would load with, its weights file), for listings: a
+    safetensors file's shapes come from its header, so no tensor is read."""
+    path = Path(path)
+    weights, config = _weights_and_config(path, None)
+    if weights.suffix == ".safetensors":
+        header, metadata = read_safetensors_header(weights)
+        state: dict = {name: entry["shape"] for name, entry in header.items()}
+    else:
+        state, metadata = read_checkpoint(weights)
+    return resolve_params(state, read_config(config) if config is not None else None, path.name, metadata), weights
+
+
 def load_model(path: PathLike, config: Union[PathLike, dict, None] = None, use_ema: bool = True,
                prediction: Optional[str] = None) -> LatentDiffusion:
     """A LatentDiffusion from a full LDM/SD checkpoint, a lone autoencoder, or a model folder

@@ -13,13 +13,12 @@ from typing import Callable, Iterator, Optional
 import torch
 import torch.nn.functional as F
 
-from . import metrics
+from . import detect, metrics
 from .errors import LatentgenError
-from .detect import detect_family
 from .guidance import Conditioning, guided_model
 from .images import composite, crop_padding, format_parameters, pad_to_multiple
 from .ldm import LatentDiffusion
-from .loader import file_sha256, load_state_dict, read_safetensors_header
+from .loader import file_sha256, read_params
 from .models.text import ClassEmbedder
 from .samplers import make_noise, sample
 from .tiling import map_tiled
@@ -443,11 +442,7 @@ def parameters_text(model: LatentDiffusion, options: Sampling, prompt: str, nega
 def describe(path: Path) -> dict:
     """One row of `latentgen models`: family, factor, size and hash, without building the model
     (safetensors: from the header alone, so listing multi-GB files stays instant)."""
-    weights = path / "model.safetensors" if path.is_dir() else path
-    if weights.suffix == ".safetensors":  # shapes from the header: no tensor is read
-        shapes = {name: entry["shape"] for name, entry in read_safetensors_header(weights)[0].items()}
-    else:
-        shapes = load_state_dict(weights)
-    family, f = detect_family(shapes, path)
-    return {"name": path.name if path.is_dir() else path.stem, "family": family, "f": f,
-            "size_mb": weights.stat().st_size / 2**20, "hash": file_sha256(weights)[:10], "path": str(path)}
+    params, weights = read_params(path)
+    return {"name": path.name if path.is_dir() else path.stem, "family": detect.family_of(params),
+            "f": detect.latent_factor(params), "size_mb": weights.stat().st_size / 2**20,
+            "hash": file_sha256(weights)[:10], "path": str(path)}

@@ -4,20 +4,24 @@ Every command is reproducible from its arguments (seeded), and the training comm
 their run folder's checkpoint when run again.
 """
 
+import json
 from pathlib import Path
 from typing import Optional
 
 import typer
 from rich.console import Console
 from rich.progress import Progress
+from rich.table import Table
 
 from latentgen.errors import LatentgenError
 
 from . import data as datasets
+from .evaluate import DATASETS
 
 REPO = Path(__file__).resolve().parents[3]
 DATA = REPO / "data"
 PHOTOS = REPO.parent / "shared" / "data" / "photos-train"
+EVAL_PHOTOS = REPO.parent / "shared" / "data" / "photos-eval"
 
 train_app = typer.Typer(help="Prepare data and train the autoencoders and latent diffusion models.",
                         no_args_is_help=True, add_completion=False)
@@ -152,3 +156,43 @@ def ldm(
     )
     trainer = train_ldm(config, load_model(first_stage), sources, run, resume, export_dir=export_to)
     console.print(f"step {trainer.step}: exported to {export_to or run / 'export'}")
+
+
+@train_app.command("evaluate")
+def evaluate(
+    model: Path = typer.Argument(..., help="a model folder or checkpoint (autoencoder, SR or inpainting)"),
+    data: Path = typer.Option(EVAL_PHOTOS, help="folder holding set5/, set14/, bsd68/ (never trained on)"),
+    datasets: str = typer.Option(",".join(DATASETS), help="which of them"),
+    crop: int = typer.Option(128, help="central crop side in pixels (the high-res side for SR)"),
+    steps: int = typer.Option(50, help="DDIM steps for SR and inpainting"),
+    seed: int = typer.Option(0, help="noise and inpainting-mask seed"),
+    device: str = typer.Option("cpu"),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="also write per-image scores and means here"),
+) -> None:
+    """Held-out scores of a trained model against the task's simple baseline (the model cards' numbers)."""
+    from dataclasses import asdict
+
+    from latentgen import pipelines
+    from latentgen.loader import load_model
+
+    from .evaluate import evaluate as run_evaluation
+    from .evaluate import summarize, task_of
+
+    loaded = pipelines.prepare(load_model(model), device, "fp32")
+    options = pipelines.Sampling(steps=steps, seed=seed)
+    with Progress(console=console, transient=True) as progress:
+        task = progress.add_task("images", total=None)
+        scores = run_evaluation(loaded, data, tuple(_numbers(datasets, str)), crop, options,
+                                progress=lambda done, total: progress.update(task, completed=done, total=total))
+    means = summarize(scores)
+    hole = " (hole)" if task_of(loaded) == "inpaint" else ""
+    table = Table("dataset", "images", f"PSNR{hole} dB", "SSIM", f"baseline PSNR{hole} dB", "baseline SSIM",
+                  title=f"{model.name}: {task_of(loaded)}, {crop} px crops")
+    for name, row in means.items():
+        table.add_row(name, str(row["images"]), f"{row['psnr']:.2f}", f"{row['ssim']:.4f}",
+                      *(f"{row[k]:.2f}" if "psnr" in k else f"{row[k]:.4f}" for k in ("baseline_psnr", "baseline_ssim")
+                        if k in row))
+    Console().print(table)
+    if json_out is not None:
+        json_out.write_text(json.dumps({"model": str(model), "task": task_of(loaded), "crop": crop, "steps": steps,
+                                        "seed": seed, "means": means, "images": [asdict(s) for s in scores]}, indent=2))

@@ -1,0 +1,125 @@
+"""Held-out evaluation on photos-eval (Set5, Set14, BSD68, never trained on): the numbers in the
+bundled models' cards, reproducible with `latentgen train evaluate MODEL`.
+
+Each task is scored against the simplest honest baseline, so a number says what the model adds:
+autoencoders by PSNR/SSIM of the round trip against storing the image f times smaller (bicubic
+down and up, a similar number of values as the latent); super-resolution of a clean bicubic x4 downsample
+against bicubic upsampling; inpainting of seeded LaMa-style masks, PSNR inside the hole, against
+filling the hole with the mean colour of the kept pixels.
+"""
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+
+from latentgen import metrics, pipelines
+from latentgen.errors import LatentgenError
+from latentgen.images import load_image
+from latentgen.ldm import LatentDiffusion
+
+from .data import random_mask
+
+DATASETS = ("set5", "set14", "bsd68")
+
+
+@dataclass
+class Score:
+    dataset: str
+    image: str
+    psnr: float
+    ssim: float
+    baseline_psnr: Optional[float] = None
+    baseline_ssim: Optional[float] = None
+
+
+def task_of(model: LatentDiffusion) -> str:
+    """What a model is evaluated on: its family says whether it reconstructs, upscales or inpaints."""
+    if model.unet is None:
+        return "autoencoder"
+    if model.family in ("ldm-sr", "sd2-x4-upscaler"):
+        return "sr"
+    if model.family.endswith("inpaint"):
+        return "inpaint"
+    raise LatentgenError(f"no held-out photo evaluation for a {model.family} model (autoencoders, SR and inpainting)")
+
+
+def center_crop(image: torch.Tensor, size: int, multiple: int) -> torch.Tensor:
+    """The central square of side min(size, shorter side), rounded down to `multiple` (SR needs
+    the high-res side divisible by its factor; the pipelines pad everything else themselves)."""
+    side = min(size, *image.shape[-2:]) // multiple * multiple
+    top, left = (image.shape[-2] - side) // 2, (image.shape[-1] - side) // 2
+    return image[..., top:top + side, left:left + side]
+
+
+def hole_psnr(a: torch.Tensor, b: torch.Tensor, hole: torch.Tensor) -> float:
+    """PSNR over the pixels where `hole` is 1, on 8-bit quantised [0, 1] images."""
+    x, y = ((t.clamp(-1, 1) + 1).mul(127.5).round() / 255 for t in (a, b))
+    mse = float(((x - y) ** 2 * hole).sum() / (hole.sum() * x.shape[1]))
+    return math.inf if mse == 0 else -10 * math.log10(mse)
+
+
+def bicubic_round_trip(image: torch.Tensor, factor: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(low-res, its bicubic upsampling): a clean antialiased x`factor` downsample and back."""
+    low = F.interpolate(image, scale_factor=1 / factor, mode="bicubic", antialias=True).clamp(-1, 1)
+    return low, F.interpolate(low, scale_factor=factor, mode="bicubic").clamp(-1, 1)
+
+
+def score_autoencoder(model: LatentDiffusion, image: torch.Tensor, index: int, options: pipelines.Sampling) -> tuple:
+    result = pipelines.reconstruct(model, image)
+    bicubic = bicubic_round_trip(image, pipelines.latent_factor(model))[1]
+    return result.psnr, result.ssim, metrics.psnr(bicubic, image), metrics.ssim(bicubic, image)
+
+
+def score_sr(model: LatentDiffusion, image: torch.Tensor, index: int, options: pipelines.Sampling) -> tuple:
+    low, bicubic = bicubic_round_trip(image, pipelines.latent_factor(model))
+    high = pipelines.upscale(model, low, options, tile=max(16, *low.shape[-2:]))  # one tile: no seams to score
+    return (metrics.psnr(high, image), metrics.ssim(high, image),
+            metrics.psnr(bicubic, image), metrics.ssim(bicubic, image))
+
+
+def score_inpaint(model: LatentDiffusion, image: torch.Tensor, index: int, options: pipelines.Sampling) -> tuple:
+    hole = random_mask(*image.shape[-2:], torch.Generator().manual_seed(options.seed + index))[None]
+    filled = pipelines.inpaint(model, image, hole, options=options, feather=0)
+    kept = 1 - hole
+    mean_colour = (image * kept).sum((-2, -1), keepdim=True) / kept.sum()
+    baseline = image * kept + mean_colour * hole
+    return (hole_psnr(filled, image, hole), metrics.ssim(filled, image),
+            hole_psnr(baseline, image, hole), metrics.ssim(baseline, image))
+
+
+SCORERS: dict[str, Callable] = {"autoencoder": score_autoencoder, "sr": score_sr, "inpaint": score_inpaint}
+
+
+def evaluate(model: LatentDiffusion, folder: Path, datasets: tuple[str, ...] = DATASETS, crop: int = 128,
+             options: pipelines.Sampling = pipelines.Sampling(),
+             progress: Optional[Callable[[int, int], None]] = None) -> list[Score]:
+    """Scores of every image of `datasets` under `folder` (its central `crop` square)."""
+    task = task_of(model)
+    paths = [(name, path) for name in datasets for path in sorted((folder / name).glob("*.png"))]
+    if not paths:
+        raise LatentgenError(f"no PNG images under {folder} for {', '.join(datasets)}")
+    scores = []
+    for index, (dataset, path) in enumerate(paths):
+        image = center_crop(load_image(path), crop, pipelines.latent_factor(model))
+        with torch.no_grad():
+            values = SCORERS[task](model, image, index, options)
+        scores.append(Score(dataset, path.name, *values))
+        if progress is not None:
+            progress(index + 1, len(paths))
+    return scores
+
+
+def summarize(scores: list[Score]) -> dict[str, dict[str, float]]:
+    """Mean of each number per dataset (and over all images, as "all")."""
+    groups: dict[str, list[Score]] = {}
+    for score in scores:
+        groups.setdefault(score.dataset, []).append(score)
+    groups["all"] = scores
+    fields = ("psnr", "ssim", "baseline_psnr", "baseline_ssim")
+    return {name: {"images": len(group), **{field: sum(getattr(s, field) for s in group) / len(group)
+                                            for field in fields if getattr(group[0], field) is not None}}
+            for name, group in groups.items()}

@@ -1,0 +1,104 @@
+"""Held-out evaluation (`latentgen train evaluate`): scores against hand computations on tiny models."""
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from typer.testing import CliRunner
+
+from latentgen import metrics, pipelines
+from latentgen.cli import app
+from latentgen.errors import LatentgenError
+from latentgen.images import load_image
+from latentgen.loader import load_model
+from latentgen.train import evaluate
+
+sys.path.insert(0, str(Path(__file__).parent))
+import tiny_models  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory):
+    """Two tiny 'datasets' laid out like photos-eval."""
+    root = tmp_path_factory.mktemp("photos-eval")
+    rng = np.random.default_rng(0)
+    for dataset, sizes in (("set5", [(40, 36)]), ("set14", [(32, 48), (44, 44)])):
+        (root / dataset).mkdir()
+        for i, (w, h) in enumerate(sizes):
+            smooth = rng.integers(0, 256, (h // 4, w // 4, 3), dtype=np.uint8).repeat(4, 0).repeat(4, 1)
+            Image.fromarray(smooth).save(root / dataset / f"{i}.png")
+    return root
+
+
+def test_center_crop_is_central_square_rounded_to_the_multiple():
+    image = torch.arange(50 * 70, dtype=torch.float32).view(1, 1, 50, 70)
+    crop = evaluate.center_crop(image, 128, 8)
+    assert crop.shape[-2:] == (48, 48)
+    assert torch.equal(crop, image[..., 1:49, 11:59])
+
+
+def test_hole_psnr_counts_only_the_hole():
+    a = torch.full((1, 3, 8, 8), -1.0)  # level 0
+    b = a.clone()
+    hole = torch.zeros(1, 1, 8, 8)
+    hole[..., :2, :] = 1
+    b[..., :2, :] = -1 + 2 * 51 / 255  # 51 levels off inside the hole (0.2 in [0, 1])
+    b[..., 4:, :] = 1.0  # far off outside it: ignored
+    assert evaluate.hole_psnr(b, a, hole) == pytest.approx(-10 * math.log10(0.2**2), abs=1e-4)
+    assert evaluate.hole_psnr(a, a, hole) == math.inf
+
+
+def test_autoencoder_scores_match_reconstruct_and_bicubic(tmp_path, photos):
+    model = load_model(tiny_models.autoencoder(tmp_path / "vq", "vq"))
+    scores = evaluate.evaluate(model, photos, ("set5", "set14"), crop=32)
+    assert [(s.dataset, s.image) for s in scores] == [("set5", "0.png"), ("set14", "0.png"), ("set14", "1.png")]
+    image = evaluate.center_crop(load_image(photos / "set14" / "1.png"), 32, 4)
+    want = pipelines.reconstruct(model, image)
+    low = F.interpolate(image, size=(8, 8), mode="bicubic", antialias=True).clamp(-1, 1)
+    bicubic = F.interpolate(low, size=(32, 32), mode="bicubic").clamp(-1, 1)
+    assert scores[2].psnr == pytest.approx(want.psnr) and scores[2].ssim == pytest.approx(want.ssim)
+    assert scores[2].baseline_psnr == pytest.approx(metrics.psnr(bicubic, image))
+    means = evaluate.summarize(scores)
+    assert list(means) == ["set5", "set14", "all"] and means["set14"]["images"] == 2
+    assert means["all"]["psnr"] == pytest.approx(sum(s.psnr for s in scores) / 3)
+
+
+@pytest.mark.parametrize("task, family", [("inpaint", "inpaint"), ("upscale", "sr")])
+def test_diffusion_tasks_are_scored_against_their_baselines(tmp_path, photos, task, family):
+    model = load_model(tiny_models.diffusion_model(tmp_path / task, task))
+    assert evaluate.task_of(model) == family
+    scores = evaluate.evaluate(model, photos, ("set5",), crop=32, options=pipelines.Sampling(steps=2, seed=3))
+    again = evaluate.evaluate(model, photos, ("set5",), crop=32, options=pipelines.Sampling(steps=2, seed=3))
+    assert scores == again  # seeded: noise and inpainting masks
+    image = evaluate.center_crop(load_image(photos / "set5" / "0.png"), 32, 4)
+    if family == "sr":
+        low = F.interpolate(image, size=(8, 8), mode="bicubic", antialias=True).clamp(-1, 1)
+        bicubic = F.interpolate(low, size=(32, 32), mode="bicubic").clamp(-1, 1)
+        assert scores[0].baseline_psnr == pytest.approx(metrics.psnr(bicubic, image))
+    else:
+        hole = evaluate.random_mask(32, 32, torch.Generator().manual_seed(3))[None]
+        fill = (image * (1 - hole)).sum((-2, -1), keepdim=True) / (1 - hole).sum()
+        assert scores[0].baseline_psnr == pytest.approx(evaluate.hole_psnr(image * (1 - hole) + fill * hole, image, hole))
+    assert math.isfinite(scores[0].psnr) and 0 < scores[0].ssim < 1
+
+
+def test_text_models_are_refused_with_the_reason(tmp_path, photos):
+    with pytest.raises(LatentgenError, match="no held-out photo evaluation"):
+        evaluate.task_of(load_model(tiny_models.diffusion_model(tmp_path / "t2i", "txt2img")))
+
+
+def test_cli_prints_table_and_writes_json(tmp_path, photos):
+    folder = tiny_models.autoencoder(tmp_path / "kl", "kl")
+    result = CliRunner().invoke(app, ["train", "evaluate", str(folder), "--data", str(photos), "--datasets", "set14",
+                                      "--crop", "32", "--json", str(tmp_path / "scores.json")])
+    assert result.exit_code == 0, result.output
+    assert "set14" in result.output and "baseline PSNR" in result.output
+    written = json.loads((tmp_path / "scores.json").read_text())
+    assert written["task"] == "autoencoder" and len(written["images"]) == 2
+    assert written["means"]["all"]["psnr"] == pytest.approx(np.mean([s["psnr"] for s in written["images"]]))
