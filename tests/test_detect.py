@@ -57,8 +57,8 @@ def test_standalone_first_stages(name):
 def test_unrecognised_state_dicts_are_refused():
     with pytest.raises(LatentgenError, match="not a CompVis LDM"):
         detect.detect_config({"foo.weight": (3, 3)})
-    shapes = {"model.diffusion_model.x": (1,), "first_stage_model.y": (1,), "low_scale_model.z": (1,)}
-    with pytest.raises(LatentgenError, match="x4-upscaler"):
+    shapes = {"model.diffusion_model.x": (1,), "first_stage_model.y": (1,), "embedder.z": (1,)}
+    with pytest.raises(LatentgenError, match="unCLIP"):
         detect.detect_config(shapes)
 
 

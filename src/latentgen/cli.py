@@ -201,21 +201,26 @@ def upscale(
     image: Annotated[Path, typer.Argument(help="The low-resolution image.")],
     factor: Annotated[Optional[int], typer.Option("--scale", help="Output factor (the model's, 4, by default).")] = None,
     prompt: Annotated[str, typer.Option("--prompt", "-p", help="Text for text-conditional upscalers.")] = "",
+    negative: Negative = "",
+    guidance: Annotated[Optional[float], typer.Option("--guidance", help="Classifier-free guidance scale of text-conditional upscalers (default 9 for the SD 2 x4 upscaler; 1 = off).")] = None,
+    noise_level: Annotated[Optional[int], typer.Option("--noise-level", help="Noise added to the low-res image by the SD 2 x4 upscaler, 0..350 (default 20); more noise, more invented detail.")] = None,
     tile: Annotated[int, typer.Option("--tile", help="Tile size in low-resolution pixels for large images.")] = 128,
     steps: Steps = None, sampler: Sampler = "ddim", eta: Eta = 0.0, karras: Karras = False,
     seed: Seed = 0, device_noise: DeviceNoise = False,
     ckpt: Ckpt = None, config: Config = None, prediction: Prediction = None, device: Device = "auto",
     dtype: Dtype = "auto", out: Out = None, overwrite: Overwrite = False,
 ) -> None:
-    """Super-resolve IMAGE (4x with the LDM-SR family)."""
+    """Super-resolve IMAGE (4x with the LDM-SR family and the SD 2 x4 upscaler)."""
     picture = images.load_image(image)
     model = open_model(ckpt, "upscale", config, device, dtype, prediction)
-    options = sampling_options(sampler, steps, eta, karras, None, seed, device_noise, model)
+    scale = guidance if guidance is not None else pipelines.upscale_guidance(model)
+    options = sampling_options(sampler, steps, eta, karras, scale, seed, device_noise, model)
     with progress_bar() as bar:
         task = bar.add_task("tiles", total=1)
         result = pipelines.upscale(model, picture, options, factor, tile, prompt,
-                                   progress=lambda i, n: bar.update(task, completed=i, total=n))
-    info = pipelines.parameters_text(model, options, prompt, "", tuple(result.shape[-2:]), seed)
+                                   progress=lambda i, n: bar.update(task, completed=i, total=n),
+                                   negative=negative, noise_level=noise_level)
+    info = pipelines.parameters_text(model, options, prompt, negative, tuple(result.shape[-2:]), seed)
     path = images.save_image(result, output_path(out, f"upscale-{seed}"), parameters=info, overwrite=overwrite, check=True)
     say(f"wrote {path}")
     summary("upscale", outputs=[str(path)], size=list(result.shape[-2:]), model=model.name, model_hash=model.sha256[:10])

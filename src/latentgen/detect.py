@@ -14,7 +14,10 @@ keyed by what is detectable, and can always be overridden by a config:
     token (768-v-ema.ckpt, v2-1_768-ema-pruned.safetensors), eps otherwise;
   * the noise schedule and scale_factor, per family (SD: 0.00085/0.012, 0.18215; LDM:
     0.0015/0.0155 for concat SR and the KL churches model, 0.0015/0.0205 for inpainting,
-    0.0015/0.0195 otherwise; scale_factor 1.0 except KL-f8 text models).
+    0.0015/0.0195 otherwise; scale_factor 1.0 except KL-f8 text models);
+  * the SD 2 x4 upscaler (recognised by its `low_scale_model.*` schedule buffers) predicts v on
+    the 1e-4/2e-2 schedule with scale_factor 0.08333, uses 8 heads, and noise-augments its
+    low-res input on a schedule of its own (`low_scale_config`, as in x4-upscaling.yaml).
 """
 
 import re
@@ -27,6 +30,7 @@ from .errors import LatentgenError
 UNET_PREFIX = "model.diffusion_model."
 FIRST_STAGE_PREFIX = "first_stage_model."
 COND_STAGE_PREFIX = "cond_stage_model."
+LOW_SCALE_PREFIX = "low_scale_model."
 AUTOENCODER_ROOTS = ("encoder.", "decoder.", "quant_conv.", "post_quant_conv.", "quantize.")
 
 UNET_TARGET = "ldm.modules.diffusionmodules.openaimodel.UNetModel"
@@ -38,6 +42,8 @@ BERT_TARGET = "ldm.modules.encoders.modules.BERTEmbedder"
 CLASS_TARGET = "ldm.modules.encoders.modules.ClassEmbedder"
 MINILM_TARGET = "latentgen.models.text.MiniLMEmbedder"
 IDENTITY_TARGET = "torch.nn.Identity"
+NOISE_AUGMENTATION_TARGET = "ldm.modules.diffusionmodules.upscaling.ImageConcatWithNoiseAugmentation"
+X4_UPSCALER = "sd2-x4-upscaler"
 UNCONDITIONAL = "__is_unconditional__"
 FIRST_STAGE = "__is_first_stage__"
 
@@ -45,6 +51,12 @@ FIRST_STAGE = "__is_first_stage__"
 COMPVIS_DEFAULTS = {
     "timesteps": 1000, "beta_schedule": "linear", "linear_start": 1e-4, "linear_end": 2e-2,
     "cosine_s": 8e-3, "parameterization": "eps", "scale_factor": 1.0, "concat_mode": True,
+}
+
+# x4-upscaling.yaml's low_scale_config: the low-res image is noised on this (CompVis "linear") schedule.
+X4_LOW_SCALE_CONFIG = {
+    "target": NOISE_AUGMENTATION_TARGET,
+    "params": {"noise_schedule_config": {"linear_start": 1e-4, "linear_end": 2e-2}, "max_noise_level": 350},
 }
 
 Shapes = dict[str, tuple[int, ...]]
@@ -153,6 +165,28 @@ def detect_unet(shapes: Shapes) -> dict:
         params["context_dim"] = shapes[f"{attention_prefix}transformer_blocks.0.attn2.to_k.weight"][1]
         if len(shapes[f"{attention_prefix}proj_in.weight"]) == 2:
             params["use_linear_in_transformer"] = True
+        params.update(_self_attention_flags(shapes, levels, blocks_per_level, params["context_dim"]))
+    return params
+
+
+def _self_attention_disabled(shapes: Shapes, prefix: str, context_dim: int) -> bool:
+    """Whether the transformer at `prefix` has its self-attention replaced by cross-attention
+    (CompVis `disable_self_attn`): its attn1 keys then read context_dim-wide inputs."""
+    key = f"{prefix}transformer_blocks.0.attn1.to_k.weight"
+    return key in shapes and shapes[key][1] == context_dim != shapes[f"{prefix}transformer_blocks.0.attn1.to_q.weight"][1]
+
+
+def _self_attention_flags(shapes: Shapes, levels: int, blocks_per_level: int, context_dim: int) -> dict:
+    """`disable_self_attentions` per level and `disable_middle_self_attn`, only where some are set
+    (the x4 upscaler's first levels); levels without attention read False."""
+    per_level = [_self_attention_disabled(shapes, f"input_blocks.{1 + level * blocks_per_level}.1.", context_dim)
+                 for level in range(levels)]
+    middle = _self_attention_disabled(shapes, "middle_block.1.", context_dim)
+    params: dict[str, Any] = {}
+    if any(per_level):
+        params["disable_self_attentions"] = per_level
+    if middle:
+        params["disable_middle_self_attn"] = True
     return params
 
 
@@ -262,6 +296,8 @@ def wants_v_prediction(name_hint: str, metadata: Mapping[str, str]) -> bool:
 
 def _schedule_and_scale(family: str, first_stage: dict) -> dict:
     kl = target_name(first_stage) == "AutoencoderKL"
+    if family == X4_UPSCALER:
+        return {"linear_start": 1e-4, "linear_end": 2e-2, "scale_factor": 0.08333}
     if family.startswith("sd") or (family == "ldm-txt2img" and kl):
         return {"linear_start": 0.00085, "linear_end": 0.012, "scale_factor": 0.18215}
     if family == "ldm-inpaint":
@@ -276,6 +312,8 @@ def _schedule_and_scale(family: str, first_stage: dict) -> dict:
 def _conditioning_key(unet: dict, cond: Any) -> Optional[str]:
     concat = unet["in_channels"] != unet["out_channels"]
     if target_name(cond) not in (None, UNCONDITIONAL, FIRST_STAGE, "Identity"):
+        if concat and unet.get("num_classes") is not None:
+            return "hybrid-adm"  # CompVis: concat + cross-attention + y (the x4 upscaler's noise level)
         return "hybrid" if concat else "crossattn"
     if concat:
         return "concat"
@@ -297,7 +335,9 @@ def _weightless_cond_stage(unet: dict, embed_dim: int) -> Any:
 
 
 def _native_latent_size(family: str, parameterization: str, f: int) -> int:
-    """SD was trained at 512 px (SD 2.x v-models at 768), every other LDM at 256 px."""
+    """SD was trained at 512 px (SD 2.x v-models at 768, the x4 upscaler at 128 -> 512), every other LDM at 256 px."""
+    if family == X4_UPSCALER:
+        return 128
     if family.startswith("sd"):
         return 96 if parameterization == "v" else 64
     return 256 // f
@@ -331,9 +371,10 @@ def detect_config(state_dict: Mapping[str, Any], name_hint: str = "", metadata: 
             "not a CompVis LDM / Stable Diffusion checkpoint: no model.diffusion_model.* and first_stage_model.* "
             f"keys (first keys: {sample})"
         )
-    if any(has_prefix(shapes, p) for p in ("low_scale_model.", "embedder.", "depth_model.", "noise_augmentor.")):
-        raise LatentgenError("SD 2 x4-upscaler / unCLIP / depth checkpoints are not supported")
+    if any(has_prefix(shapes, p) for p in ("embedder.", "depth_model.", "noise_augmentor.")):
+        raise LatentgenError("SD 2 unCLIP / depth checkpoints are not supported")
     unet = detect_unet(unet_shapes)
+    low_scale = _low_scale_config(shapes, unet, overrides)
     first_stage = _merged(detect_first_stage(first_shapes), overrides.pop("first_stage_config", None))
     if "cond_stage_config" in overrides:
         cond = overrides.pop("cond_stage_config")
@@ -341,12 +382,17 @@ def detect_config(state_dict: Mapping[str, Any], name_hint: str = "", metadata: 
         cond = detect_cond_stage(sub_shapes(shapes, COND_STAGE_PREFIX))
     if cond is None:
         cond = _weightless_cond_stage(unet, first_stage["params"]["embed_dim"])
-    unet.update(attention_heads(unet, cond.get("target") if isinstance(cond, Mapping) else None))
+    if low_scale is not None:
+        unet.update(num_heads=8, legacy=False)  # as x4-upscaling.yaml says
+    else:
+        unet.update(attention_heads(unet, cond.get("target") if isinstance(cond, Mapping) else None))
     if unet.get("use_spatial_transformer") and unet["model_channels"] == 320:
         unet["legacy"] = False  # as the SD / 1.45B YAMLs say; it changes no computation
     conditioning_key = _conditioning_key(unet, cond)
-    family = family_of({"unet_config": {"params": unet}, "cond_stage_config": cond, "conditioning_key": conditioning_key})
-    parameterization = "v" if family == "sd2" and wants_v_prediction(name_hint, metadata) else "eps"
+    family = family_of({"unet_config": {"params": unet}, "cond_stage_config": cond, "conditioning_key": conditioning_key,
+                        "low_scale_config": low_scale})
+    v = family == X4_UPSCALER or (family == "sd2" and wants_v_prediction(name_hint, metadata))
+    parameterization = "v" if v else "eps"
     if prediction is not None:
         parameterization = normalize_prediction(prediction)
     unet["image_size"] = _native_latent_size(family, parameterization, latent_factor({"first_stage_config": first_stage}))
@@ -365,12 +411,26 @@ def detect_config(state_dict: Mapping[str, Any], name_hint: str = "", metadata: 
         "first_stage_config": first_stage,
         "cond_stage_config": cond,
     }
+    if low_scale is not None:
+        params["low_scale_config"] = low_scale
     if shapes.get("scale_factor") == ():
         params["scale_factor"] = float(state_dict["scale_factor"])
     params.update(overrides)
     if prediction is not None:
         params["parameterization"] = normalize_prediction(prediction)
     return normalize_params(params)
+
+
+def _low_scale_config(shapes: Shapes, unet: dict, overrides: Mapping[str, Any]) -> Optional[dict]:
+    """The noise augmentation of an x4 upscaler (whose checkpoint stores that schedule's buffers
+    under `low_scale_model.`: 7 = 4 latent + 3 RGB input channels, the noise level as class label),
+    or None for any other model."""
+    if not has_prefix(shapes, LOW_SCALE_PREFIX):
+        return None
+    if unet["in_channels"] - unet["out_channels"] != 3 or not isinstance(unet.get("num_classes"), int):
+        raise LatentgenError("this checkpoint has low_scale_model.* keys but not the SD 2 x4 upscaler's UNet "
+                             "(4 latent + 3 image input channels, noise level as class label): not supported")
+    return overrides.pop("low_scale_config", None) or X4_LOW_SCALE_CONFIG
 
 
 def normalize_prediction(prediction: str) -> str:
@@ -397,11 +457,13 @@ def normalize_params(params: Mapping[str, Any]) -> dict:
 
 
 def family_of(params: Mapping[str, Any]) -> str:
-    """A short name for what the model does: sd1, sd2(-inpaint), ldm-txt2img, ldm-class, ldm-sr,
-    ldm-inpaint, ldm-uncond, or autoencoder-kl / autoencoder-vq for a lone first stage."""
+    """A short name for what the model does: sd1, sd2(-inpaint), sd2-x4-upscaler, ldm-txt2img, ldm-class,
+    ldm-sr, ldm-inpaint, ldm-uncond, or autoencoder-kl / autoencoder-vq for a lone first stage."""
     if not params.get("unet_config"):
         vq = target_name(params["first_stage_config"]) in ("VQModel", "VQModelInterface")
         return "autoencoder-vq" if vq else "autoencoder-kl"
+    if params.get("low_scale_config"):
+        return X4_UPSCALER
     cond = target_name(params.get("cond_stage_config"))
     hybrid = "-inpaint" if params.get("conditioning_key") == "hybrid" else ""
     if cond == "FrozenCLIPEmbedder":

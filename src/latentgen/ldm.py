@@ -7,12 +7,28 @@ import torch
 from torch import nn
 
 
+@dataclass(frozen=True)
+class NoiseAugmentation:
+    """How a noise-augmented upscaler (SD 2 x4, CompVis `ImageConcatWithNoiseAugmentation`) degrades
+    its low-res input before concatenating it: forward diffusion to `noise_level` on a schedule of
+    its own, the level then telling the UNet (as class label y) how much noise to expect."""
+
+    alphas_cumprod: torch.Tensor
+    max_noise_level: int
+
+    def __call__(self, image: torch.Tensor, noise_level: int, noise: torch.Tensor) -> torch.Tensor:
+        """q_sample: sqrt(a) image + sqrt(1 - a) noise, with a = alphas_cumprod[noise_level]."""
+        alpha = self.alphas_cumprod[noise_level]
+        return float(alpha.sqrt()) * image + float((1 - alpha).sqrt()) * noise
+
+
 @dataclass
 class LatentDiffusion:
     """A loaded checkpoint: the three networks plus how they were trained to work together.
 
     `unet` and `cond_stage` are None for a standalone autoencoder; `cond_stage` is None for
-    unconditional and pure concat-conditioned models. `config` has the structure of an official
+    unconditional and pure concat-conditioned models; `noise_augmentation` is set for the SD 2 x4
+    upscaler only. `config` has the structure of an official
     YAML's `model.params` (unet_config, first_stage_config, cond_stage_config, schedule, ...).
     """
 
@@ -27,6 +43,7 @@ class LatentDiffusion:
     config: dict = field(default_factory=dict)
     name: str = ""
     sha256: str = ""
+    noise_augmentation: Optional[NoiseAugmentation] = None
 
     def modules(self) -> list[nn.Module]:
         return [m for m in (self.unet, self.first_stage, self.cond_stage) if m is not None]

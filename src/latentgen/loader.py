@@ -27,7 +27,7 @@ import torch
 
 from . import detect
 from .errors import LatentgenError
-from .ldm import LatentDiffusion
+from .ldm import LatentDiffusion, NoiseAugmentation
 from .schedules import make_alphas_cumprod
 
 PathLike = Union[str, os.PathLike]
@@ -478,7 +478,8 @@ def split_state_dict(state_dict: dict, standalone: bool, use_ema: bool) -> tuple
 
 
 def _ignored(key: str) -> bool:
-    return key in IGNORED_KEYS or key.startswith(IGNORED_PREFIXES)
+    """Also the x4 upscaler's `low_scale_model.*`: the noise-augmentation schedule's buffers."""
+    return key.removeprefix(detect.LOW_SCALE_PREFIX) in IGNORED_KEYS or key.startswith(IGNORED_PREFIXES)
 
 
 def _first(keys: list[str]) -> str:
@@ -570,6 +571,18 @@ def _build_cond_stage(config: Any, state: dict, leftover: list[str]) -> Optional
     return _load_into(lambda: cls(**kwargs), state, detect.COND_STAGE_PREFIX, leftover, what)
 
 
+def _noise_augmentation(low_scale_config: Optional[dict]) -> Optional[NoiseAugmentation]:
+    """An upscaler's `low_scale_config` (ImageConcatWithNoiseAugmentation) as a NoiseAugmentation."""
+    if not low_scale_config:
+        return None
+    params = low_scale_config.get("params", {})
+    schedule = {"beta_schedule": "linear", "timesteps": 1000, "linear_start": 1e-4, "linear_end": 2e-2,
+                **params.get("noise_schedule_config", {})}
+    alphas_cumprod = make_alphas_cumprod(schedule["beta_schedule"], int(schedule["timesteps"]),
+                                         float(schedule["linear_start"]), float(schedule["linear_end"]))
+    return NoiseAugmentation(alphas_cumprod, int(params.get("max_noise_level", 1000)))
+
+
 def _weights_and_config(path: Path, config) -> tuple[Path, Any]:
     """The weights file and the config to use: a model folder's config.json, or a checkpoint's
     sibling `<name>.yaml` (the AUTOMATIC1111 convention), unless one is given."""
@@ -632,5 +645,5 @@ def load_model(path: PathLike, config: Union[PathLike, dict, None] = None, use_e
         ),
         conditioning_key=params.get("conditioning_key") if unet is not None else None,
         family=detect.family_of(params), config=params, name=path.name if path.is_dir() else path.stem,
-        sha256=file_sha256(weights),
+        sha256=file_sha256(weights), noise_augmentation=_noise_augmentation(params.get("low_scale_config")),
     )

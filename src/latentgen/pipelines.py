@@ -359,13 +359,53 @@ def inpaint(model: LatentDiffusion, image: torch.Tensor, mask: torch.Tensor, pro
 
 # ---- upscale --------------------------------------------------------------------------------
 
+DEFAULT_NOISE_LEVEL = 20  # as diffusers' StableDiffusionUpscalePipeline
+UPSCALER_GUIDANCE = 9.0  # ditto
+
+
+def upscale_guidance(model: LatentDiffusion) -> float:
+    """Default guidance for `upscale`: text-guided for noise-augmented upscalers, off for LDM-SR."""
+    return UPSCALER_GUIDANCE if model.noise_augmentation is not None else 1.0
+
+
+def _noise_level(model: LatentDiffusion, noise_level: Optional[int]) -> int:
+    augmentation = model.noise_augmentation
+    if augmentation is None:
+        if noise_level is not None:
+            raise LatentgenError(f"--noise-level applies to noise-augmented upscalers (SD 2 x4) only, not {model.name}")
+        return 0
+    level = DEFAULT_NOISE_LEVEL if noise_level is None else noise_level
+    if not 0 <= level <= augmentation.max_noise_level:
+        raise LatentgenError(f"--noise-level must be between 0 and {augmentation.max_noise_level}, got {level}")
+    return level
+
+
+def _augmented_conditioning(model: LatentDiffusion, low: torch.Tensor, text: Conditioning, negative: Optional[Conditioning],
+                            level: int, options: Sampling) -> tuple[torch.Tensor, Conditioning, Optional[Conditioning]]:
+    """(x_T, cond, uncond) of one low-res tile for a noise-augmented upscaler: the tile noised to
+    `level` and concatenated, the level as class label y, the text contexts kept. The augmentation
+    noise and then x_T come from one generator, in the order diffusers' upscale pipeline draws them."""
+    ref = _params(model.unet)
+    where = ref.device if options.on_device_noise else torch.device("cpu")
+    generator = torch.Generator(where).manual_seed(options.seed)
+    noise = torch.randn(low.shape, generator=generator, device=where)
+    latent_shape = (1, model.first_stage.embed_dim, *low.shape[-2:])
+    x_T = torch.randn(latent_shape, generator=generator, device=where).to(ref)
+    concat = model.noise_augmentation(low.to(noise), level, noise).to(ref)
+    y = torch.full((1,), level, dtype=torch.long, device=ref.device)
+    cond = Conditioning(context=text.context, y=y, concat=concat)
+    return x_T, cond, None if negative is None else Conditioning(context=negative.context, y=y, concat=concat)
+
 
 def upscale(model: LatentDiffusion, image: torch.Tensor, options: Sampling = Sampling(), factor: Optional[int] = None,
-            tile: int = 128, prompt: str = "", progress: Progress = None) -> torch.Tensor:
-    """Super-resolve with a low-res-concatenating model (LDM-SR family: the low-res image is
-    concatenated to the latent, so the latent has the low-res image's size and f = model factor).
+            tile: int = 128, prompt: str = "", progress: Progress = None, negative: str = "",
+            noise_level: Optional[int] = None) -> torch.Tensor:
+    """Super-resolve with a low-res-concatenating model: the low-res image is concatenated to the
+    latent, so the latent has the low-res image's size and f = model factor. LDM-SR takes the image
+    as it is, unguided; the SD 2 x4 upscaler takes it noised to `noise_level` (default 20), is told
+    that level, and follows the prompt with guidance `options.scale` against `negative`.
     Large images go through overlapping tiles blended without seams."""
-    if model.unet is None or model.conditioning_key not in ("concat", "hybrid"):
+    if model.unet is None or model.conditioning_key not in ("concat", "hybrid", "hybrid-adm"):
         raise LatentgenError(f"{model.name} is not a super-resolution model (it must concatenate a low-res image)")
     native = latent_factor(model)
     factor = factor or native
@@ -373,16 +413,25 @@ def upscale(model: LatentDiffusion, image: torch.Tensor, options: Sampling = Sam
         raise LatentgenError(f"--scale must be between 1 and this model's factor {native}, got {factor}")
     if tile < 16:
         raise LatentgenError(f"--tile must be at least 16, got {tile}")
+    level = _noise_level(model, noise_level)
+    augmented = model.noise_augmentation is not None
+    guided = augmented and options.scale != 1
+    text = _condition(model, [prompt], None) if augmented else None
+    negative_text = _condition(model, [negative], None) if guided else None
+    tile_options = options if guided else Sampling(**{**options.__dict__, "scale": 1.0})
     ref = _params(model.unet)
     multiple = size_multiple(model) // native
     tiles_done = [0]
 
     def super_resolve(low: torch.Tensor) -> torch.Tensor:
         padded, pad = pad_to_multiple(low, multiple)
-        x_T = _noise(model, [options.seed], (model.first_stage.embed_dim, *padded.shape[-2:]), options)
-        cond = _condition(model, [prompt], None, padded.to(ref))
+        if augmented:
+            x_T, cond, uncond = _augmented_conditioning(model, padded, text, negative_text, level, options)
+        else:
+            x_T = _noise(model, [options.seed], (model.first_stage.embed_dim, *padded.shape[-2:]), options)
+            cond, uncond = _condition(model, [prompt], None, padded.to(ref)), None
         with torch.no_grad():
-            z = _sample(model, cond, None, Sampling(**{**options.__dict__, "scale": 1.0}), x_T, None)
+            z = _sample(model, cond, uncond, tile_options, x_T, None)
         high = decode(model, z)
         tiles_done[0] += 1
         if progress is not None:
