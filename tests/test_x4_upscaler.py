@@ -10,7 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from diffusers import DDPMScheduler
+from diffusers import AutoencoderKL as DiffusersAutoencoderKL
+from diffusers import DDIMScheduler, DDPMScheduler, StableDiffusionUpscalePipeline
+from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint, create_vae_diffusers_config_from_ldm
 from PIL import Image
 from safetensors.torch import save_file
 from typer.testing import CliRunner
@@ -243,6 +245,42 @@ def test_upscale_feeds_the_unet_augmented_image_noise_level_and_both_prompts(tin
     want = model.noise_augmentation(padded, 30, noise)
     torch.testing.assert_close(x[:, 4:], torch.cat([want, want]), rtol=0, atol=0)
     torch.testing.assert_close(x[:1, :4], x_T, rtol=0, atol=0)  # DDIM's first input is x_T itself
+
+
+def diffusers_upscale_pipeline(model) -> StableDiffusionUpscalePipeline:
+    """diffusers' upscale pipeline over the same weights (UNet and VAE through its single-file
+    conversion), DDIM with CompVis' timesteps, v-prediction; no text encoder (embeddings are passed)."""
+    unet = cross_unet_to_diffusers(model.unet, model.config["unet_config"]["params"])
+    checkpoint = {detect.FIRST_STAGE_PREFIX + k: v for k, v in model.first_stage.state_dict().items()}
+    vae_config = create_vae_diffusers_config_from_ldm({"model": {"params": model.config}}, checkpoint,
+                                                      scaling_factor=model.scale_factor)
+    vae = DiffusersAutoencoderKL(**vae_config)
+    vae.load_state_dict(convert_ldm_vae_checkpoint(checkpoint, vae_config))
+    schedule = {"beta_start": 1e-4, "beta_end": 0.02, "beta_schedule": "scaled_linear"}
+    scheduler = DDIMScheduler(**schedule, prediction_type="v_prediction", set_alpha_to_one=False, steps_offset=1,
+                              clip_sample=False)
+    pipe = StableDiffusionUpscalePipeline(vae=vae.eval(), text_encoder=None, tokenizer=None, unet=unet,
+                                          low_res_scheduler=DDPMScheduler(**schedule), scheduler=scheduler,
+                                          max_noise_level=350)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@torch.no_grad()
+def test_upscale_matches_diffusers_upscale_pipeline(tiny):
+    """Same seed, prompt, negative prompt, guidance 9, noise level 30, 4 DDIM steps: the same image
+    (one generator draws the augmentation noise, then x_T, in both)."""
+    model = load_model(*tiny)
+    low = torch.rand(1, 3, 16, 24, generator=torch.Generator().manual_seed(2)) * 2 - 1
+    ours = pipelines.upscale(model, low, pipelines.Sampling(steps=4, scale=9.0, seed=7), prompt="a cat",
+                             negative="blurry", noise_level=30)
+    theirs = diffusers_upscale_pipeline(model)(
+        prompt_embeds=model.cond_stage(["a cat"]), negative_prompt_embeds=model.cond_stage(["blurry"]),
+        image=(low + 1) / 2, num_inference_steps=4, guidance_scale=9.0, noise_level=30,
+        generator=torch.Generator().manual_seed(7), output_type="pt").images
+    assert ours.shape == theirs.shape == (1, 3, 64, 96)
+    error = ((ours + 1) / 2 - theirs).abs().max().item()
+    assert error <= 1e-4, error
 
 
 def test_upscale_is_4x_deterministic_and_tiled(tiny):
