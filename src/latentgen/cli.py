@@ -13,7 +13,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from . import catalog, images, pipelines
+from . import catalog, images, memory, pipelines
 from .errors import LatentgenError
 from .loader import convert_checkpoint, file_sha256, load_model
 from .samplers import SAMPLERS
@@ -48,6 +48,7 @@ Karras = Annotated[bool, typer.Option("--karras", help="Karras sigmas for the k-
 Guidance = Annotated[Optional[float], typer.Option("--scale", help="Classifier-free guidance scale (1 = off).")]
 Negative = Annotated[str, typer.Option("--negative", help="Negative prompt (the unconditional context).")]
 DeviceNoise = Annotated[bool, typer.Option("--device-noise", help="Draw noise on the device (faster, not reproducible across devices).")]
+MaxMemory = Annotated[Optional[str], typer.Option("--max-memory", help="Refuse to start if the estimated peak memory exceeds this (e.g. 8GB, 512MiB).")]
 
 
 @app.callback()
@@ -132,7 +133,7 @@ def txt2img(
     steps: Steps = None, sampler: Sampler = "ddim", eta: Eta = 0.0, karras: Karras = False,
     scale: Guidance = None, seed: Seed = 0, device_noise: DeviceNoise = False,
     resume: Annotated[bool, typer.Option("--resume", help="Continue a stopped --prompts run from its manifest.")] = False,
-    ckpt: Ckpt = None, config: Config = None, prediction: Prediction = None, device: Device = "auto",
+    max_memory: MaxMemory = None, ckpt: Ckpt = None, config: Config = None, prediction: Prediction = None, device: Device = "auto",
     dtype: Dtype = "auto", out: Out = None, overwrite: Overwrite = False,
 ) -> None:
     """Generate images from a text prompt (or class ids, or unconditionally)."""
@@ -140,6 +141,7 @@ def txt2img(
     model = open_model(ckpt, "txt2img", config, device, dtype, prediction)
     options = sampling_options(sampler, steps, eta, karras, scale, seed, device_noise, model)
     size = pipelines.check_size(model, height, width)
+    need = memory.check(model, min(batch_size, len(jobs)), size, options.scale != 1, max_memory)
     folder = out if out is not None and out.suffix.lower() != ".png" else None
     manifest = pipelines.Manifest.open(folder, resume) if folder is not None or prompts else None
     todo = [job for job in jobs if manifest is None or not manifest.done(job)]
@@ -163,7 +165,7 @@ def txt2img(
     for path in written:
         say(f"wrote {path}")
     summary("txt2img", outputs=[str(p) for p in written], seed=seed, steps=options.steps, sampler=sampler,
-            scale=options.scale, model=model.name, model_hash=model.sha256[:10])
+            scale=options.scale, model=model.name, model_hash=model.sha256[:10], memory_estimate=need.total)
 
 
 @app.command()
@@ -174,6 +176,7 @@ def inpaint(
     prompt: Annotated[str, typer.Option("--prompt", "-p", help="Text for text-conditional models.")] = "",
     negative: Negative = "",
     feather: Annotated[int, typer.Option("--feather", help="Feather radius of the composite edge in pixels.")] = 4,
+    max_memory: MaxMemory = None,
     steps: Steps = None, sampler: Sampler = "ddim", eta: Eta = 0.0, karras: Karras = False,
     scale: Guidance = None, seed: Seed = 0, device_noise: DeviceNoise = False,
     ckpt: Ckpt = None, config: Config = None, prediction: Prediction = None, device: Device = "auto",
@@ -185,6 +188,7 @@ def inpaint(
     pipelines.check_mask(region)
     model = open_model(ckpt, "inpaint", config, device, dtype, prediction)
     options = sampling_options(sampler, steps, eta, karras, scale, seed, device_noise, model)
+    need = memory.check(model, 1, tuple(picture.shape[-2:]), options.scale != 1, max_memory)
     with progress_bar() as bar:
         task = bar.add_task("steps", total=options.steps)
         result = pipelines.inpaint(model, picture, region, prompt, negative, options, feather,
@@ -192,7 +196,8 @@ def inpaint(
     info = pipelines.parameters_text(model, options, prompt, negative, tuple(picture.shape[-2:]), seed)
     path = images.save_image(result, output_path(out, f"inpaint-{seed}"), parameters=info, overwrite=overwrite, check=True)
     say(f"wrote {path}")
-    summary("inpaint", outputs=[str(path)], seed=seed, steps=options.steps, model=model.name, model_hash=model.sha256[:10])
+    summary("inpaint", outputs=[str(path)], seed=seed, steps=options.steps, model=model.name, model_hash=model.sha256[:10],
+            memory_estimate=need.total)
 
 
 @app.command()
@@ -205,6 +210,7 @@ def upscale(
     guidance: Annotated[Optional[float], typer.Option("--guidance", help="Classifier-free guidance scale of text-conditional upscalers (default 9 for the SD 2 x4 upscaler; 1 = off).")] = None,
     noise_level: Annotated[Optional[int], typer.Option("--noise-level", help="Noise added to the low-res image by the SD 2 x4 upscaler, 0..350 (default 20); more noise, more invented detail.")] = None,
     tile: Annotated[int, typer.Option("--tile", help="Tile size in low-resolution pixels for large images.")] = 128,
+    max_memory: MaxMemory = None,
     steps: Steps = None, sampler: Sampler = "ddim", eta: Eta = 0.0, karras: Karras = False,
     seed: Seed = 0, device_noise: DeviceNoise = False,
     ckpt: Ckpt = None, config: Config = None, prediction: Prediction = None, device: Device = "auto",
@@ -215,6 +221,8 @@ def upscale(
     model = open_model(ckpt, "upscale", config, device, dtype, prediction)
     scale = guidance if guidance is not None else pipelines.upscale_guidance(model)
     options = sampling_options(sampler, steps, eta, karras, scale, seed, device_noise, model)
+    f = pipelines.latent_factor(model)
+    memory.check(model, 1, tuple(min(tile, side) * f for side in picture.shape[-2:]), options.scale != 1, max_memory)
     with progress_bar() as bar:
         task = bar.add_task("tiles", total=1)
         result = pipelines.upscale(model, picture, options, factor, tile, prompt,

@@ -249,26 +249,34 @@ def batched(jobs: list[Job], batch_size: int) -> Iterator[list[Job]]:
         yield jobs[start : start + batch_size]
 
 
+def _txt2img_batch(model: LatentDiffusion, jobs: list[Job], negative: str, options: Sampling,
+                   size: tuple[int, int], progress: Progress) -> torch.Tensor:
+    labels = [job.label for job in jobs] if jobs[0].label is not None else None
+    cond = _condition(model, [job.prompt for job in jobs], labels)
+    uncond = _unconditional(model, negative, len(jobs)) if options.scale != 1 else None
+    f = latent_factor(model)
+    x_T = _noise(model, [job.seed for job in jobs], (model.first_stage.embed_dim, size[0] // f, size[1] // f), options)
+    with torch.no_grad():
+        z = _sample(model, cond, uncond, Sampling(**{**options.__dict__, "seed": jobs[0].seed}), x_T, progress)
+    return decode(model, z)
+
+
 def txt2img_jobs(model: LatentDiffusion, jobs: list[Job], negative: str, options: Sampling,
                  size: tuple[int, int], progress: Progress = None) -> torch.Tensor:
-    """Sample one batch of jobs; on CUDA out-of-memory, retry as two half batches."""
+    """Sample one batch of jobs; out of device memory, retry as two half batches."""
     if model.unet is None:
         raise LatentgenError(f"{model.name} is an autoencoder, not a diffusion model: use `latentgen reconstruct`")
     try:
-        labels = [job.label for job in jobs] if jobs[0].label is not None else None
-        cond = _condition(model, [job.prompt for job in jobs], labels)
-        uncond = _unconditional(model, negative, len(jobs)) if options.scale != 1 else None
-        f = latent_factor(model)
-        x_T = _noise(model, [job.seed for job in jobs], (model.first_stage.embed_dim, size[0] // f, size[1] // f), options)
-        with torch.no_grad():
-            z = _sample(model, cond, uncond, Sampling(**{**options.__dict__, "seed": jobs[0].seed}), x_T, progress)
-        return decode(model, z)
+        return _txt2img_batch(model, jobs, negative, options, size, progress)
     except torch.OutOfMemoryError:
         if len(jobs) == 1:
-            raise LatentgenError("out of GPU memory even at batch size 1: try a smaller --height/--width or --device cpu")
+            raise LatentgenError("out of device memory even at batch size 1: "
+                                 "lower --height/--width, use --dtype fp16 or --device cpu") from None
+    # Retried only here, after the except block: its traceback held the failed batch's tensors.
+    if torch.cuda.is_initialized():
         torch.cuda.empty_cache()
-        half = len(jobs) // 2
-        return torch.cat([txt2img_jobs(model, part, negative, options, size, progress) for part in (jobs[:half], jobs[half:])])
+    half = len(jobs) // 2
+    return torch.cat([txt2img_jobs(model, part, negative, options, size, progress) for part in (jobs[:half], jobs[half:])])
 
 
 def txt2img(model: LatentDiffusion, prompts: list[str], negative: str = "", options: Sampling = Sampling(),
