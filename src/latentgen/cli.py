@@ -157,7 +157,7 @@ def txt2img(
             for job, image in zip(batch, results):
                 target = output_path(out, f"{job.index:05d}-{job.seed}") if len(jobs) > 1 else output_path(out, f"txt2img-{job.seed}")
                 info = pipelines.parameters_text(model, options, job.prompt, negative, size, job.seed, job.label)
-                path = images.save_image(image, target, parameters=info, overwrite=overwrite, check=True)
+                path = images.save_image(image, target, parameters=info, overwrite=overwrite or resume, check=True)
                 written.append(path)
                 if manifest is not None:
                     manifest.record(job, path)

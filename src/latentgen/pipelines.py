@@ -298,6 +298,9 @@ class Manifest:
 
     @classmethod
     def open(cls, folder: Optional[Path], resume: bool) -> "Manifest":
+        """Resuming also removes the temporary files a killed run left behind (atomic writes'
+        hidden `.NAME.*.tmp` and the manifest's own); the caller then writes the unfinished
+        images over their own names, replacing any placeholder or unrecorded file."""
         path = (folder or Path("outputs")) / cls.NAME
         entries = {}
         if resume and path.is_file():
@@ -305,6 +308,8 @@ class Manifest:
                 entries = json.loads(path.read_text())
             except (OSError, ValueError) as error:
                 raise LatentgenError(f"cannot read {path}: {error}") from None
+            for stale in [*path.parent.glob(".*.tmp"), path.with_suffix(".tmp")]:
+                stale.unlink(missing_ok=True)
         elif resume:
             raise LatentgenError(f"--resume: no manifest at {path}")
         return cls(path, entries)
