@@ -245,6 +245,22 @@ def test_autoencoder_resumes_exactly_and_exports_official_layout(tmp_path, kind)
                                    reference.decode(reference.encode(x)), rtol=1e-4, atol=1e-4)
 
 
+def test_vq_codebook_starts_on_encoder_outputs():
+    from latentgen.train.autoencoder import Trainer
+
+    trainer = Trainer.create(_ae_config("vq", 1), _photos())
+    assert trainer.model.quantize.embedding.weight.abs().max() <= 1 / 16  # taming's start: all near the origin
+    trainer.init_codebook()
+    codebook = trainer.model.quantize.embedding.weight.detach()
+    x = _photos().sample(6, torch.Generator().manual_seed(0))[0]
+    with torch.no_grad():
+        z = trainer.model.encode(x).permute(0, 2, 3, 1).reshape(-1, codebook.shape[1])
+    assert len(codebook.unique(dim=0)) == len(codebook)
+    distances = torch.cdist(z, codebook, compute_mode="donot_use_mm_for_euclid_dist")
+    assert distances.min(dim=0).values.max() < 1e-6  # every code is one of the outputs
+    assert len(distances.argmin(dim=1).unique()) == len(codebook)  # and every code is used
+
+
 class CountingTrainer:
     """The least `train_loop` drives: a step counter whose state is the step."""
 

@@ -314,11 +314,12 @@ def test_cli_upscale_with_the_x4_upscaler(tiny, tmp_path):
     assert pixels(tmp_path / "a.png").shape == (48, 80, 3)
     np.testing.assert_array_equal(pixels(tmp_path / "a.png"), pixels(tmp_path / "b.png"))
     info = images.read_parameters(tmp_path / "a.png")
-    assert "CFG scale: 9," in info and "Negative prompt: blurry" in info
+    assert "CFG scale: 9," in info and "Negative prompt: blurry" in info and "Noise level: 20" in info
     level = runner.invoke(app, [str(a) for a in [*common, "--noise-level", 200, "--guidance", 1,
                                                  "--out", tmp_path / "c.png"]])
     assert level.exit_code == 0, level.output
     assert not np.array_equal(pixels(tmp_path / "a.png"), pixels(tmp_path / "c.png"))
+    assert "Noise level: 200" in images.read_parameters(tmp_path / "c.png")
     refused = runner.invoke(app, [str(a) for a in [*common, "--noise-level", 351, "--out", tmp_path / "d.png"]])
     assert refused.exit_code == 1 and "between 0 and 350" in refused.output and "Traceback" not in refused.output
 
@@ -329,3 +330,7 @@ def test_noise_level_is_refused_for_ldm_sr(tmp_path):
     result = runner.invoke(app, ["upscale", str(source), "--ckpt", str(folder), "--noise-level", "20",
                                  "--out", str(tmp_path / "x.png")])
     assert result.exit_code == 1 and "SD 2 x4" in result.output
+    for option in (["--guidance", "7"], ["--prompt", "a cat"], ["--negative", "blurry"]):
+        result = runner.invoke(app, ["upscale", str(source), "--ckpt", str(folder), *option, "--out", str(tmp_path / "x.png")])
+        assert result.exit_code == 1 and "not text-conditional" in result.output, option
+    assert not (tmp_path / "x.png").exists()

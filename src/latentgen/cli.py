@@ -228,7 +228,8 @@ def upscale(
         result = pipelines.upscale(model, picture, options, factor, tile, prompt,
                                    progress=lambda i, n: bar.update(task, completed=i, total=n),
                                    negative=negative, noise_level=noise_level)
-    info = pipelines.parameters_text(model, options, prompt, negative, tuple(result.shape[-2:]), seed)
+    extra = {"Noise level": pipelines.upscale_noise_level(model, noise_level)} if model.noise_augmentation else None
+    info = pipelines.parameters_text(model, options, prompt, negative, tuple(result.shape[-2:]), seed, extra=extra)
     path = images.save_image(result, output_path(out, f"upscale-{seed}"), parameters=info, overwrite=overwrite, check=True)
     say(f"wrote {path}")
     summary("upscale", outputs=[str(path)], size=list(result.shape[-2:]), model=model.name, model_hash=model.sha256[:10])

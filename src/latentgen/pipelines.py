@@ -381,7 +381,9 @@ def upscale_guidance(model: LatentDiffusion) -> float:
     return UPSCALER_GUIDANCE if model.noise_augmentation is not None else 1.0
 
 
-def _noise_level(model: LatentDiffusion, noise_level: Optional[int]) -> int:
+def upscale_noise_level(model: LatentDiffusion, noise_level: Optional[int]) -> int:
+    """The noise level an upscale uses (and its PNG parameters record): the request checked against
+    the model's range, the default for noise-augmented upscalers, 0 for LDM-SR."""
     augmentation = model.noise_augmentation
     if augmentation is None:
         if noise_level is not None:
@@ -426,8 +428,11 @@ def upscale(model: LatentDiffusion, image: torch.Tensor, options: Sampling = Sam
         raise LatentgenError(f"--scale must be between 1 and this model's factor {native}, got {factor}")
     if tile < 16:
         raise LatentgenError(f"--tile must be at least 16, got {tile}")
-    level = _noise_level(model, noise_level)
+    level = upscale_noise_level(model, noise_level)
     augmented = model.noise_augmentation is not None
+    if not augmented and (options.scale != 1 or prompt or negative):
+        raise LatentgenError(f"{model.name} is not text-conditional: --prompt, --negative and --guidance "
+                             "apply to the SD 2 x4 upscaler only")
     guided = augmented and options.scale != 1
     text = _condition(model, [prompt], None) if augmented else None
     negative_text = _condition(model, [negative], None) if guided else None
@@ -487,8 +492,10 @@ def reconstruct(model: LatentDiffusion, image: torch.Tensor) -> Reconstruction:
 
 
 def parameters_text(model: LatentDiffusion, options: Sampling, prompt: str, negative: str,
-                    size: tuple[int, int], seed: int, label: Optional[int] = None) -> str:
-    """Generation parameters in the AUTOMATIC1111 / stable-diffusion.cpp `parameters` format."""
+                    size: tuple[int, int], seed: int, label: Optional[int] = None,
+                    extra: Optional[dict] = None) -> str:
+    """Generation parameters in the AUTOMATIC1111 / stable-diffusion.cpp `parameters` format;
+    `extra` adds command-specific fields (an upscaler's noise level)."""
     fields = {
         "Steps": options.steps, "Sampler": options.sampler + (" Karras" if options.karras else ""),
         "CFG scale": options.scale, "Seed": seed, "Size": f"{size[1]}x{size[0]}",
@@ -498,6 +505,7 @@ def parameters_text(model: LatentDiffusion, options: Sampling, prompt: str, nega
         fields["Eta"] = options.eta
     if label is not None:
         fields["Class"] = label
+    fields.update(extra or {})
     return format_parameters(prompt, negative, fields)
 
 

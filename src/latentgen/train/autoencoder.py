@@ -113,6 +113,19 @@ class Trainer:
         self.step = int(state["step"])
         runs.restore_random_state(state["random"], self.generator)
 
+    def init_codebook(self) -> None:
+        """Set the VQ codebook to randomly chosen encoder outputs of the first photos. taming's
+        uniform(-1/n, 1/n) start puts every code at the origin, where most never win a nearest-
+        neighbour search and stay dead; codes drawn from the data all start in use."""
+        codebook = self.model.quantize.embedding.weight
+        vectors = []
+        with torch.no_grad():
+            while sum(len(v) for v in vectors) < len(codebook):
+                x = self.data.sample(self.config.batch, self.generator)[0].to(self.device)
+                vectors.append(self.model.encode(x).permute(0, 2, 3, 1).reshape(-1, codebook.shape[1]))
+            vectors = torch.cat(vectors)
+            codebook.copy_(vectors[torch.randperm(len(vectors), generator=self.generator)[:len(codebook)]])
+
     def reconstruct(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(reconstruction, weighted regulariser): a posterior sample for KL, the quantised latent for VQ."""
         if self.config.kind == "kl":
@@ -182,6 +195,8 @@ def train_autoencoder(config: AutoencoderConfig, data: ImageBatches, run_dir: Pa
     state = runs.load_checkpoint(run_dir) if resume else None
     if state is not None:
         trainer.load(state)
+    elif config.kind == "vq":
+        trainer.init_codebook()
     trainer.model.train()
     runs.train_loop(trainer, config.steps, run_dir, config.checkpoint_every, config.sample_every,
                     f"{config.kind}-f{2 ** (len(config.ch_mult) - 1)}", quiet, on_step, config.max_minutes)
