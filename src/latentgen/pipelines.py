@@ -20,7 +20,7 @@ from .images import composite, crop_padding, format_parameters, pad_to_multiple
 from .ldm import LatentDiffusion
 from .loader import file_sha256, read_params
 from .models.text import ClassEmbedder
-from .samplers import make_noise, sample
+from .samplers import Generators, normal, sample, seeded_generator
 from .tiling import map_tiled
 
 DEFAULT_STEPS = 50
@@ -147,22 +147,23 @@ def denoiser(model: LatentDiffusion, cond: Conditioning, uncond: Optional[Condit
     return guided_model(model.unet, cond, uncond if scale != 1 else None, scale)
 
 
-def _sample(model, cond, uncond, options: Sampling, x_T, progress: Progress, **masking) -> torch.Tensor:
+def _sample(model, cond, uncond, options: Sampling, x_T, generators: Generators, progress: Progress,
+            **masking) -> torch.Tensor:
     callback = None if progress is None else (lambda i, n, x, x0: progress(i + 1, n))
     return sample(
         options.sampler, denoiser(model, cond, uncond, options.scale), x_T, model.alphas_cumprod,
         model.parameterization, options.steps, eta=options.eta, karras=options.karras, callback=callback,
-        generator=torch.Generator("cpu").manual_seed(options.seed), **masking,
+        generator=generators, **masking,
     )
 
 
-def _noise(model: LatentDiffusion, seeds: list[int], latent_shape: tuple, options: Sampling) -> torch.Tensor:
-    """Each image's noise from its own seed, so a seed gives the same image in any batch."""
+def _noise(model: LatentDiffusion, seeds: list[int], latent_shape: tuple,
+           options: Sampling) -> tuple[torch.Tensor, list[torch.Generator]]:
+    """(x_T, generators): each image's starting noise from its own seed's generator, which then goes
+    on to draw that image's per-step noise, so a seed gives the same image in any batch."""
     ref = _params(model.unet)
-    return torch.cat([
-        make_noise((1, *latent_shape), seed, device=ref.device, dtype=ref.dtype, on_device=options.on_device_noise)
-        for seed in seeds
-    ])
+    generators = [seeded_generator(seed, ref.device, options.on_device_noise) for seed in seeds]
+    return torch.cat([normal((1, *latent_shape), g, ref.device, ref.dtype) for g in generators]), generators
 
 
 # ---- first stage -----------------------------------------------------------------------------
@@ -255,9 +256,9 @@ def _txt2img_batch(model: LatentDiffusion, jobs: list[Job], negative: str, optio
     cond = _condition(model, [job.prompt for job in jobs], labels)
     uncond = _unconditional(model, negative, len(jobs)) if options.scale != 1 else None
     f = latent_factor(model)
-    x_T = _noise(model, [job.seed for job in jobs], (model.first_stage.embed_dim, size[0] // f, size[1] // f), options)
+    x_T, generators = _noise(model, [job.seed for job in jobs], (model.first_stage.embed_dim, size[0] // f, size[1] // f), options)
     with torch.no_grad():
-        z = _sample(model, cond, uncond, Sampling(**{**options.__dict__, "seed": jobs[0].seed}), x_T, progress)
+        z = _sample(model, cond, uncond, options, x_T, generators, progress)
     return decode(model, z)
 
 
@@ -352,7 +353,7 @@ def inpaint(model: LatentDiffusion, image: torch.Tensor, mask: torch.Tensor, pro
     f = latent_factor(model)
     latent_size = (padded.shape[-2] // f, padded.shape[-1] // f)
     small_mask = F.interpolate(padded_mask, size=latent_size, mode="nearest")
-    x_T = _noise(model, [options.seed], (model.first_stage.embed_dim, *latent_size), options)
+    x_T, generators = _noise(model, [options.seed], (model.first_stage.embed_dim, *latent_size), options)
     extra = model.config["unet_config"]["params"]["in_channels"] - model.first_stage.embed_dim
     with torch.no_grad():
         if extra > 0:
@@ -361,11 +362,11 @@ def inpaint(model: LatentDiffusion, image: torch.Tensor, mask: torch.Tensor, pro
                 else torch.cat([masked, small_mask], 1)
             cond = _condition(model, [prompt], None, concat)
             uncond = _unconditional(model, negative, 1, concat) if options.scale != 1 else None
-            z = _sample(model, cond, uncond, options, x_T, progress)
+            z = _sample(model, cond, uncond, options, x_T, generators, progress)
         else:
             cond = _condition(model, [prompt], None)
             uncond = _unconditional(model, negative, 1) if options.scale != 1 else None
-            z = _sample(model, cond, uncond, options, x_T, progress, mask=1 - small_mask, x0=encode(model, padded))
+            z = _sample(model, cond, uncond, options, x_T, generators, progress, mask=1 - small_mask, x0=encode(model, padded))
         generated = crop_padding(decode(model, z), pad)
     return composite(generated, image, 1 - mask, feather)
 
@@ -396,20 +397,20 @@ def upscale_noise_level(model: LatentDiffusion, noise_level: Optional[int]) -> i
 
 
 def _augmented_conditioning(model: LatentDiffusion, low: torch.Tensor, text: Conditioning, negative: Optional[Conditioning],
-                            level: int, options: Sampling) -> tuple[torch.Tensor, Conditioning, Optional[Conditioning]]:
-    """(x_T, cond, uncond) of one low-res tile for a noise-augmented upscaler: the tile noised to
-    `level` and concatenated, the level as class label y, the text contexts kept. The augmentation
-    noise and then x_T come from one generator, in the order diffusers' upscale pipeline draws them."""
+                            level: int, options: Sampling
+                            ) -> tuple[torch.Tensor, torch.Generator, Conditioning, Optional[Conditioning]]:
+    """(x_T, generator, cond, uncond) of one low-res tile for a noise-augmented upscaler: the tile
+    noised to `level` and concatenated, the level as class label y, the text contexts kept. The
+    augmentation noise, x_T and then the per-step noise come from one generator, in the order
+    diffusers' upscale pipeline draws them."""
     ref = _params(model.unet)
-    where = ref.device if options.on_device_noise else torch.device("cpu")
-    generator = torch.Generator(where).manual_seed(options.seed)
-    noise = torch.randn(low.shape, generator=generator, device=where)
-    latent_shape = (1, model.first_stage.embed_dim, *low.shape[-2:])
-    x_T = torch.randn(latent_shape, generator=generator, device=where).to(ref)
+    generator = seeded_generator(options.seed, ref.device, options.on_device_noise)
+    noise = normal(low.shape, generator, generator.device)
+    x_T = normal((1, model.first_stage.embed_dim, *low.shape[-2:]), generator, ref.device, ref.dtype)
     concat = model.noise_augmentation(low.to(noise), level, noise).to(ref)
     y = torch.full((1,), level, dtype=torch.long, device=ref.device)
     cond = Conditioning(context=text.context, y=y, concat=concat)
-    return x_T, cond, None if negative is None else Conditioning(context=negative.context, y=y, concat=concat)
+    return x_T, generator, cond, None if negative is None else Conditioning(context=negative.context, y=y, concat=concat)
 
 
 def upscale(model: LatentDiffusion, image: torch.Tensor, options: Sampling = Sampling(), factor: Optional[int] = None,
@@ -444,12 +445,12 @@ def upscale(model: LatentDiffusion, image: torch.Tensor, options: Sampling = Sam
     def super_resolve(low: torch.Tensor) -> torch.Tensor:
         padded, pad = pad_to_multiple(low, multiple)
         if augmented:
-            x_T, cond, uncond = _augmented_conditioning(model, padded, text, negative_text, level, options)
+            x_T, generators, cond, uncond = _augmented_conditioning(model, padded, text, negative_text, level, options)
         else:
-            x_T = _noise(model, [options.seed], (model.first_stage.embed_dim, *padded.shape[-2:]), options)
+            x_T, generators = _noise(model, [options.seed], (model.first_stage.embed_dim, *padded.shape[-2:]), options)
             cond, uncond = _condition(model, [prompt], None, padded.to(ref)), None
         with torch.no_grad():
-            z = _sample(model, cond, uncond, tile_options, x_T, None)
+            z = _sample(model, cond, uncond, tile_options, x_T, generators, None)
         high = decode(model, z)
         tiles_done[0] += 1
         if progress is not None:

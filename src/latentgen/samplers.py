@@ -7,11 +7,12 @@ conditioning and the UNet itself hide behind it (see guidance.py).
 
 Randomness: `make_noise` and the samplers' per-step noise draw float32 normals on the CPU from a
 torch.Generator by default, so a seed gives the same image on every device; a generator created
-on the device (`on_device=True`) draws there instead, faster but device-dependent.
+on the device (`on_device=True`) draws there instead, faster but device-dependent. A list of
+generators, one per batch row, makes each image's noise independent of the batch it is in.
 """
 
 import math
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
@@ -24,6 +25,8 @@ Callback = Callable[[int, int, Tensor, Tensor], None]
 """callback(step_index, total_steps, x_after_step, x0_prediction), called after every step."""
 Blend = Callable[[Tensor, int], Tensor]
 """blend(x, step_index) -> x with its known region reset (masked sampling); identity otherwise."""
+Generators = Optional[Union[torch.Generator, Sequence[torch.Generator]]]
+"""One generator for the whole batch, or one per batch row."""
 
 PARAMETERIZATIONS = ("eps", "v")
 
@@ -32,15 +35,28 @@ def make_noise(shape: tuple, seed: int, device="cpu", dtype: torch.dtype = torch
                on_device: bool = False) -> Tensor:
     """Standard normal noise for a seed: drawn in float32 on the CPU (the same numbers on every
     device and dtype), or with a generator on `device` itself when `on_device`."""
-    where = torch.device(device) if on_device else torch.device("cpu")
-    generator = torch.Generator(where).manual_seed(seed)
+    return normal(shape, seeded_generator(seed, device, on_device), device, dtype)
+
+
+def seeded_generator(seed: int, device="cpu", on_device: bool = False) -> torch.Generator:
+    """A generator on the CPU, or on `device` itself when `on_device`."""
+    return torch.Generator(torch.device(device) if on_device else torch.device("cpu")).manual_seed(seed)
+
+
+def normal(shape: tuple, generator: Generators, device="cpu",
+           dtype: torch.dtype = torch.float32) -> Tensor:
+    """float32 standard normals drawn on the generator's device (the CPU without one), then moved."""
+    where = generator.device if generator is not None else torch.device("cpu")
     return torch.randn(shape, generator=generator, device=where, dtype=torch.float32).to(device, dtype)
 
 
-def _randn_like(x: Tensor, generator: Optional[torch.Generator]) -> Tensor:
-    """Per-step noise, drawn like `make_noise`: on the generator's device (the CPU without one)."""
-    where = generator.device if generator is not None else torch.device("cpu")
-    return torch.randn(x.shape, generator=generator, device=where, dtype=torch.float32).to(x.device, x.dtype)
+def _randn_like(x: Tensor, generator: Generators) -> Tensor:
+    """Per-step noise, drawn like `make_noise`; row by row from a list of generators."""
+    if isinstance(generator, Sequence):
+        if len(generator) != len(x):
+            raise ValueError(f"{len(generator)} generators for a batch of {len(x)}")
+        return torch.cat([normal((1, *x.shape[1:]), g, x.device, x.dtype) for g in generator])
+    return normal(x.shape, generator, x.device, x.dtype)
 
 
 def _call(model: Model, x: Tensor, t: float, cond: Any) -> Tensor:
@@ -76,7 +92,7 @@ def _silent(i: int, total: int, x: Tensor, x0: Tensor) -> None:
 
 
 def sample_ddpm(model: Model, x: Tensor, schedule: Schedule, parameterization: str = "eps", cond: Any = None, *,
-                generator: Optional[torch.Generator] = None, callback: Callback = _silent,
+                generator: Generators = None, callback: Callback = _silent,
                 blend: Blend = _unchanged) -> Tensor:
     """Ancestral sampling from the DDPM posterior q(x_prev | x_t, x0) (Ho et al. 2020), with the betas
     of the respaced chain, 1 - alpha_t / alpha_prev, when the schedule skips timesteps."""
@@ -94,7 +110,7 @@ def sample_ddpm(model: Model, x: Tensor, schedule: Schedule, parameterization: s
 
 
 def sample_ddim(model: Model, x: Tensor, schedule: Schedule, parameterization: str = "eps", cond: Any = None, *,
-                eta: float = 0.0, generator: Optional[torch.Generator] = None,
+                eta: float = 0.0, generator: Generators = None,
                 callback: Callback = _silent, blend: Blend = _unchanged) -> Tensor:
     """DDIM (Song et al. 2021) as CompVis `p_sample_ddim`; eta 0 is deterministic, eta 1 ancestral."""
     alphas = schedule.alphas_cumprod
@@ -161,7 +177,7 @@ def sample_euler(model: Model, x: Tensor, schedule: Schedule, parameterization: 
 
 
 def sample_euler_ancestral(model: Model, x: Tensor, schedule: Schedule, parameterization: str = "eps",
-                           cond: Any = None, *, generator: Optional[torch.Generator] = None,
+                           cond: Any = None, *, generator: Generators = None,
                            callback: Callback = _silent, blend: Blend = _unchanged) -> Tensor:
     """Euler down to sigma_down, then fresh noise up to the next level (k-diffusion, eta 1)."""
     sigmas = schedule.sigmas
@@ -269,7 +285,7 @@ def _computing_in(model: Model, model_dtype: torch.dtype, dtype: torch.dtype) ->
     return lambda x, t, cond: model(x.to(model_dtype), t, cond).to(dtype)
 
 
-def _keep_known(x0: Tensor, mask: Tensor, schedule: Schedule, generator: Optional[torch.Generator]) -> Blend:
+def _keep_known(x0: Tensor, mask: Tensor, schedule: Schedule, generator: Generators) -> Blend:
     """Where mask == 1, replace the latent by x0 noised afresh to the step's level (CompVis)."""
     def blend(x: Tensor, i: int) -> Tensor:
         known = noised(x0, _randn_like(x0, generator), schedule.sigmas[i], schedule.variance_preserving)
@@ -281,7 +297,7 @@ def _keep_known(x0: Tensor, mask: Tensor, schedule: Schedule, generator: Optiona
 def sample(name: str, model: Model, x_T: Tensor, alphas_cumprod: Tensor, parameterization: str = "eps",
            steps: int = 50, *, cond: Any = None, eta: float = 0.0, spacing: str = "uniform", karras: bool = False,
            x0: Optional[Tensor] = None, mask: Optional[Tensor] = None, strength: float = 1.0,
-           generator: Optional[torch.Generator] = None, callback: Optional[Callback] = None) -> Tensor:
+           generator: Generators = None, callback: Optional[Callback] = None) -> Tensor:
     """Run sampler `name` from the unit-variance noise `x_T` and return the final latent.
 
     - `alphas_cumprod`: the model's training schedule (float64, from schedules.py); `steps` the
