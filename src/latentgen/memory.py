@@ -11,14 +11,11 @@ keeps it within 0.5x-2x of them):
   connections the UNet keeps for its decoder half (one map per input block), plus the working
   set of the costliest block: a ResBlock at the top level (UNET_RESBLOCK_MAPS maps of its width)
   or a transformer block (UNET_TRANSFORMER_MAPS maps: the residuals, the gated feed-forward's
-  8x-wide hidden state and its halves), or a legacy attention block's tokens x tokens matrix.
-* decode, at batch B and the output size: DECODE_MAPS maps of the widest full-resolution level,
-  or the tokens x tokens matrix of the single-head attention at the latent size.
+  8x-wide hidden state and its halves).
+* decode, at batch B and the output size: DECODE_MAPS maps of the widest full-resolution level.
 
-Attention matrices: the transformer's multi-head layout reaches a fused kernel of
-`scaled_dot_product_attention` (no matrix), but the autoencoder's and the legacy UNet's pixel
-attention pass q, k, v with a strided last axis, which sends them to the unfused path that holds
-about ATTENTION_MATRICES matrices (scores and softmax) of batch x heads x tokens x tokens at once.
+Attention holds no tokens x tokens matrix: every attention layer hands contiguous q, k, v to the
+fused `scaled_dot_product_attention` kernels, whose working set is a few token maps.
 
 Sampler state (x, a few eps) is latent-sized and ignored. The check runs with the weights already
 loaded on the device, so the device's free memory is compared with the activations alone, while
@@ -39,7 +36,6 @@ from .models.text import MiniLMEmbedder
 UNET_RESBLOCK_MAPS = 6
 UNET_TRANSFORMER_MAPS = 22
 DECODE_MAPS = 3.5
-ATTENTION_MATRICES = 2.5
 MINILM_PARAMETERS = 22_713_216  # all-MiniLM-L6-v2, loaded from its package on first use
 
 _UNITS = {"": 1, "b": 1, "k": 2**10, "kib": 2**10, "kb": 10**3, "m": 2**20, "mib": 2**20, "mb": 10**6,
@@ -97,31 +93,16 @@ def unet_bytes(params: dict, batch: int, latent: tuple[int, int], itemsize: int)
         width * m * (blocks * pixels[i] + (pixels[i + 1] if i + 1 < len(mults) else 0)) for i, m in enumerate(mults)
     )
     work = UNET_RESBLOCK_MAPS * width * max(mults[0], mults[min(1, len(mults) - 1)]) * pixels[0]
-    for i in attention_levels:
-        if params.get("use_spatial_transformer"):
+    if params.get("use_spatial_transformer"):
+        for i in attention_levels:
             work = max(work, UNET_TRANSFORMER_MAPS * width * mults[i] * pixels[i])
-        else:
-            work = max(work, _heads(params, width * mults[i]) * attention_matrix(pixels[i]))
     return int(batch * (skips + work) * itemsize)
-
-
-def _heads(params: dict, channels: int) -> int:
-    head_channels = params.get("num_head_channels", -1)
-    return channels // head_channels if head_channels not in (-1, None) else params.get("num_heads", 1)
-
-
-def attention_matrix(tokens: int) -> float:
-    """Elements held by one head's unfused attention over `tokens` tokens."""
-    return ATTENTION_MATRICES * tokens * tokens
 
 
 def decode_bytes(ddconfig: dict, batch: int, size: tuple[int, int], itemsize: int) -> int:
     """One first-stage decode of `batch` latents into size (H, W) images."""
     mults, width = ddconfig["ch_mult"], ddconfig["ch"]
     work = DECODE_MAPS * width * max(mults[:2]) * size[0] * size[1]
-    if ddconfig.get("attn_type", "vanilla") != "none":
-        factor = 2 ** (len(mults) - 1)
-        work = max(work, attention_matrix((size[0] // factor) * (size[1] // factor)))
     return int(batch * work * itemsize)
 
 

@@ -53,7 +53,8 @@ class AttnBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.norm(x)
-        q, k, v = (rearrange(proj(h), "b c h w -> b 1 (h w) c") for proj in (self.q, self.k, self.v))
+        # contiguous: a strided last axis sends SDPA to its unfused path (a tokens x tokens matrix)
+        q, k, v = (rearrange(proj(h), "b c h w -> b 1 (h w) c").contiguous() for proj in (self.q, self.k, self.v))
         h = F.scaled_dot_product_attention(q, k, v)
         h = rearrange(h, "b 1 (h w) c -> b c h w", h=x.shape[2])
         return x + self.proj_out(h)

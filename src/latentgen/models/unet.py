@@ -176,7 +176,7 @@ class AttentionBlock(nn.Module):
             qkv = qkv.reshape(b, 3, self.num_heads, c // self.num_heads, -1).transpose(1, 2)
         else:
             qkv = qkv.reshape(b, self.num_heads, 3, c // self.num_heads, -1)
-        q, k, v = qkv.transpose(-1, -2).unbind(2)
+        q, k, v = (t.contiguous() for t in qkv.transpose(-1, -2).unbind(2))  # fused SDPA path, as in AttnBlock
         h = F.scaled_dot_product_attention(q, k, v).transpose(-1, -2).reshape(b, c, -1)
         return (x + self.proj_out(h)).reshape(b, c, *spatial)
 
