@@ -43,6 +43,32 @@ def test_center_crop_is_central_square_rounded_to_the_multiple():
     assert torch.equal(crop, image[..., 1:49, 11:59])
 
 
+def test_center_crop_zero_keeps_the_whole_image_rounded_to_the_multiple():
+    image = torch.arange(50 * 70, dtype=torch.float32).view(1, 1, 50, 70)
+    assert torch.equal(evaluate.center_crop(image, 0, 8), image[..., 1:49, 3:67])
+
+
+def test_gradient_energy_by_hand_and_blur_lowers_it():
+    image = torch.tensor([[0.0, 1.0, 0.0], [0.0, 0.0, 0.0]]).view(1, 1, 2, 3)
+    # horizontal differences 1, -1, 0, 0 -> mean 0.5; vertical -> 0, -1, 0 -> mean 1/3
+    assert evaluate.gradient_energy(image) == pytest.approx(0.5 + 1 / 3)
+    noise = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    assert evaluate.gradient_energy(F.avg_pool2d(noise, 3, 1, 1)) < 0.3 * evaluate.gradient_energy(noise)
+
+
+def test_telea_baseline_fills_the_hole_from_its_border_and_keeps_the_rest():
+    image = torch.linspace(-1, 1, 24).view(1, 1, 1, 24).expand(1, 3, 24, 24).contiguous()
+    hole = torch.zeros(1, 1, 24, 24)
+    hole[..., 8:16, 8:16] = 1
+    filled = evaluate.telea_inpaint(image, hole)
+    outside = (hole == 0).expand_as(image)
+    assert (filled - image)[outside].abs().max() <= 1 / 127.5 + 1e-6  # 8-bit round trip only
+    kept = 1 - hole
+    mean_fill = image * kept + hole * (image * kept).sum((-2, -1), keepdim=True) / kept.sum()
+    telea, flat = evaluate.hole_psnr(filled, image, hole), evaluate.hole_psnr(mean_fill, image, hole)
+    assert telea > flat + 5, (telea, flat)  # continues the ramp from the hole's border
+
+
 def test_hole_psnr_counts_only_the_hole():
     a = torch.full((1, 3, 8, 8), -1.0)  # level 0
     b = a.clone()
@@ -81,10 +107,14 @@ def test_diffusion_tasks_are_scored_against_their_baselines(tmp_path, photos, ta
         low = F.interpolate(image, size=(8, 8), mode="bicubic", antialias=True).clamp(-1, 1)
         bicubic = F.interpolate(low, size=(32, 32), mode="bicubic").clamp(-1, 1)
         assert scores[0].baseline_psnr == pytest.approx(metrics.psnr(bicubic, image))
+        truth = evaluate.gradient_energy(image)
+        assert scores[0].baseline_gradient_ratio == pytest.approx(evaluate.gradient_energy(bicubic) / truth)
+        assert 0 < scores[0].baseline_gradient_ratio < 1 and scores[0].gradient_ratio > 0
     else:
         hole = evaluate.random_mask(32, 32, torch.Generator().manual_seed(3))[None]
-        fill = (image * (1 - hole)).sum((-2, -1), keepdim=True) / (1 - hole).sum()
-        assert scores[0].baseline_psnr == pytest.approx(evaluate.hole_psnr(image * (1 - hole) + fill * hole, image, hole))
+        telea = evaluate.telea_inpaint(image, hole)
+        assert scores[0].baseline_psnr == pytest.approx(evaluate.hole_psnr(telea, image, hole))
+        assert scores[0].gradient_ratio is None
     assert math.isfinite(scores[0].psnr) and 0 < scores[0].ssim < 1
 
 

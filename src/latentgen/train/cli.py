@@ -163,7 +163,7 @@ def evaluate(
     model: Path = typer.Argument(..., help="a model folder or checkpoint (autoencoder, SR or inpainting)"),
     data: Path = typer.Option(EVAL_PHOTOS, help="folder holding set5/, set14/, bsd68/ (never trained on)"),
     datasets: str = typer.Option(",".join(DATASETS), help="which of them"),
-    crop: int = typer.Option(128, help="central crop side in pixels (the high-res side for SR)"),
+    crop: int = typer.Option(128, help="central crop side in pixels (the high-res side for SR); 0: whole images"),
     steps: int = typer.Option(50, help="DDIM steps for SR and inpainting"),
     seed: int = typer.Option(0, help="noise and inpainting-mask seed"),
     device: str = typer.Option("cpu"),
@@ -186,12 +186,15 @@ def evaluate(
                                 progress=lambda done, total: progress.update(task, completed=done, total=total))
     means = summarize(scores)
     hole = " (hole)" if task_of(loaded) == "inpaint" else ""
-    table = Table("dataset", "images", f"PSNR{hole} dB", "SSIM", f"baseline PSNR{hole} dB", "baseline SSIM",
-                  title=f"{model.name}: {task_of(loaded)}, {crop} px crops")
+    columns = {"psnr": f"PSNR{hole} dB", "ssim": "SSIM", "baseline_psnr": f"baseline PSNR{hole} dB",
+               "baseline_ssim": "baseline SSIM", "gradient_ratio": "gradient energy / truth",
+               "baseline_gradient_ratio": "baseline gradient / truth"}
+    shown = [key for key in columns if key in means["all"]]
+    size = f"{crop} px crops" if crop > 0 else "whole images"
+    table = Table("dataset", "images", *(columns[key] for key in shown), title=f"{model.name}: {task_of(loaded)}, {size}")
     for name, row in means.items():
-        table.add_row(name, str(row["images"]), f"{row['psnr']:.2f}", f"{row['ssim']:.4f}",
-                      *(f"{row[k]:.2f}" if "psnr" in k else f"{row[k]:.4f}" for k in ("baseline_psnr", "baseline_ssim")
-                        if k in row))
+        table.add_row(name, str(row["images"]), *(f"{row[key]:.2f}" if "psnr" in key else f"{row[key]:.4f}"
+                                                  for key in shown))
     Console().print(table)
     if json_out is not None:
         json_out.write_text(json.dumps({"model": str(model), "task": task_of(loaded), "crop": crop, "steps": steps,

@@ -4,8 +4,10 @@ bundled models' cards, reproducible with `latentgen train evaluate MODEL`.
 Each task is scored against the simplest honest baseline, so a number says what the model adds:
 autoencoders by PSNR/SSIM of the round trip against storing the image f times smaller (bicubic
 down and up, a similar number of values as the latent); super-resolution of a clean bicubic x4 downsample
-against bicubic upsampling; inpainting of seeded LaMa-style masks, PSNR inside the hole, against
-filling the hole with the mean colour of the kept pixels.
+against bicubic upsampling, with each output's gradient energy relative to the ground truth's (1 is
+as sharp as the original, bicubic falls well below); inpainting of seeded LaMa-style masks, PSNR
+inside the hole, against OpenCV's Telea inpainting (opencv-python-headless, `pip install
+latentgen[eval]`: an evaluation-only dependency).
 """
 
 import math
@@ -34,6 +36,8 @@ class Score:
     ssim: float
     baseline_psnr: Optional[float] = None
     baseline_ssim: Optional[float] = None
+    gradient_ratio: Optional[float] = None
+    baseline_gradient_ratio: Optional[float] = None
 
 
 def task_of(model: LatentDiffusion) -> str:
@@ -48,11 +52,31 @@ def task_of(model: LatentDiffusion) -> str:
 
 
 def center_crop(image: torch.Tensor, size: int, multiple: int) -> torch.Tensor:
-    """The central square of side min(size, shorter side), rounded down to `multiple` (SR needs
-    the high-res side divisible by its factor; the pipelines pad everything else themselves)."""
-    side = min(size, *image.shape[-2:]) // multiple * multiple
-    top, left = (image.shape[-2] - side) // 2, (image.shape[-1] - side) // 2
-    return image[..., top:top + side, left:left + side]
+    """The central square of side min(size, shorter side), or with `size` 0 the whole image, each
+    side rounded down to `multiple` (SR needs the high-res sides divisible by its factor; the
+    pipelines pad everything else themselves)."""
+    height, width = ((side if size <= 0 else min(size, *image.shape[-2:])) // multiple * multiple
+                     for side in image.shape[-2:])
+    top, left = (image.shape[-2] - height) // 2, (image.shape[-1] - width) // 2
+    return image[..., top:top + height, left:left + width]
+
+
+def gradient_energy(image: torch.Tensor) -> float:
+    """Mean squared finite difference, horizontal plus vertical: what blur removes."""
+    return float(image.diff(dim=-1).square().mean() + image.diff(dim=-2).square().mean())
+
+
+def telea_inpaint(image: torch.Tensor, hole: torch.Tensor) -> torch.Tensor:
+    """OpenCV's Telea fast-marching inpainting (radius 3) of the 8-bit image, the classic baseline."""
+    try:
+        import cv2
+    except ImportError as error:
+        raise LatentgenError("inpainting evaluation compares with OpenCV's Telea: "
+                             "pip install opencv-python-headless (or latentgen[eval])") from error
+    pixels = (image[0].clamp(-1, 1) + 1).mul(127.5).round().byte().permute(1, 2, 0).contiguous().numpy()
+    mask = (hole[0, 0] > 0.5).byte().mul(255).numpy()
+    filled = cv2.inpaint(pixels, mask, 3, cv2.INPAINT_TELEA)
+    return torch.from_numpy(filled).permute(2, 0, 1)[None].float() / 127.5 - 1
 
 
 def hole_psnr(a: torch.Tensor, b: torch.Tensor, hole: torch.Tensor) -> float:
@@ -77,16 +101,15 @@ def score_autoencoder(model: LatentDiffusion, image: torch.Tensor, index: int, o
 def score_sr(model: LatentDiffusion, image: torch.Tensor, index: int, options: pipelines.Sampling) -> tuple:
     low, bicubic = bicubic_round_trip(image, pipelines.latent_factor(model))
     high = pipelines.upscale(model, low, options, tile=max(16, *low.shape[-2:]))  # one tile: no seams to score
-    return (metrics.psnr(high, image), metrics.ssim(high, image),
-            metrics.psnr(bicubic, image), metrics.ssim(bicubic, image))
+    truth = gradient_energy(image)
+    return (metrics.psnr(high, image), metrics.ssim(high, image), metrics.psnr(bicubic, image),
+            metrics.ssim(bicubic, image), gradient_energy(high) / truth, gradient_energy(bicubic) / truth)
 
 
 def score_inpaint(model: LatentDiffusion, image: torch.Tensor, index: int, options: pipelines.Sampling) -> tuple:
     hole = random_mask(*image.shape[-2:], torch.Generator().manual_seed(options.seed + index))[None]
     filled = pipelines.inpaint(model, image, hole, options=options, feather=0)
-    kept = 1 - hole
-    mean_colour = (image * kept).sum((-2, -1), keepdim=True) / kept.sum()
-    baseline = image * kept + mean_colour * hole
+    baseline = telea_inpaint(image, hole)
     return (hole_psnr(filled, image, hole), metrics.ssim(filled, image),
             hole_psnr(baseline, image, hole), metrics.ssim(baseline, image))
 
@@ -119,7 +142,7 @@ def summarize(scores: list[Score]) -> dict[str, dict[str, float]]:
     for score in scores:
         groups.setdefault(score.dataset, []).append(score)
     groups["all"] = scores
-    fields = ("psnr", "ssim", "baseline_psnr", "baseline_ssim")
+    fields = ("psnr", "ssim", "baseline_psnr", "baseline_ssim", "gradient_ratio", "baseline_gradient_ratio")
     return {name: {"images": len(group), **{field: sum(getattr(s, field) for s in group) / len(group)
                                             for field in fields if getattr(group[0], field) is not None}}
             for name, group in groups.items()}
