@@ -118,9 +118,42 @@ def test_diffusion_tasks_are_scored_against_their_baselines(tmp_path, photos, ta
     assert math.isfinite(scores[0].psnr) and 0 < scores[0].ssim < 1
 
 
-def test_text_models_are_refused_with_the_reason(tmp_path, photos):
-    with pytest.raises(LatentgenError, match="no held-out photo evaluation"):
-        evaluate.task_of(load_model(tiny_models.diffusion_model(tmp_path / "t2i", "txt2img")))
+def test_class_and_unconditional_models_are_refused_with_the_reason(tmp_path, photos):
+    tiny_models.official_checkpoint(tmp_path / "cin.safetensors", "cin")
+    with pytest.raises(LatentgenError, match="no held-out evaluation for a ldm-class model"):
+        evaluate.task_of(load_model(tmp_path / "cin.safetensors"))
+
+
+def _picture(colour, background=(255, 255, 255)) -> torch.Tensor:
+    pixels = np.full((16, 16, 3), background, dtype=np.uint8)
+    pixels[4:12, 4:12] = colour
+    return torch.from_numpy(pixels).permute(2, 0, 1)[None].float() / 127.5 - 1
+
+
+@pytest.mark.parametrize("colour, name", [((220, 30, 40), "red"), ((240, 20, 50), "red"), ((30, 60, 220), "blue"),
+                                          ((40, 180, 60), "green"), ((250, 220, 30), "yellow"),
+                                          ((140, 50, 200), "purple"), ((250, 140, 20), "orange")])
+def test_dominant_colour_names_the_hue_and_ignores_white_and_grey(colour, name):
+    assert evaluate.dominant_colour(_picture(colour)) == name
+    assert evaluate.dominant_colour(_picture(colour, background=(128, 128, 128))) == name
+
+
+def test_dominant_colour_of_a_colourless_image_is_none():
+    assert evaluate.dominant_colour(_picture((90, 90, 90))) is None
+    assert evaluate.dominant_colour(_picture((20, 0, 0), background=(0, 0, 0))) is None  # too dark to tell
+
+
+def test_txt2img_models_are_scored_on_colour_prompts(tmp_path):
+    folder = tiny_models.diffusion_model(tmp_path / "t2i", "txt2img")
+    result = CliRunner().invoke(app, ["train", "evaluate", str(folder), "--seeds", "2", "--steps", "2",
+                                      "--json", str(tmp_path / "colours.json")])
+    assert result.exit_code == 0, result.output
+    written = json.loads((tmp_path / "colours.json").read_text())
+    assert written["task"] == "txt2img" and len(written["images"]) == 2 * len(evaluate.COLOUR_PROMPTS)
+    assert {image["seed"] for image in written["images"]} == {0, 1}
+    right = sum(image["found"] == image["expected"] for image in written["images"])
+    assert written["accuracy"] == pytest.approx(right / len(written["images"]))
+    assert "a red heart" in result.output and "colour prompts" in result.output
 
 
 def test_cli_prints_table_and_writes_json(tmp_path, photos):

@@ -165,11 +165,14 @@ def evaluate(
     datasets: str = typer.Option(",".join(DATASETS), help="which of them"),
     crop: int = typer.Option(128, help="central crop side in pixels (the high-res side for SR); 0: whole images"),
     steps: int = typer.Option(50, help="DDIM steps for SR and inpainting"),
-    seed: int = typer.Option(0, help="noise and inpainting-mask seed"),
+    seed: int = typer.Option(0, help="noise and inpainting-mask seed (txt2img: the first seed)"),
+    seeds: int = typer.Option(10, help="txt2img: seeds per colour prompt"),
+    scale: Optional[float] = typer.Option(None, help="txt2img: guidance scale (default: the model's)"),
     device: str = typer.Option("cpu"),
     json_out: Optional[Path] = typer.Option(None, "--json", help="also write per-image scores and means here"),
 ) -> None:
-    """Held-out scores of a trained model against the task's simple baseline (the model cards' numbers)."""
+    """Held-out scores of a trained model against the task's simple baseline (the model cards' numbers);
+    text-to-image models: how often colour prompts get their colour."""
     from dataclasses import asdict
 
     from latentgen import pipelines
@@ -179,6 +182,11 @@ def evaluate(
     from .evaluate import summarize, task_of
 
     loaded = pipelines.prepare(load_model(model), device, "fp32")
+    if task_of(loaded) == "txt2img":
+        options = pipelines.Sampling(steps=steps, seed=seed,
+                                     scale=pipelines.default_scale(loaded) if scale is None else scale)
+        _evaluate_colours(model, loaded, seeds, options, json_out)
+        return
     options = pipelines.Sampling(steps=steps, seed=seed)
     with Progress(console=console, transient=True) as progress:
         task = progress.add_task("images", total=None)
@@ -199,3 +207,32 @@ def evaluate(
     if json_out is not None:
         json_out.write_text(json.dumps({"model": str(model), "task": task_of(loaded), "crop": crop, "steps": steps,
                                         "seed": seed, "means": means, "images": [asdict(s) for s in scores]}, indent=2))
+
+
+def _evaluate_colours(path: Path, model, seeds: int, options, json_out: Optional[Path]) -> None:
+    from dataclasses import asdict
+
+    from .evaluate import colour_prompt_scores
+
+    with Progress(console=console, transient=True) as progress:
+        task = progress.add_task("images", total=None)
+        scores = colour_prompt_scores(model, seeds, options,
+                                      progress=lambda done, total: progress.update(task, completed=done, total=total))
+    table = Table("prompt", "right colour", "colours made", title=f"{path.name}: colour prompts, {seeds} seeds each, "
+                  f"{options.steps} DDIM steps, guidance {options.scale:g}")
+    by_prompt: dict[str, list] = {}
+    for score in scores:
+        by_prompt.setdefault(score.prompt, []).append(score)
+    for prompt, group in by_prompt.items():
+        made = {}
+        for score in group:
+            made[score.found] = made.get(score.found, 0) + 1
+        table.add_row(prompt, f"{sum(s.found == s.expected for s in group)}/{len(group)}",
+                      ", ".join(f"{name} {count}" for name, count in sorted(made.items(), key=lambda kv: -kv[1])))
+    accuracy = sum(s.found == s.expected for s in scores) / len(scores)
+    table.add_row("all", f"{accuracy:.0%}", "")
+    Console().print(table)
+    if json_out is not None:
+        json_out.write_text(json.dumps({"model": str(path), "task": "txt2img", "steps": options.steps,
+                                        "scale": options.scale, "seeds": seeds, "accuracy": accuracy,
+                                        "images": [asdict(s) for s in scores]}, indent=2))

@@ -7,7 +7,8 @@ down and up, a similar number of values as the latent); super-resolution of a cl
 against bicubic upsampling, with each output's gradient energy relative to the ground truth's (1 is
 as sharp as the original, bicubic falls well below); inpainting of seeded LaMa-style masks, PSNR
 inside the hole, against OpenCV's Telea inpainting (opencv-python-headless, `pip install
-latentgen[eval]`: an evaluation-only dependency).
+latentgen[eval]`: an evaluation-only dependency). Text-to-image models are scored on colour
+prompts instead: how often the generated image's dominant hue is the colour the prompt names.
 """
 
 import math
@@ -41,14 +42,18 @@ class Score:
 
 
 def task_of(model: LatentDiffusion) -> str:
-    """What a model is evaluated on: its family says whether it reconstructs, upscales or inpaints."""
+    """What a model is evaluated on: its family says whether it reconstructs, upscales, inpaints or
+    draws from text."""
     if model.unet is None:
         return "autoencoder"
     if model.family in ("ldm-sr", "sd2-x4-upscaler"):
         return "sr"
     if model.family.endswith("inpaint"):
         return "inpaint"
-    raise LatentgenError(f"no held-out photo evaluation for a {model.family} model (autoencoders, SR and inpainting)")
+    if model.family in ("ldm-txt2img", "sd1", "sd2"):
+        return "txt2img"
+    raise LatentgenError(f"no held-out evaluation for a {model.family} model "
+                         "(autoencoders, SR, inpainting and text-to-image)")
 
 
 def center_crop(image: torch.Tensor, size: int, multiple: int) -> torch.Tensor:
@@ -146,3 +151,52 @@ def summarize(scores: list[Score]) -> dict[str, dict[str, float]]:
     return {name: {"images": len(group), **{field: sum(getattr(s, field) for s in group) / len(group)
                                             for field in fields if getattr(group[0], field) is not None}}
             for name, group in groups.items()}
+
+
+# ---- text-to-image: colour prompts -----------------------------------------------------------
+
+COLOUR_PROMPTS = {"a red heart": "red", "a blue heart": "blue", "a green heart": "green",
+                  "a yellow heart": "yellow", "a purple heart": "purple", "an orange heart": "orange",
+                  "a red apple": "red", "a green apple": "green"}
+HUE_RANGES = {"red": (345, 15), "orange": (15, 40), "yellow": (40, 70), "green": (70, 165), "cyan": (165, 195),
+              "blue": (195, 255), "purple": (255, 300), "pink": (300, 345)}
+"""Named hue ranges in degrees, [start, end), wrapping through 0 for red."""
+
+
+@dataclass
+class ColourScore:
+    prompt: str
+    seed: int
+    expected: str
+    found: Optional[str]
+
+
+def dominant_colour(image: torch.Tensor, min_saturation: float = 0.35, min_value: float = 0.25) -> Optional[str]:
+    """The named hue range holding most of the image's colourful pixels (white backgrounds, greys
+    and shadows ignored); None for an image without colour."""
+    rgb = ((image[0].clamp(-1, 1) + 1) / 2).flatten(1)
+    value, low = rgb.max(0).values, rgb.min(0).values
+    chroma = value - low
+    colourful = (value >= min_value) & (chroma >= min_saturation * value.clamp_min(1e-6))
+    if not colourful.any():
+        return None
+    r, g, b = rgb[:, colourful]
+    c, v = chroma[colourful], value[colourful]
+    hue = torch.where(v == r, ((g - b) / c) % 6, torch.where(v == g, (b - r) / c + 2, (r - g) / c + 4)) * 60
+    counts = {name: int(((hue >= start) & (hue < end)).sum() if start < end else ((hue >= start) | (hue < end)).sum())
+              for name, (start, end) in HUE_RANGES.items()}
+    return max(counts, key=counts.get)
+
+
+def colour_prompt_scores(model: LatentDiffusion, seeds: int = 10, options: pipelines.Sampling = pipelines.Sampling(),
+                         prompts: dict[str, str] = COLOUR_PROMPTS,
+                         progress: Optional[Callable[[int, int], None]] = None) -> list[ColourScore]:
+    """Each colour prompt with `seeds` seeds from options.seed: the colour asked for and the dominant one made."""
+    scores = []
+    for prompt, expected in prompts.items():
+        for seed in range(options.seed, options.seed + seeds):
+            image = pipelines.txt2img(model, [prompt], options=pipelines.Sampling(**{**options.__dict__, "seed": seed}))
+            scores.append(ColourScore(prompt, seed, expected, dominant_colour(image)))
+            if progress is not None:
+                progress(len(scores), len(prompts) * seeds)
+    return scores
