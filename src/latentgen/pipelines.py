@@ -313,7 +313,9 @@ class Manifest:
                 stale.unlink(missing_ok=True)
         elif resume:
             raise LatentgenError(f"--resume: no manifest at {path}")
-        return cls(path, entries)
+        manifest = cls(path, entries)
+        manifest.save()  # before any image is reserved, so a run killed at once can be resumed
+        return manifest
 
     def done(self, job: Job) -> bool:
         file = self.entries.get(job.key)
@@ -321,6 +323,9 @@ class Manifest:
 
     def record(self, job: Job, file: Path) -> None:
         self.entries[job.key] = str(file)
+        self.save()
+
+    def save(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         temporary = self.path.with_suffix(".tmp")
         temporary.write_text(json.dumps(self.entries, indent=1))
