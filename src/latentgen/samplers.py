@@ -43,7 +43,7 @@ def seeded_generator(seed: int, device="cpu", on_device: bool = False) -> torch.
     return torch.Generator(torch.device(device) if on_device else torch.device("cpu")).manual_seed(seed)
 
 
-def normal(shape: tuple, generator: Generators, device="cpu",
+def normal(shape: tuple, generator: Optional[torch.Generator], device="cpu",
            dtype: torch.dtype = torch.float32) -> Tensor:
     """float32 standard normals drawn on the generator's device (the CPU without one), then moved."""
     where = generator.device if generator is not None else torch.device("cpu")

@@ -5,6 +5,7 @@ their run folder's checkpoint when run again.
 """
 
 import json
+from collections import Counter
 from pathlib import Path
 from typing import Optional
 
@@ -224,11 +225,9 @@ def _evaluate_colours(path: Path, model, seeds: int, options, json_out: Optional
     for score in scores:
         by_prompt.setdefault(score.prompt, []).append(score)
     for prompt, group in by_prompt.items():
-        made = {}
-        for score in group:
-            made[score.found] = made.get(score.found, 0) + 1
+        made = Counter(score.found for score in group).most_common()
         table.add_row(prompt, f"{sum(s.found == s.expected for s in group)}/{len(group)}",
-                      ", ".join(f"{name} {count}" for name, count in sorted(made.items(), key=lambda kv: -kv[1])))
+                      ", ".join(f"{name} {count}" for name, count in made))
     accuracy = sum(s.found == s.expected for s in scores) / len(scores)
     table.add_row("all", f"{accuracy:.0%}", "")
     Console().print(table)

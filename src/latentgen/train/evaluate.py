@@ -21,10 +21,10 @@ import torch.nn.functional as F
 
 from latentgen import metrics, pipelines
 from latentgen.errors import LatentgenError
-from latentgen.images import load_image
+from latentgen.images import load_image, to_uint8
 from latentgen.ldm import LatentDiffusion
 
-from .data import random_mask
+from .data import random_mask, to_tensor
 
 DATASETS = ("set5", "set14", "bsd68")
 
@@ -78,10 +78,8 @@ def telea_inpaint(image: torch.Tensor, hole: torch.Tensor) -> torch.Tensor:
     except ImportError as error:
         raise LatentgenError("inpainting evaluation compares with OpenCV's Telea: "
                              "pip install opencv-python-headless (or latentgen[eval])") from error
-    pixels = (image[0].clamp(-1, 1) + 1).mul(127.5).round().byte().permute(1, 2, 0).contiguous().numpy()
     mask = (hole[0, 0] > 0.5).byte().mul(255).numpy()
-    filled = cv2.inpaint(pixels, mask, 3, cv2.INPAINT_TELEA)
-    return torch.from_numpy(filled).permute(2, 0, 1)[None].float() / 127.5 - 1
+    return to_tensor(cv2.inpaint(to_uint8(image), mask, 3, cv2.INPAINT_TELEA)[None])
 
 
 def hole_psnr(a: torch.Tensor, b: torch.Tensor, hole: torch.Tensor) -> float:
@@ -194,9 +192,9 @@ def colour_prompt_scores(model: LatentDiffusion, seeds: int = 10, options: pipel
     """Each colour prompt with `seeds` seeds from options.seed: the colour asked for and the dominant one made."""
     scores = []
     for prompt, expected in prompts.items():
-        for seed in range(options.seed, options.seed + seeds):
-            image = pipelines.txt2img(model, [prompt], options=pipelines.Sampling(**{**options.__dict__, "seed": seed}))
-            scores.append(ColourScore(prompt, seed, expected, dominant_colour(image)))
-            if progress is not None:
-                progress(len(scores), len(prompts) * seeds)
+        batch = pipelines.txt2img(model, [prompt] * seeds, options=options)  # image i: seed options.seed + i
+        scores += [ColourScore(prompt, options.seed + i, expected, dominant_colour(image[None]))
+                   for i, image in enumerate(batch)]
+        if progress is not None:
+            progress(len(scores), len(prompts) * seeds)
     return scores
