@@ -1,20 +1,14 @@
-"""First-stage autoencoders against diffusers on identical random weights, converted with diffusers' own
-CompVis-to-diffusers utilities; plus the official key layout and the VQ loss/gradient semantics."""
-
-import re
+"""First-stage autoencoders against diffusers on identical random weights, converted by
+`latentgen.reference` with diffusers' own CompVis-to-diffusers utilities; plus the official key layout and the VQ loss/gradient semantics."""
 
 import pytest
 import torch
 from diffusers import AutoencoderKL as DiffusersKL
-from diffusers import VQModel as DiffusersVQ
-from diffusers.loaders.single_file_utils import (
-    convert_ldm_vae_checkpoint,
-    create_vae_diffusers_config_from_ldm,
-    update_vae_attentions_ldm_to_diffusers,
-)
+from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
 
 from latentgen.errors import LatentgenError
 from latentgen.models.autoencoder import AutoencoderKL, VectorQuantizer, VQModel
+from latentgen.reference import first_stage_to_diffusers
 
 TOLERANCE = 1e-4
 
@@ -67,48 +61,6 @@ def randomise(model, seed=0):
             p.copy_(0.05 * noise)
 
 
-def level_attention(cfg):
-    """Which encoder levels (== decoder `up` indices) hold attention blocks, as CompVis decides."""
-    levels = [i for i in range(len(cfg["ch_mult"])) if cfg["resolution"] // 2**i in cfg["attn_resolutions"]]
-    return levels if cfg.get("attn_type", "vanilla") != "none" else []
-
-
-def to_diffusers(model, cfg, embed_dim, n_embed):
-    """Our CompVis-layout weights in a diffusers model, via diffusers' single-file conversion utilities."""
-    state = model.state_dict()
-    original_config = {"model": {"params": {"first_stage_config": {"params": {"ddconfig": cfg,
-                                                                               "embed_dim": embed_dim}}}}}
-    config = create_vae_diffusers_config_from_ldm(original_config, state, image_size=cfg["resolution"])
-    attn_levels = level_attention(cfg)
-    n = len(cfg["ch_mult"])
-    config["down_block_types"] = [("Attn" if i in attn_levels else "") + "DownEncoderBlock2D" for i in range(n)]
-    config["up_block_types"] = [("Attn" if n - 1 - i in attn_levels else "") + "UpDecoderBlock2D" for i in range(n)]
-    config["mid_block_add_attention"] = cfg.get("attn_type", "vanilla") != "none"
-    converted = convert_ldm_vae_checkpoint(state, config)
-    remap_level_attention(converted, n)
-    if n_embed is None:
-        reference = DiffusersKL(**config)
-    else:
-        del config["scaling_factor"]
-        reference = DiffusersVQ(**config, num_vq_embeddings=n_embed, vq_embed_dim=embed_dim)
-        converted["quantize.embedding.weight"] = state["quantize.embedding.weight"]
-    reference.load_state_dict(converted, strict=True)
-    return reference.eval()
-
-
-def remap_level_attention(converted, num_levels):
-    """diffusers' VAE conversion only knows mid-block attention; it leaves per-level `attn` keys untouched."""
-    leftovers = [k for k in converted if re.match(r"(encoder\.down|decoder\.up)\.\d+\.attn\.", k)]
-    original = {k: converted.pop(k) for k in leftovers}
-    for key in leftovers:
-        part, level, index = re.match(r"(encoder\.down|decoder\.up)\.(\d+)\.attn\.(\d+)\.", key).groups()
-        new_level = int(level) if part == "encoder.down" else num_levels - 1 - int(level)
-        block = "down_blocks" if part == "encoder.down" else "up_blocks"
-        mapping = {"old": f"{part}.{level}.attn.{index}",
-                   "new": f"{part.split('.')[0]}.{block}.{new_level}.attentions.{index}"}
-        update_vae_attentions_ldm_to_diffusers([key], converted, original, mapping)
-
-
 def relative_error(ours, reference):
     return ((ours - reference).abs().max() / reference.abs().max()).item()
 
@@ -122,7 +74,7 @@ def check_parity(name, cfg, embed_dim, n_embed, size):
     if n_embed is not None:  # a codebook at the scale of the latents, so indices actually vary
         h = model.encode(x)
         model.quantize.embedding.weight.normal_(0, h.std().item(), generator=torch.Generator().manual_seed(1))
-    reference = to_diffusers(model, cfg, embed_dim, n_embed)
+    reference = first_stage_to_diffusers(model, {"ddconfig": cfg, "embed_dim": embed_dim, "n_embed": n_embed})
 
     if n_embed is None:
         ours_latent, ref_latent = model.encode(x), reference.encode(x).latent_dist.mean
@@ -216,6 +168,17 @@ def test_vq_loss_matches_hand_computation(legacy):
     torch.testing.assert_close(z.grad.permute(0, 2, 3, 1).reshape(-1, 4), encoder_weight * residual)
     expected_codebook_grad = torch.zeros_like(codebook).index_add_(0, expected_indices, -codebook_weight * residual)
     torch.testing.assert_close(quantizer.embedding.weight.grad, expected_codebook_grad)
+
+
+def test_nearest_codes_are_the_brute_force_argmin_across_chunks():
+    torch.manual_seed(0)
+    quantizer = VectorQuantizer(50, 3, beta=0.25)
+    torch.nn.init.normal_(quantizer.embedding.weight)
+    flat = torch.randn(700, 3)
+    expected = torch.cdist(flat, quantizer.embedding.weight).argmin(1)
+    assert torch.equal(quantizer.nearest(flat, rows=256), expected)
+    z = flat[:200].reshape(2, 3, 10, 10)
+    torch.testing.assert_close(quantizer.lookup(z), quantizer(z)[0], rtol=0, atol=0)
 
 
 def test_decode_indices_equals_decode_of_quantised_latent():

@@ -3,13 +3,18 @@ thing (no wall-clock assertions: the numbers themselves are only checked to be s
 
 import json
 import math
+import sys
 import types
+from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import save_file
 
 from latentgen import bench
+
+sys.path.insert(0, str(Path(__file__).parent))
+import tiny_models  # noqa: E402
 
 CPU = torch.device("cpu")
 PARITY = 1e-4
@@ -32,14 +37,20 @@ class FakeClock:
 def test_time_ms_is_the_median_of_the_timed_calls_after_warmup(monkeypatch):
     clock = FakeClock([100.0, 100.0, 5.0, 1.0, 3.0, 9.0, 2.0])
     monkeypatch.setattr(bench, "time", types.SimpleNamespace(perf_counter=clock.perf_counter))
-    assert bench.time_ms(clock.work, CPU, repeats=5, warmup=2) == pytest.approx(3.0)
+    assert bench.time_ms([clock.work], CPU, repeats=5, warmup=2) == [pytest.approx(3.0)]
     assert clock.calls == 7
 
 
 def test_time_ms_without_warmup_calls_exactly_repeats_times():
     calls = []
-    assert bench.time_ms(lambda: calls.append(1), CPU, repeats=4, warmup=0) >= 0
+    assert bench.time_ms([lambda: calls.append(1)], CPU, repeats=4, warmup=0)[0] >= 0
     assert len(calls) == 4
+
+
+def test_time_ms_interleaves_the_runners_so_drift_weighs_on_both():
+    calls = []
+    medians = bench.time_ms([lambda: calls.append("a"), lambda: calls.append("b")], CPU, repeats=3, warmup=1)
+    assert calls == ["a", "b"] * 4 and len(medians) == 2
 
 
 def test_random_state_dict_is_one_buffer_scaled_per_role():
@@ -116,6 +127,17 @@ def test_bundled_mode_compares_an_installed_model_folder(monkeypatch, tmp_path):
     monkeypatch.setattr(bench.catalog, "weights_dirs", lambda: [tmp_path])
     rows = bench.run_bundled(CPU, torch.float32, repeats=1, warmup=0, names=["tiny-model"])
     assert [row.name for row in rows] == ["tiny-model: UNet step, batch 2", "tiny-model: decode"]
+    for row in rows:
+        assert row.latentgen_ms > 0 and row.diffusers_ms > 0 and row.extra["rel_diff"] < PARITY
+
+
+@pytest.mark.parametrize("task", ["inpaint", "upscale"])
+def test_bundled_mode_compares_concat_models_with_unet2d_and_vqmodel(monkeypatch, tmp_path, task):
+    """The transformer-free concat UNets and VQ first stages meet diffusers' UNet2DModel and VQModel."""
+    tiny_models.diffusion_model(tmp_path / f"tiny-{task}", task)
+    monkeypatch.setattr(bench.catalog, "weights_dirs", lambda: [tmp_path])
+    rows = bench.run_bundled(CPU, torch.float32, repeats=1, warmup=0, names=[f"tiny-{task}"])
+    assert [row.name for row in rows] == [f"tiny-{task}: UNet step, batch 1", f"tiny-{task}: decode"]
     for row in rows:
         assert row.latentgen_ms > 0 and row.diffusers_ms > 0 and row.extra["rel_diff"] < PARITY
 

@@ -1,11 +1,13 @@
 """Training code: objectives against hand computations, data preparation on synthetic files, and
 a few steps of each loop on tiny models (finite losses, exact resume, loadable official-layout export)."""
 
+import copy
 import io
 import json
 import random
 import tarfile
 import time
+from dataclasses import replace
 from types import SimpleNamespace
 
 import numpy as np
@@ -15,12 +17,13 @@ import torch.nn.functional as F
 from PIL import Image
 from safetensors import safe_open
 
+from latentgen.errors import LatentgenError
 from latentgen.loader import load_model
 from latentgen.schedules import make_alphas_cumprod
 from latentgen.train import data, losses, runs
 from latentgen.train.autoencoder import AutoencoderConfig, train_autoencoder
 from latentgen.train.data import EmojiSet, ImageBatches
-from latentgen.train.ldm import LDMConfig, LDMData, train_ldm
+from latentgen.train.ldm import LDMConfig, LDMData, LDMTrainer, train_ldm
 
 # ---- losses ---------------------------------------------------------------------------------
 
@@ -386,3 +389,25 @@ def test_concat_ldms_train_and_load(tmp_path, first_stage, task, family, extra):
     assert loaded.config["unet_config"]["params"]["in_channels"] == 3 + extra
     grid = trainer.samples(2)
     assert grid.shape == (6, 3, 16, 16) and torch.isfinite(grid).all()
+
+
+@pytest.mark.slow
+def test_ldm_fine_tunes_from_an_exported_model(tmp_path, first_stage):
+    """--init-from: the UNet and its EMA start on the exported weights, with their scale factor."""
+    _run_ldm("inpaint", 2, tmp_path / "base", first_stage)
+    base = load_model(tmp_path / "base" / "export")
+    trainer = LDMTrainer.create(_ldm_config("inpaint", 0), first_stage, LDMData(photos=_photos()))
+    trainer.start_from(base)
+    for key, value in base.unet.state_dict().items():
+        assert torch.equal(trainer.unet.state_dict()[key], value) and torch.equal(trainer.ema.state_dict()[key], value)
+    assert trainer.scale_factor == base.scale_factor and trainer.step == 0
+
+    other = copy.deepcopy(base)
+    with torch.no_grad():
+        next(other.first_stage.parameters()).add_(1)
+    with pytest.raises(LatentgenError, match="different first stage"):
+        trainer.start_from(other)
+    deeper = LDMTrainer.create(replace(_ldm_config("inpaint", 0), num_res_blocks=2), first_stage,
+                              LDMData(photos=_photos()))
+    with pytest.raises(LatentgenError, match="another UNet architecture"):
+        deeper.start_from(base)

@@ -2,27 +2,20 @@
 
 Transformer UNets (SD 1.x/2.x, LDM text/class models) go through diffusers' own single-file utilities
 into `UNet2DConditionModel`; the transformer-free LDM UNets (inpainting, super-resolution, LSUN, CelebA)
-into `UNet2DModel` by `plain_unet_to_diffusers` below, as diffusers ships that mapping only in a script.
+into `UNet2DModel` by `latentgen.reference`'s own mapping, as diffusers ships that one only in a script.
 Official hyper-parameters are copied from the CompVis / Stability-AI YAMLs named beside each config.
 """
 
 import pytest
 import torch
 import torch.nn.functional as F
-from diffusers import UNet2DConditionModel, UNet2DModel
-from diffusers.loaders.single_file_utils import (
-    convert_ldm_unet_checkpoint,
-    create_unet_diffusers_config_from_ldm,
-    update_unet_resnet_ldm_to_diffusers,
-)
-from diffusers.models.attention_processor import Attention
 from diffusers.models.embeddings import get_timestep_embedding
 
 from latentgen.errors import LatentgenError
 from latentgen.models.unet import GroupNorm32, UNetModel, timestep_embedding
+from latentgen.reference import plain_unet_to_diffusers, transformer_unet_to_diffusers
 
 TOLERANCE = 2e-5  # measured: below 7e-6 everywhere; a GroupNorm eps of 1e-6 for 1e-5 alone gives 3e-5 to 7e-5
-PREFIX = "model.diffusion_model."
 
 # ---- official unet_config.params -------------------------------------------------------------
 
@@ -148,123 +141,6 @@ def build(params, materialise=True):
     return model.eval()
 
 
-def load_diffusers(cls, config, state):
-    with torch.device("meta"):
-        model = cls(**config)
-    model.load_state_dict(state, strict=True, assign=True)
-    return model.eval()
-
-
-def single_file_gaps(params):
-    """Hyper-parameters that diffusers' single-file config reader leaves out (it targets the SD YAMLs)."""
-    widths = [params["model_channels"] * m for m in params["channel_mult"]]
-    gaps = {}
-    if params.get("num_head_channels", -1) != -1 and not params.get("use_linear_in_transformer"):
-        gaps["attention_head_dim"] = [w // params["num_head_channels"] for w in widths]  # a head count
-    if params.get("use_scale_shift_norm"):
-        gaps["resnet_time_scale_shift"] = "scale_shift"
-    return gaps
-
-
-def cross_unet_to_diffusers(model, params):
-    """A diffusers UNet2DConditionModel holding `model`'s weights, via diffusers' single-file utilities."""
-    checkpoint = {PREFIX + k: v for k, v in model.state_dict().items()}
-    original_config = {"model": {"params": {"unet_config": {"params": params},
-                                            "first_stage_config": {"params": {"ddconfig": {"ch_mult": [1, 2, 4, 4]}}}}}}
-    config = {**create_unet_diffusers_config_from_ldm(original_config, checkpoint), **single_file_gaps(params)}
-    converted = convert_ldm_unet_checkpoint(checkpoint, config)
-    assert len(converted) == len(checkpoint), "the conversion dropped or merged keys"
-    return load_diffusers(UNet2DConditionModel, config, converted)
-
-
-def plain_unet_config(params):
-    """UNet2DModel hyper-parameters of a transformer-free CompVis UNet."""
-    widths = [params["model_channels"] * m for m in params["channel_mult"]]
-    attends = [2**i in params["attention_resolutions"] for i in range(len(widths))]
-    updown = params.get("resblock_updown", False)
-    plain = "Resnet{}sample" if updown else "{}"
-    return dict(sample_size=params["image_size"], in_channels=params["in_channels"],
-                out_channels=params["out_channels"], block_out_channels=widths,
-                layers_per_block=params["num_res_blocks"],
-                down_block_types=["AttnDownBlock2D" if a else plain.format("Down") + "Block2D" for a in attends],
-                up_block_types=["AttnUpBlock2D" if a else plain.format("Up") + "Block2D" for a in attends[::-1]],
-                downsample_type="resnet" if updown else "conv", upsample_type="resnet" if updown else "conv",
-                attention_head_dim=8, attn_norm_num_groups=32, num_class_embeds=params.get("num_classes"),
-                resnet_time_scale_shift="scale_shift" if params.get("use_scale_shift_norm") else "default")
-
-
-def legacy_attention_heads(channels, params, upsampling):
-    """Heads of an openaimodel AttentionBlock, from the CompVis rules (a second derivation, on purpose)."""
-    if params.get("num_head_channels", -1) != -1:
-        return channels // params["num_head_channels"]
-    if not params.get("legacy", True):
-        return channels // (channels // params["num_heads"])
-    upsample_heads = params.get("num_heads_upsample", -1)
-    return upsample_heads if upsampling and upsample_heads != -1 else params["num_heads"]
-
-
-def split_qkv(qkv, heads, new_order):
-    """The fused qkv conv1d weight or bias as separate q, k, v (legacy order: heads outermost)."""
-    width = qkv.shape[0] // 3
-    if new_order:
-        return qkv.reshape(3, width, -1).squeeze(-1).unbind(0)
-    return qkv.reshape(heads, 3, width // heads, -1).transpose(0, 1).reshape(3, width, -1).squeeze(-1).unbind(0)
-
-
-def plain_unet_to_diffusers(model, params):
-    """A diffusers UNet2DModel holding a transformer-free CompVis UNet's weights."""
-    state = model.state_dict()
-    levels, per_level = len(params["channel_mult"]), params["num_res_blocks"]
-    prefixes = {"time_embed.0": "time_embedding.linear_1", "time_embed.2": "time_embedding.linear_2",
-                "label_emb": "class_embedding", "input_blocks.0.0": "conv_in", "out.0": "conv_norm_out",
-                "out.2": "conv_out", "middle_block.0": "mid_block.resnets.0", "middle_block.1": "mid_block.attentions.0",
-                "middle_block.2": "mid_block.resnets.1"}
-    block = 1
-    for level in range(levels):
-        for j in range(per_level):
-            prefixes[f"input_blocks.{block}.0"] = f"down_blocks.{level}.resnets.{j}"
-            prefixes[f"input_blocks.{block}.1"] = f"down_blocks.{level}.attentions.{j}"
-            block += 1
-        if level < levels - 1:
-            prefixes[f"input_blocks.{block}.0"] = f"down_blocks.{level}.downsamplers.0"
-            block += 1
-    for block in range(levels * (per_level + 1)):
-        up, j = divmod(block, per_level + 1)
-        prefixes[f"output_blocks.{block}.0"] = f"up_blocks.{up}.resnets.{j}"
-        attends = f"output_blocks.{block}.1.qkv.weight" in state
-        if attends:
-            prefixes[f"output_blocks.{block}.1"] = f"up_blocks.{up}.attentions.{j}"
-        prefixes[f"output_blocks.{block}.{1 + attends}"] = f"up_blocks.{up}.upsamplers.0"
-
-    def diffusers_prefix(key):
-        parts = key.split(".")
-        return next((prefixes[".".join(parts[:n])], ".".join(parts[n:])) for n in (3, 2, 1)
-                    if ".".join(parts[:n]) in prefixes)
-
-    converted = {}
-    for key, value in state.items():
-        new_prefix, rest = diffusers_prefix(key)
-        if rest.startswith("qkv."):
-            heads = legacy_attention_heads(value.shape[0] // 3, params, new_prefix.startswith("up_blocks"))
-            for name, part in zip("qkv", split_qkv(value, heads, params.get("use_new_attention_order", False))):
-                converted[f"{new_prefix}.to_{name}.{rest[4:]}"] = part
-        elif rest.startswith(("norm.", "proj_out.")):
-            module = "group_norm" if rest.startswith("norm.") else "to_out.0"
-            converted[f"{new_prefix}.{module}.{rest.split('.')[-1]}"] = value.squeeze(-1)
-        elif rest.startswith("op."):
-            converted[f"{new_prefix}.conv.{rest[3:]}"] = value
-        else:
-            update_unet_resnet_ldm_to_diffusers([key], converted, state, {"old": key[:-len(rest)], "new": new_prefix + "."})
-    assert len(converted) == len(state) + 2 * sum(k.endswith("qkv.weight") or k.endswith("qkv.bias") for k in state)
-    unet = load_diffusers(UNet2DModel, plain_unet_config(params), converted)
-    for name, module in unet.named_modules():
-        if isinstance(module, Attention):
-            channels = module.to_q.in_features
-            module.heads = legacy_attention_heads(channels, params, name.startswith("up_blocks"))
-            module.scale = (channels // module.heads) ** -0.5
-    return unet
-
-
 # ---- comparing -----------------------------------------------------------------------------------
 
 
@@ -289,7 +165,7 @@ def inputs(params, size=8, batch=2, tokens=5, seed=1):
 @torch.no_grad()
 def cross_error(params, size=8, tokens=5):
     model = build(params)
-    reference_model = cross_unet_to_diffusers(model, params)
+    reference_model = transformer_unet_to_diffusers(model, params)
     x, t, context, y = inputs(params, size, tokens=tokens)
     ours = model(x, t, context, y)
     return relative_error(ours, reference_model(x, t, encoder_hidden_states=context, class_labels=y).sample)
@@ -332,7 +208,7 @@ def test_official_plain_unet_matches_diffusers(name):
 @pytest.mark.parametrize("name", OFFICIAL_CROSS)
 def test_official_transformer_keys_and_shapes_match_diffusers(name):
     """At full size on the meta device: diffusers' mapping takes every key, and its model every shape."""
-    cross_unet_to_diffusers(build(OFFICIAL_CROSS[name], materialise=False), OFFICIAL_CROSS[name])
+    transformer_unet_to_diffusers(build(OFFICIAL_CROSS[name], materialise=False), OFFICIAL_CROSS[name])
 
 
 @pytest.mark.parametrize("name", OFFICIAL_PLAIN)

@@ -24,11 +24,12 @@ from latentgen.loader import load_model, load_state_dict
 from latentgen.models.autoencoder import AutoencoderKL
 from latentgen.models.text import FrozenOpenCLIPEmbedder
 from latentgen.models.unet import UNetModel
+from latentgen.reference import transformer_unet_to_diffusers
 
 sys.path.insert(0, str(Path(__file__).parent))
 import tiny_models  # noqa: E402
 from test_detect import official_shapes  # noqa: E402
-from test_unet import cross_unet_to_diffusers, relative_error  # noqa: E402
+from test_unet import relative_error  # noqa: E402
 
 runner = CliRunner()
 
@@ -183,7 +184,7 @@ def test_unet_matches_diffusers_upscaler_unet_with_noise_level_class_labels(tiny
     """The loaded UNet against diffusers' UNet2DConditionModel built by its single-file utilities from
     the same weights (num_class_embeds=1000, only_cross_attention per level, 8 heads, linear projections)."""
     model = load_model(*tiny)
-    theirs = cross_unet_to_diffusers(model.unet, model.config["unet_config"]["params"])
+    theirs = transformer_unet_to_diffusers(model.unet, model.config["unet_config"]["params"])
     assert theirs.config.num_class_embeds == 1000 and theirs.config.in_channels == 7
     assert list(theirs.config.only_cross_attention) == [False, True, True, False]
     generator = torch.Generator().manual_seed(0)
@@ -250,7 +251,7 @@ def test_upscale_feeds_the_unet_augmented_image_noise_level_and_both_prompts(tin
 def diffusers_upscale_pipeline(model) -> StableDiffusionUpscalePipeline:
     """diffusers' upscale pipeline over the same weights (UNet and VAE through its single-file
     conversion), DDIM with CompVis' timesteps, v-prediction; no text encoder (embeddings are passed)."""
-    unet = cross_unet_to_diffusers(model.unet, model.config["unet_config"]["params"])
+    unet = transformer_unet_to_diffusers(model.unet, model.config["unet_config"]["params"])
     checkpoint = {detect.FIRST_STAGE_PREFIX + k: v for k, v in model.first_stage.state_dict().items()}
     vae_config = create_vae_diffusers_config_from_ldm({"model": {"params": model.config}}, checkpoint,
                                                       scaling_factor=model.scale_factor)

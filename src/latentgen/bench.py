@@ -1,10 +1,11 @@
 """`latentgen bench`: latentgen against diffusers on the same weights, in one process.
 
-diffusers is optional here (a test extra, imported only inside this module's functions): when it
-is importable, the very tensors latentgen runs on are converted with diffusers' own single-file
-utilities, so both runners share weights, device and dtype. Every comparison also records how far
-the two outputs are apart (`rel_diff`), so a fast but wrong path cannot pass unnoticed. Times are
-medians over repeats after warm-up, measured with CUDA events on GPU and perf_counter elsewhere.
+diffusers is optional here (a test extra, imported only inside `reference`'s functions): when it
+is importable, the very tensors latentgen runs on are handed to diffusers models (`reference`),
+so both runners share weights, device and dtype. Every comparison also records how far the two
+outputs are apart (`rel_diff`), so a fast but wrong path cannot pass unnoticed. Times are medians
+over repeats after warm-up, the two runners called in turn, measured with CUDA events on GPU and
+perf_counter elsewhere.
 """
 
 import json
@@ -16,7 +17,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Callable, Optional, Union
+from typing import Callable, Optional, Sequence, Union
 
 import torch
 from torch import nn
@@ -26,6 +27,7 @@ from .errors import LatentgenError
 from .guidance import Conditioning, classifier_free_guidance, unet_model
 from .models.autoencoder import AutoencoderKL
 from .models.unet import UNetModel
+from .reference import adopt, first_stage_to_diffusers, unet_to_diffusers
 from .samplers import sample
 from .schedules import make_alphas_cumprod
 
@@ -89,24 +91,32 @@ class Row:
         return None if self.diffusers_ms is None else self.latentgen_ms / self.diffusers_ms
 
 
-def time_ms(fn: Callable[[], object], device: torch.device, repeats: int, warmup: int = 2) -> float:
-    """Median wall time of `fn` in milliseconds over `repeats` calls, after `warmup` untimed calls."""
+def time_ms(fns: Sequence[Callable[[], object]], device: torch.device, repeats: int, warmup: int = 2) -> list[float]:
+    """Median wall time in milliseconds of each of `fns` over `repeats` rounds, after `warmup`
+    untimed rounds. A round calls each function once in turn, so that a machine slowing down or
+    speeding up during the run (other processes, clocks, heat) weighs on all of them alike."""
     for _ in range(warmup):
-        fn()
-    samples = []
+        for fn in fns:
+            fn()
+    samples = [[] for _ in fns]
     for _ in range(repeats):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize()
-            samples.append(start.elapsed_time(end))
-        else:
-            begin = time.perf_counter()
-            fn()
-            samples.append((time.perf_counter() - begin) * 1000)
-    return statistics.median(samples)
+        for fn, times in zip(fns, samples):
+            times.append(_elapsed_ms(fn, device))
+    return [statistics.median(times) for times in samples]
+
+
+def _elapsed_ms(fn: Callable[[], object], device: torch.device) -> float:
+    """One call's time: CUDA events on GPU, perf_counter elsewhere."""
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        return start.elapsed_time(end)
+    begin = time.perf_counter()
+    fn()
+    return (time.perf_counter() - begin) * 1000
 
 
 class KeepLast:
@@ -148,20 +158,6 @@ def random_state_dict(module: nn.Module, device: torch.device, dtype: torch.dtyp
     return state
 
 
-def adopt(factory: Callable[[], nn.Module], state: dict) -> nn.Module:
-    """`factory()` holding exactly the tensors of `state` (no copy, no random init): built on the meta
-    device, then given the tensors; built for real only if it keeps buffers outside its state dict."""
-    with torch.device("meta"):
-        module = factory()
-    module.load_state_dict(state, strict=True, assign=True)
-    if any(t.is_meta for t in [*module.parameters(), *module.buffers()]):
-        device = next(iter(state.values())).device
-        with torch.device(device):
-            module = factory()
-        module.load_state_dict(state, strict=True)
-    return module.eval()
-
-
 def build_latentgen(arch: Architecture, device: torch.device, dtype: torch.dtype, seed: int = 0):
     """(UNet, autoencoder) of `arch` with random weights on `device` in `dtype`."""
     def make_unet():
@@ -178,47 +174,18 @@ def build_latentgen(arch: Architecture, device: torch.device, dtype: torch.dtype
 
 
 def diffusers_models(unet: Optional[nn.Module], first_stage: Optional[nn.Module], params: dict):
-    """diffusers' (UNet2DConditionModel, AutoencoderKL) holding the very tensors of our modules,
-    converted by diffusers' own single-file utilities from our CompVis-layout state dicts. `params`
-    is an official `model.params` (unet_config, first_stage_config, scale_factor). Either entry is
-    None where its module was None; the whole result is None when diffusers is not installed."""
+    """diffusers' (UNet, autoencoder) holding the very tensors of our modules (`reference`: diffusers'
+    own single-file utilities where they apply). `params` is an official `model.params`
+    (unet_config, first_stage_config). Either entry is None where its module was None; the whole
+    result is None when diffusers is not installed."""
     try:
-        from diffusers import AutoencoderKL as DiffusersKL
-        from diffusers import UNet2DConditionModel
-        from diffusers.loaders.single_file_utils import (
-            convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint,
-            create_unet_diffusers_config_from_ldm, create_vae_diffusers_config_from_ldm,
-        )
+        import diffusers  # noqa: F401
     except ImportError:
         return None
-    original = {"model": {"params": params}}
-    state = {}
-    if unet is not None:
-        state.update({f"model.diffusion_model.{k}": v for k, v in unet.state_dict().items()})
-    if first_stage is not None:
-        state.update({f"first_stage_model.{k}": v for k, v in first_stage.state_dict().items()})
-    theirs_unet = theirs_vae = None
-    if unet is not None:
-        config = create_unet_diffusers_config_from_ldm(original, state)
-        config["attention_head_dim"] = _heads_per_level(params["unet_config"]["params"])
-        if config.get("only_cross_attention") is None:  # CompVis' "not set" is diffusers' default
-            config.pop("only_cross_attention", None)
-        weights = convert_ldm_unet_checkpoint(state, config)
-        theirs_unet = adopt(lambda: UNet2DConditionModel(**config), weights)
-    if first_stage is not None:
-        config = create_vae_diffusers_config_from_ldm(original, state)
-        weights = convert_ldm_vae_checkpoint(state, config)
-        theirs_vae = adopt(lambda: DiffusersKL(**config), weights)
+    theirs_unet = None if unet is None else unet_to_diffusers(unet, params["unet_config"]["params"])
+    theirs_vae = None if first_stage is None else first_stage_to_diffusers(first_stage,
+                                                                           params["first_stage_config"]["params"])
     return theirs_unet, theirs_vae
-
-
-def _heads_per_level(unet_params: dict) -> list[int]:
-    """Attention heads per UNet level, from `num_heads` or `num_head_channels` (diffusers' converter
-    reads only `num_heads`; its `attention_head_dim` is in fact a head count)."""
-    widths = [unet_params["model_channels"] * mult for mult in unet_params["channel_mult"]]
-    if unet_params.get("num_heads", -1) != -1:
-        return [unet_params["num_heads"]] * len(widths)
-    return [width // unet_params["num_head_channels"] for width in widths]
 
 
 @dataclass(frozen=True)
@@ -238,11 +205,14 @@ def latentgen_runner(unet: nn.Module, first_stage: nn.Module) -> Runner:
 
 
 def diffusers_runner(unet: Optional[nn.Module], vae: Optional[nn.Module]) -> Runner:
-    """A diffusers UNet2DConditionModel and AutoencoderKL as a Runner (either may be None: not run)."""
-    step = None if unet is None else lambda x, t, context: unet(x, t, encoder_hidden_states=context,
-                                                                   return_dict=False)[0]
+    """A diffusers UNet (2DCondition or 2D: a None context is not passed) and autoencoder (KL or VQ)
+    as a Runner (either may be None: not run)."""
+    def step(x: torch.Tensor, t: torch.Tensor, context: Optional[torch.Tensor]) -> torch.Tensor:
+        text = {} if context is None else {"encoder_hidden_states": context}
+        return unet(x, t, **text, return_dict=False)[0]
+
     decode = None if vae is None else lambda z: vae.decode(z, return_dict=False)[0]
-    return Runner(step, decode, diffusers_image, tuple(m for m in (unet, vae) if m is not None))
+    return Runner(None if unet is None else step, decode, diffusers_image, tuple(m for m in (unet, vae) if m is not None))
 
 
 def latentgen_image(step: Step, decode, context: torch.Tensor, x_T: torch.Tensor, steps: int,
@@ -316,13 +286,12 @@ def peak_memory_mb(fn: Callable[[], object], device: torch.device, *modules: nn.
 
 def compare(name: str, ours: Callable[[], torch.Tensor], theirs: Optional[Callable[[], torch.Tensor]],
             device: torch.device, repeats: int, warmup: int = 2, **extra) -> Row:
-    """Time both runners (theirs may be None) and record how far apart their last outputs are."""
-    ours, row = KeepLast(ours), Row(name, 0.0, extra=extra)
-    row.latentgen_ms = time_ms(ours, device, repeats, warmup)
+    """Time both runners (theirs may be None), interleaved, and record how far apart their last
+    outputs are."""
+    runners = [KeepLast(fn) for fn in (ours, theirs) if fn is not None]
+    row = Row(name, *time_ms(runners, device, repeats, warmup), extra=extra)
     if theirs is not None:
-        theirs = KeepLast(theirs)
-        row.diffusers_ms = time_ms(theirs, device, repeats, warmup)
-        row.extra["rel_diff"] = relative_difference(ours.result, theirs.result)
+        row.extra["rel_diff"] = relative_difference(runners[0].result, runners[1].result)
     return row
 
 
@@ -487,9 +456,8 @@ def run_bundled(device: torch.device, dtype: torch.dtype, repeats: int, with_dif
         batch = 2 if context_dim is not None else 1
         ours, theirs = latentgen_runner(model.unet, model.first_stage), None
         if with_diffusers:
-            kl = model.first_stage if isinstance(model.first_stage, AutoencoderKL) else None
             try:
-                reference = diffusers_models(model.unet, kl, model.config)
+                reference = diffusers_models(model.unet, model.first_stage, model.config)
                 theirs = reference and diffusers_runner(*reference)
             except Exception as error:  # a layout diffusers' converter does not know: time ours alone
                 reason = str(error).splitlines()[0][:200]

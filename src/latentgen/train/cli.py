@@ -135,6 +135,8 @@ def ldm(
     max_minutes: float = typer.Option(0.0, help="stop (checkpointed and exported) after this wall time; 0: no limit"),
     device: str = typer.Option("auto"),
     resume: bool = typer.Option(True, help="continue from the run folder's checkpoint"),
+    init_from: Optional[Path] = typer.Option(None, help="fine-tune: start from this trained model's weights "
+                                                        "(same architecture and first stage) when the run has no checkpoint"),
     export_to: Optional[Path] = typer.Option(None, help="export folder (default RUN/export)"),
 ) -> None:
     """Stage 2: a latent diffusion UNet on a frozen first stage (eps-prediction, EMA, CFG dropout)."""
@@ -155,7 +157,8 @@ def ldm(
         photos=load_photos(data / photos, image_size) if task != "txt2img" else None,
         emoji=datasets.EmojiSet.load(data, use_contexts=contexts) if wants_emoji else None,
     )
-    trainer = train_ldm(config, load_model(first_stage), sources, run, resume, export_dir=export_to)
+    trainer = train_ldm(config, load_model(first_stage), sources, run, resume, export_dir=export_to,
+                        init_from=load_model(init_from) if init_from else None)
     console.print(f"step {trainer.step}: exported to {export_to or run / 'export'}")
 
 

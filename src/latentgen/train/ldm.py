@@ -301,6 +301,22 @@ class LDMTrainer:
                 "optimizer": self.optimizer.state_dict(), "step": self.step, "scale_factor": self.scale_factor,
                 "random": runs.random_state(self.generator)}
 
+    def start_from(self, model: LatentDiffusion) -> None:
+        """Fine-tune: the UNet (and EMA) start from a trained model's weights and keep its latent
+        scale factor (CompVis' `ckpt_path`); the optimiser starts afresh. The model must share this
+        run's architecture and first stage, or its latents would mean something else."""
+        if model.unet is None:
+            raise LatentgenError("--init-from needs a diffusion model, not an autoencoder")
+        ours, theirs = self.first_stage.state_dict(), model.first_stage.state_dict()
+        if ours.keys() != theirs.keys() or any(not torch.equal(ours[k].cpu().float(), theirs[k].float()) for k in ours):
+            raise LatentgenError("--init-from model was trained on a different first stage than --first-stage")
+        try:
+            self.unet.load_state_dict(model.unet.state_dict())
+        except RuntimeError as error:
+            raise LatentgenError(f"--init-from model has another UNet architecture: {str(error).splitlines()[0]}") from None
+        self.ema.load_state_dict(self.unet.state_dict())
+        self.scale_factor = model.scale_factor
+
     def load(self, state: dict) -> None:
         self.unet.load_state_dict(state["unet"])
         self.ema.load_state_dict(state["ema"])
@@ -376,14 +392,17 @@ class LDMTrainer:
 def train_ldm(config: LDMConfig, first_stage: LatentDiffusion, data: LDMData, run_dir: Path, resume: bool = True,
               text_encoder: Optional[Encoder] = None, quiet: bool = False,
               on_step: Optional[Callable[[int, dict], None]] = None,
-              export_dir: Optional[Path] = None) -> LDMTrainer:
-    """Train to `config.steps` (continuing `run_dir`'s checkpoint when `resume`), checkpoint every
+              export_dir: Optional[Path] = None, init_from: Optional[LatentDiffusion] = None) -> LDMTrainer:
+    """Train to `config.steps` (continuing `run_dir`'s checkpoint when `resume`, else starting from
+    `init_from`'s weights when given), checkpoint every
     `checkpoint_every` steps and at the end, save sample grids every `sample_every` steps, then
     export to `export_dir` (default `run_dir`/export)."""
     trainer = LDMTrainer.create(config, first_stage, data, text_encoder, run_dir)
     state = runs.load_checkpoint(run_dir) if resume else None
     if state is not None:
         trainer.load(state)
+    elif init_from is not None:
+        trainer.start_from(init_from)
     trainer.unet.train()
     runs.train_loop(trainer, config.steps, run_dir, config.checkpoint_every, config.sample_every,
                     f"ldm {config.task}", quiet, on_step, config.max_minutes)
