@@ -125,8 +125,9 @@ def test_bundled_mode_compares_an_installed_model_folder(monkeypatch, tmp_path):
     params = {**arch.params(), "cond_stage_config": "__is_unconditional__"}
     (folder / "config.json").write_text(json.dumps({"model": {"params": params}}))
     monkeypatch.setattr(bench.catalog, "weights_dirs", lambda: [tmp_path])
-    rows = bench.run_bundled(CPU, torch.float32, repeats=1, warmup=0, names=["tiny-model"])
-    assert [row.name for row in rows] == ["tiny-model: UNet step, batch 2", "tiny-model: decode"]
+    rows = bench.run_bundled(CPU, torch.float32, repeats=1, warmup=0, names=["tiny-model"], steps=2)
+    assert [row.name for row in rows] == ["tiny-model: UNet step, batch 2", "tiny-model: decode",
+                                          "tiny-model: 2-step image + decode"]
     for row in rows:
         assert row.latentgen_ms > 0 and row.diffusers_ms > 0 and row.extra["rel_diff"] < PARITY
 
@@ -136,8 +137,9 @@ def test_bundled_mode_compares_concat_models_with_unet2d_and_vqmodel(monkeypatch
     """The transformer-free concat UNets and VQ first stages meet diffusers' UNet2DModel and VQModel."""
     tiny_models.diffusion_model(tmp_path / f"tiny-{task}", task)
     monkeypatch.setattr(bench.catalog, "weights_dirs", lambda: [tmp_path])
-    rows = bench.run_bundled(CPU, torch.float32, repeats=1, warmup=0, names=[f"tiny-{task}"])
-    assert [row.name for row in rows] == [f"tiny-{task}: UNet step, batch 1", f"tiny-{task}: decode"]
+    rows = bench.run_bundled(CPU, torch.float32, repeats=1, warmup=0, names=[f"tiny-{task}"], steps=3)
+    assert [row.name for row in rows] == [f"tiny-{task}: UNet step, batch 1", f"tiny-{task}: decode",
+                                          f"tiny-{task}: 3-step image + decode"]
     for row in rows:
         assert row.latentgen_ms > 0 and row.diffusers_ms > 0 and row.extra["rel_diff"] < PARITY
 

@@ -24,7 +24,7 @@ from torch import nn
 
 from . import catalog
 from .errors import LatentgenError
-from .guidance import Conditioning, classifier_free_guidance, unet_model
+from .guidance import Conditioning, guided_model
 from .models.autoencoder import AutoencoderKL
 from .models.unet import UNetModel
 from .reference import adopt, first_stage_to_diffusers, unet_to_diffusers
@@ -215,21 +215,26 @@ def diffusers_runner(unet: Optional[nn.Module], vae: Optional[nn.Module]) -> Run
     return Runner(None if unet is None else step, decode, diffusers_image, tuple(m for m in (unet, vae) if m is not None))
 
 
-def latentgen_image(step: Step, decode, context: torch.Tensor, x_T: torch.Tensor, steps: int,
-                    scale_factor: float) -> torch.Tensor:
-    """What `latentgen txt2img` runs after text encoding: our classifier-free guidance (one batched
-    forward over the [uncond, cond] rows of `context`), our DDIM sampler, the decode."""
-    unet = unet_model(lambda x, t, context=None, y=None: step(x, t, context))
-    model = classifier_free_guidance(unet, GUIDANCE_SCALE)
-    conditionings = (Conditioning(context=context[1:]), Conditioning(context=context[:1]))
+def latentgen_image(step: Step, decode, context: Optional[torch.Tensor], x_T: torch.Tensor, steps: int,
+                    scale_factor: float, concat: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """What latentgen's commands run after encoding their inputs: our DDIM sampler over our
+    guidance (one batched forward over the [uncond, cond] rows of `context`), or, for a concat
+    model (inpainting, SR; `context` None), over the UNet with `concat` joining x, then the decode."""
+    unet = lambda x, t, context=None, y=None: step(x, t, context)  # noqa: E731
+    if context is None:
+        model = guided_model(unet, Conditioning(concat=concat))
+    else:
+        model = guided_model(unet, Conditioning(context=context[1:]), Conditioning(context=context[:1]),
+                             GUIDANCE_SCALE)
     alphas_cumprod = make_alphas_cumprod("linear", 1000, 0.00085, 0.012)
-    return decode(sample("ddim", model, x_T, alphas_cumprod, "eps", steps, cond=conditionings) / scale_factor)
+    return decode(sample("ddim", model, x_T, alphas_cumprod, "eps", steps) / scale_factor)
 
 
-def diffusers_image(step: Step, decode, context: torch.Tensor, x_T: torch.Tensor, steps: int,
-                    scale_factor: float) -> torch.Tensor:
-    """What diffusers' StableDiffusionPipeline runs after text encoding: guidance over the [uncond,
-    cond] rows of `context` in one forward, its DDIMScheduler loop with SD's schedule, the decode."""
+def diffusers_image(step: Step, decode, context: Optional[torch.Tensor], x_T: torch.Tensor, steps: int,
+                    scale_factor: float, concat: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """What diffusers' pipelines run after encoding: StableDiffusionPipeline's guidance over the
+    [uncond, cond] rows of `context` in one forward, or LDMSuperResolutionPipeline's concatenation
+    (`context` None), in its DDIMScheduler loop with SD's schedule, then the decode."""
     from diffusers import DDIMScheduler
 
     scheduler = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False,
@@ -237,8 +242,11 @@ def diffusers_image(step: Step, decode, context: torch.Tensor, x_T: torch.Tensor
     scheduler.set_timesteps(steps, device=x_T.device)
     z = x_T
     for t in scheduler.timesteps:
-        eps_uncond, eps_cond = step(torch.cat([z, z]), t.expand(2), context).chunk(2)
-        eps = eps_uncond + GUIDANCE_SCALE * (eps_cond - eps_uncond)
+        if context is None:
+            eps = step(torch.cat([z, concat], dim=1), t.expand(len(z)), None)
+        else:
+            eps_uncond, eps_cond = step(torch.cat([z, z]), t.expand(2), context).chunk(2)
+            eps = eps_uncond + GUIDANCE_SCALE * (eps_cond - eps_uncond)
         z = scheduler.step(eps, t, z, return_dict=False)[0]
     return decode(z / scale_factor)
 
@@ -309,6 +317,7 @@ class Workload:
     z: torch.Tensor
     steps: int = 1
     scale_factor: float = 1.0
+    concat: Optional[torch.Tensor] = None
 
     @staticmethod
     def random(batch: int, channels: int, latent: int, context_dim: Optional[int], context_length: int,
@@ -344,7 +353,8 @@ def decode_row(name: str, ours: Runner, theirs: Optional[Runner], work: Workload
 
 
 def _image(runner: Runner, work: Workload) -> Callable[[], torch.Tensor]:
-    return lambda: runner.image(runner.step, runner.decode, work.context, work.z, work.steps, work.scale_factor)
+    return lambda: runner.image(runner.step, runner.decode, work.context, work.z, work.steps, work.scale_factor,
+                                work.concat)
 
 
 def image_row(name: str, ours: Runner, theirs: Optional[Runner], work: Workload, **extra) -> Row:
@@ -438,9 +448,12 @@ def fast_rows(ours: Runner, theirs: Optional[Runner], work: Workload, report: Re
 
 
 def run_bundled(device: torch.device, dtype: torch.dtype, repeats: int, with_diffusers: bool = True,
-                report: Report = lambda text: None, warmup: int = 2, names: Optional[list[str]] = None) -> list[Row]:
-    """The bundled default models' UNet step (batch 2 when cross-attention can guide) and decode at
-    their native size, against diffusers on the same tensors; models not installed are skipped."""
+                report: Report = lambda text: None, warmup: int = 2, names: Optional[list[str]] = None,
+                steps: int = 50) -> list[Row]:
+    """The bundled default models at their native size against diffusers on the same tensors: UNet
+    step (batch 2 when cross-attention can guide), decode, and a whole `steps`-step image as their
+    command makes it after encoding its inputs (guided for text, concat for inpainting and SR).
+    Models not installed are skipped."""
     from .loader import load_model
 
     rows = []
@@ -463,12 +476,14 @@ def run_bundled(device: torch.device, dtype: torch.dtype, repeats: int, with_dif
                 reason = str(error).splitlines()[0][:200]
                 report(f"{name}: diffusers cannot convert it ({type(error).__name__}: {reason})")
         work = Workload.random(batch, unet_params["in_channels"], latent, context_dim, 77, device, dtype, repeats,
-                               warmup)
-        work.z = work.z[:, :model.first_stage.embed_dim]
+                               warmup, steps=steps, scale_factor=model.scale_factor)
+        channels = model.first_stage.embed_dim
+        work.z, work.concat = work.z[:, :channels], (work.z[:, channels:] if context_dim is None else None)
         with torch.inference_mode():
-            report(f"{name}: UNet step and decode")
+            report(f"{name}: UNet step, decode, {steps}-step image")
             rows.append(step_row(f"{name}: UNet step, batch {batch}", ours, theirs, work, latent=latent))
             rows.append(decode_row(f"{name}: decode", ours, theirs, work, latent=latent))
+            rows.append(image_row(f"{name}: {steps}-step image + decode", ours, theirs, work, latent=latent))
         del model, ours, theirs
     return rows
 

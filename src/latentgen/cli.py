@@ -312,7 +312,7 @@ def convert(
 @user_errors
 def bench(
     latent: Annotated[Optional[int], typer.Option("--latent", help="Latent side (64 = 512 px; default 64 on GPU, 16 on CPU).")] = None,
-    steps: Annotated[Optional[int], typer.Option("--steps", help="DDIM steps of the full image (default 50 on GPU, 4 on CPU).")] = None,
+    steps: Annotated[Optional[int], typer.Option("--steps", help="DDIM steps of the full image (default 50 on GPU and with --bundled, else 4 on CPU).")] = None,
     repeats: Annotated[int, typer.Option("--repeats", help="Timed repeats per measurement (median).")] = 5,
     no_diffusers: Annotated[bool, typer.Option("--no-diffusers", help="Time latentgen alone.")] = False,
     bundled: Annotated[bool, typer.Option("--bundled", help="Time the bundled default models instead of SD 1.5.")] = False,
@@ -331,7 +331,9 @@ def bench(
     precision = pipelines.pick_dtype(dtype, target)
     gpu = target.type == "cuda"
     if bundled:
-        rows = benchmark.run_bundled(target, precision, repeats, not no_diffusers, say)
+        rows = benchmark.run_bundled(target, precision, repeats, not no_diffusers, say,
+                                     steps=steps or pipelines.DEFAULT_STEPS)
+        rows += benchmark.cold_start_rows(target, say) if cold else []
     else:
         rows = benchmark.run(target, precision, latent or (64 if gpu else 16), steps or (50 if gpu else 4), repeats,
                              not no_diffusers, say, arch=arch, channels_last=channels_last, compile_unet=compile_unet,
