@@ -299,6 +299,25 @@ def test_autoencoder_loss_decreases(tmp_path):
     assert np.mean(logs[-5:]) < 0.7 * np.mean(logs[:5])
 
 
+def test_decoder_only_fine_tuning_keeps_the_latent_space(tmp_path):
+    """--decoder-only: the encoder (so every latent) is untouched, the decoder learns; emoji join the photos."""
+    start = _run_ae("kl", 2, tmp_path / "base")[0].model
+    config = replace(_ae_config("kl", 4), decoder_only=True, emoji_fraction=0.5, disc_start=1000, lr=1e-2)
+    emoji = ImageBatches(np.full((3, 16, 16, 3), 200, dtype=np.uint8), crop=16)
+    trainer = train_autoencoder(config, _photos(), tmp_path / "decoder", quiet=True, emoji=emoji,
+                                init_from=start)
+    tuned, before = trainer.model.state_dict(), start.state_dict()
+    assert all(torch.equal(tuned[k], before[k]) for k in before if k.startswith(("encoder.", "quant_conv.")))
+    assert not all(torch.equal(tuned[k], before[k]) for k in before if k.startswith("decoder."))
+    batch = trainer.batch()
+    assert batch.shape == (2, 3, 16, 16) and torch.allclose(batch[1], torch.tensor(200 / 127.5 - 1))
+
+    with pytest.raises(LatentgenError, match="--init-from"):
+        train_autoencoder(config, _photos(), tmp_path / "no-start", quiet=True, emoji=emoji)
+    with pytest.raises(LatentgenError, match="prepared emoji"):
+        train_autoencoder(config, _photos(), tmp_path / "no-emoji", quiet=True, init_from=start)
+
+
 class FakeTextEncoder(torch.nn.Module):
     """A deterministic stand-in for MiniLM: a context per string from its characters."""
 
@@ -404,8 +423,11 @@ def test_ldm_fine_tunes_from_an_exported_model(tmp_path, first_stage):
 
     other = copy.deepcopy(base)
     with torch.no_grad():
-        next(other.first_stage.parameters()).add_(1)
-    with pytest.raises(LatentgenError, match="different first stage"):
+        other.first_stage.decoder.conv_out.weight.add_(1)
+    trainer.start_from(other)  # a fine-tuned decoder renders the same latent space
+    with torch.no_grad():
+        other.first_stage.encoder.conv_in.weight.add_(1)
+    with pytest.raises(LatentgenError, match="another latent space"):
         trainer.start_from(other)
     deeper = LDMTrainer.create(replace(_ldm_config("inpaint", 0), num_res_blocks=2), first_stage,
                               LDMData(photos=_photos()))

@@ -3,6 +3,11 @@ standalone first-stage checkpoint (`encoder.*`, `decoder.*`, `quant_conv.*` ... 
 
 Each step updates the autoencoder on L1 + SSIM + FFT + (KL or VQ) + the adaptively weighted
 PatchGAN loss once `disc_start` is reached, then the discriminator on the hinge loss.
+
+`decoder_only` fine-tunes the decoder of a trained autoencoder with its encoder frozen, as
+Stability did for SD's ft-MSE VAE: the latent space stays the same, so every diffusion model
+trained on it keeps working, and only how latents are rendered improves. Emoji crops can join the
+photos (`emoji_fraction`), so a decoder serving an emoji model learns their saturated colours.
 """
 
 from dataclasses import asdict, dataclass
@@ -17,7 +22,7 @@ from latentgen.errors import LatentgenError
 from latentgen.models.autoencoder import AutoencoderKL, VQModel
 
 from . import losses, runs
-from .data import ImageBatches
+from .data import EmojiSet, ImageBatches, emoji_at, to_uint8
 
 # CompVis' exported class name for the VQ first stage (VQModelInterface is the LDM wrapper).
 VQ_EXPORT_TARGET = VQ_TARGET.replace("VQModelInterface", "VQModel")
@@ -46,6 +51,8 @@ class AutoencoderConfig:
     disc_weight: float = 0.5
     disc_ndf: int = 32
     disc_layers: int = 3
+    decoder_only: bool = False
+    emoji_fraction: float = 0.0
     seed: int = 0
     checkpoint_every: int = 500
     sample_every: int = 0
@@ -86,18 +93,36 @@ class Trainer:
     data: ImageBatches
     generator: torch.Generator
     device: torch.device
+    emoji: Optional[ImageBatches] = None
     step: int = 0
 
     @classmethod
-    def create(cls, config: AutoencoderConfig, data: ImageBatches) -> "Trainer":
+    def create(cls, config: AutoencoderConfig, data: ImageBatches, emoji: Optional[ImageBatches] = None,
+               init_from: Optional[torch.nn.Module] = None) -> "Trainer":
+        """A fresh trainer, starting from `init_from`'s weights when given (same architecture)."""
+        if config.emoji_fraction > 0 and emoji is None:
+            raise LatentgenError("--emoji-fraction needs the prepared emoji (latentgen train prepare-emoji)")
+        if config.decoder_only and init_from is None:
+            raise LatentgenError("--decoder-only fine-tunes a trained autoencoder: give it with --init-from")
         torch.manual_seed(config.seed)
         device = runs.pick_device(config.device)
         model = build_autoencoder(config).to(device)
+        if init_from is not None:
+            try:
+                model.load_state_dict(init_from.state_dict())
+            except RuntimeError as error:
+                raise LatentgenError(f"--init-from has another architecture: {str(error).splitlines()[0]}") from None
+        trained = model.parameters()
+        if config.decoder_only:
+            model.requires_grad_(False)
+            trained = [*model.decoder.parameters(), *model.post_quant_conv.parameters()]
+            for parameter in trained:
+                parameter.requires_grad_(True)
         discriminator = losses.NLayerDiscriminator(3, config.disc_ndf, config.disc_layers).to(device)
         betas = (0.5, 0.9)  # taming's choice for both optimisers
-        return cls(config, model, discriminator, torch.optim.Adam(model.parameters(), config.lr, betas=betas),
+        return cls(config, model, discriminator, torch.optim.Adam(trained, config.lr, betas=betas),
                    torch.optim.Adam(discriminator.parameters(), config.lr, betas=betas), data,
-                   torch.Generator().manual_seed(config.seed), device)
+                   torch.Generator().manual_seed(config.seed), device, emoji)
 
     def state(self) -> dict:
         return {"config": asdict(self.config), "model": self.model.state_dict(),
@@ -135,9 +160,17 @@ class Trainer:
         quant, qloss, _ = self.model.quantize(self.model.encode(x))
         return self.model.decode(quant, force_not_quantize=True), qloss
 
+    def batch(self) -> torch.Tensor:
+        """Photo crops, the last `emoji_fraction` of the batch replaced by emoji crops."""
+        count = round(self.config.batch * self.config.emoji_fraction)
+        parts = [self.data.sample(self.config.batch - count, self.generator)[0]]
+        if count:
+            parts.append(self.emoji.sample(count, self.generator)[0])
+        return torch.cat(parts).to(self.device)
+
     def train_step(self) -> dict[str, float]:
         config = self.config
-        x = self.data.sample(config.batch, self.generator)[0].to(self.device)
+        x = self.batch()
         gan_on = losses.gan_factor(self.step, config.disc_start)
         with runs.autocast(self.device):
             xrec, regulariser = self.reconstruct(x)
@@ -186,16 +219,24 @@ def load_photos(path: Path, crop: int) -> ImageBatches:
     return ImageBatches(np.asarray(images), crop=crop)
 
 
+def load_emoji_crops(folder: Path, size: int, crop: int) -> ImageBatches:
+    """The prepared emoji resized to `size` px (as the txt2img model sees them), in random `crop` px windows."""
+    images = EmojiSet.load(folder, use_contexts=False).images
+    return ImageBatches(to_uint8(emoji_at(images, size)), crop=crop)
+
+
 def train_autoencoder(config: AutoencoderConfig, data: ImageBatches, run_dir: Path, resume: bool = True,
                       quiet: bool = False, on_step: Optional[Callable[[int, dict], None]] = None,
-                      export_dir: Optional[Path] = None) -> Trainer:
-    """Train to `config.steps` (continuing `run_dir`'s checkpoint when `resume`), checkpoint every
-    `checkpoint_every` steps and at the end, then export to `export_dir` (default `run_dir`/export)."""
-    trainer = Trainer.create(config, data)
+                      export_dir: Optional[Path] = None, emoji: Optional[ImageBatches] = None,
+                      init_from: Optional[torch.nn.Module] = None) -> Trainer:
+    """Train to `config.steps` (continuing `run_dir`'s checkpoint when `resume`, else starting from
+    `init_from` when given), checkpoint every `checkpoint_every` steps and at the end, then export
+    to `export_dir` (default `run_dir`/export)."""
+    trainer = Trainer.create(config, data, emoji, init_from)
     state = runs.load_checkpoint(run_dir) if resume else None
     if state is not None:
         trainer.load(state)
-    elif config.kind == "vq":
+    elif config.kind == "vq" and init_from is None:
         trainer.init_codebook()
     trainer.model.train()
     runs.train_loop(trainer, config.steps, run_dir, config.checkpoint_every, config.sample_every,

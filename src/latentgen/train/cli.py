@@ -89,6 +89,13 @@ def autoencoder(
     kl_weight: float = typer.Option(1e-6),
     disc_start: int = typer.Option(10000, help="step at which the PatchGAN loss starts"),
     disc_weight: float = typer.Option(0.5),
+    init_from: Optional[Path] = typer.Option(None, help="start from this trained autoencoder (same architecture) "
+                                                        "when the run has no checkpoint"),
+    decoder_only: bool = typer.Option(False, help="fine-tune the decoder of --init-from, encoder frozen: the latent "
+                                                  "space, and every LDM trained on it, stay valid"),
+    emoji_fraction: float = typer.Option(0.0, help="share of each batch drawn from the prepared emoji"),
+    emoji_size: int = typer.Option(128, help="size the emoji are resized to before cropping (the txt2img size)"),
+    data: Path = typer.Option(DATA, help="folder with the prepared emoji.npz (for --emoji-fraction)"),
     seed: int = typer.Option(0),
     checkpoint_every: int = typer.Option(500),
     sample_every: int = typer.Option(0, help="save input/reconstruction grids every N steps (0: never)"),
@@ -98,15 +105,20 @@ def autoencoder(
     export_to: Optional[Path] = typer.Option(None, help="export folder (default RUN/export)"),
 ) -> None:
     """Stage 1: a KL or VQ autoencoder on photo crops (L1 + SSIM + FFT + KL/VQ + PatchGAN)."""
-    from .autoencoder import AutoencoderConfig, load_photos, train_autoencoder
+    from latentgen.loader import load_model
+
+    from .autoencoder import AutoencoderConfig, load_emoji_crops, load_photos, train_autoencoder
 
     config = AutoencoderConfig(
         kind=kind, ch=ch, ch_mult=_numbers(ch_mult), num_res_blocks=num_res_blocks, z_channels=z_channels,
         n_embed=n_embed, crop=crop, batch=batch, lr=lr, steps=steps, kl_weight=kl_weight, disc_start=disc_start,
-        disc_weight=disc_weight, seed=seed, checkpoint_every=checkpoint_every, sample_every=sample_every,
-        max_minutes=max_minutes, device=device,
+        disc_weight=disc_weight, decoder_only=decoder_only, emoji_fraction=emoji_fraction, seed=seed,
+        checkpoint_every=checkpoint_every, sample_every=sample_every, max_minutes=max_minutes, device=device,
     )
-    trainer = train_autoencoder(config, load_photos(photos, crop), run, resume, export_dir=export_to)
+    emoji = load_emoji_crops(data, emoji_size, crop) if emoji_fraction > 0 else None
+    start = load_model(init_from).first_stage if init_from else None
+    trainer = train_autoencoder(config, load_photos(photos, crop), run, resume, export_dir=export_to, emoji=emoji,
+                                init_from=start)
     console.print(f"step {trainer.step}: exported to {export_to or run / 'export'}")
 
 

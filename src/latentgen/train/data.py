@@ -86,6 +86,14 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
     return ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
 
 
+def emoji_at(images: np.ndarray, size: int) -> torch.Tensor:
+    """Emoji as [N, 3, size, size] in [-1, 1], bicubic-resized from their native size."""
+    x = to_tensor(images)
+    if x.shape[-1] != size:
+        x = F.interpolate(x, size=(size, size), mode="bicubic", antialias=True, align_corners=False).clamp(-1, 1)
+    return x
+
+
 @dataclass
 class ImageBatches:
     """Random batches from a uint8 [N, H, W, 3] array: random `crop` px windows, random

@@ -14,6 +14,7 @@ never guide (scale 1), so a dropped image would only be wasted capacity.
 """
 
 import copy
+import hashlib
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Optional
@@ -32,7 +33,7 @@ from latentgen.samplers import make_noise, sample
 from latentgen.schedules import make_alphas_cumprod
 
 from . import losses, runs
-from .data import EmojiSet, ImageBatches, degrade, emoji_mosaic, random_masks, to_tensor
+from .data import EmojiSet, ImageBatches, degrade, emoji_at, emoji_mosaic, random_masks
 
 TASKS = ("txt2img", "inpaint", "sr", "uncond")
 CONDITIONING_KEYS = {"txt2img": "crossattn", "inpaint": "concat", "sr": "concat", "uncond": None}
@@ -92,6 +93,17 @@ class LDMData:
     emoji: Optional[EmojiSet] = None
 
 
+def latent_space_key(first_stage: torch.nn.Module) -> str:
+    """A hash of what defines the latent space, the encoder and quant_conv: the same after a
+    decoder-only fine-tune, so cached latents and `--init-from` models stay valid."""
+    digest = hashlib.sha256()
+    for name, tensor in first_stage.state_dict().items():
+        if name.startswith(("encoder.", "quant_conv.")):
+            digest.update(name.encode())
+            digest.update(tensor.detach().float().cpu().numpy().tobytes())
+    return digest.hexdigest()[:12]
+
+
 def first_stage_factor(first_stage: torch.nn.Module) -> int:
     return 2 ** (len(first_stage.encoder.down) - 1)
 
@@ -102,14 +114,6 @@ def encode(first_stage: torch.nn.Module, x: torch.Tensor, sample_posterior: bool
         return first_stage.encode(x)
     mean, logvar = first_stage.encode_moments(x)
     return mean + (0.5 * logvar).exp() * torch.randn_like(mean) if sample_posterior else mean
-
-
-def emoji_at(images: np.ndarray, size: int) -> torch.Tensor:
-    """Emoji as [N, 3, size, size] in [-1, 1], bicubic-resized from their native size."""
-    x = to_tensor(images)
-    if x.shape[-1] != size:
-        x = F.interpolate(x, size=(size, size), mode="bicubic", antialias=True, align_corners=False).clamp(-1, 1)
-    return x
 
 
 @dataclass
@@ -152,7 +156,7 @@ class LDMTrainer:
                       text_encoder)
         trainer._check_data()
         if config.task == "txt2img":
-            cache = cache_dir / f"emoji-latents-{first_stage.sha256[:12]}-{config.image_size}.pt" if cache_dir else None
+            cache = cache_dir / f"emoji-latents-{latent_space_key(stage)}-{config.image_size}.pt" if cache_dir else None
             trainer.emoji_latents = trainer._encode_emoji(cache)
             trainer.empty_context = trainer._empty_context()
         trainer.scale_factor = trainer._measure_scale_factor()
@@ -304,12 +308,13 @@ class LDMTrainer:
     def start_from(self, model: LatentDiffusion) -> None:
         """Fine-tune: the UNet (and EMA) start from a trained model's weights and keep its latent
         scale factor (CompVis' `ckpt_path`); the optimiser starts afresh. The model must share this
-        run's architecture and first stage, or its latents would mean something else."""
+        run's architecture and first-stage encoder, or its latents would mean something else (a
+        fine-tuned decoder is fine: it renders the same latents)."""
         if model.unet is None:
             raise LatentgenError("--init-from needs a diffusion model, not an autoencoder")
-        ours, theirs = self.first_stage.state_dict(), model.first_stage.state_dict()
-        if ours.keys() != theirs.keys() or any(not torch.equal(ours[k].cpu().float(), theirs[k].float()) for k in ours):
-            raise LatentgenError("--init-from model was trained on a different first stage than --first-stage")
+        if latent_space_key(self.first_stage) != latent_space_key(model.first_stage):
+            raise LatentgenError("--init-from model was trained on another latent space (first-stage encoder) "
+                                 "than --first-stage's")
         try:
             self.unet.load_state_dict(model.unet.state_dict())
         except RuntimeError as error:
