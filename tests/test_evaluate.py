@@ -118,6 +118,21 @@ def test_diffusion_tasks_are_scored_against_their_baselines(tmp_path, photos, ta
     assert math.isfinite(scores[0].psnr) and 0 < scores[0].ssim < 1
 
 
+def test_emoji_round_trip_measures_colour_kept(tmp_path):
+    model = load_model(tiny_models.autoencoder(tmp_path / "kl", "kl"))
+    red = np.zeros((5, 16, 16, 3), dtype=np.uint8)
+    red[..., 0] = 255
+    trip = evaluate.emoji_round_trip(model, red, count=3, size=32)
+    assert trip.images == 3
+    assert trip.original_saturation == pytest.approx(8 / 9, abs=1e-5)  # (1, -1, -1): |4/3| + 2 |2/3|, over 3
+    x = evaluate.emoji_at(red[:1], 32)
+    reconstruction = pipelines.reconstruct(model, x)
+    made = reconstruction.image.float().mean((2, 3))
+    assert trip.psnr == pytest.approx(reconstruction.psnr)
+    assert trip.colour_error == pytest.approx((made - x.mean((2, 3))).abs().mean().item(), abs=1e-4)
+    assert trip.saturation == pytest.approx((made - made.mean()).abs().mean().item(), abs=1e-4)
+
+
 def test_class_and_unconditional_models_are_refused_with_the_reason(tmp_path, photos):
     tiny_models.official_checkpoint(tmp_path / "cin.safetensors", "cin")
     with pytest.raises(LatentgenError, match="no held-out evaluation for a ldm-class model"):

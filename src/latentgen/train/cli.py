@@ -184,6 +184,9 @@ def evaluate(
     seed: int = typer.Option(0, help="noise and inpainting-mask seed (txt2img: the first seed)"),
     seeds: int = typer.Option(10, help="txt2img: seeds per colour prompt"),
     scale: Optional[float] = typer.Option(None, help="txt2img: guidance scale (default: the model's)"),
+    emoji: int = typer.Option(0, help="autoencoders: also score this many seeded emoji round trips (colour fidelity)"),
+    emoji_size: int = typer.Option(128, help="autoencoders: the emoji's size in pixels"),
+    emoji_data: Path = typer.Option(DATA, help="folder with the prepared emoji.npz (for --emoji)"),
     device: str = typer.Option("cpu"),
     json_out: Optional[Path] = typer.Option(None, "--json", help="also write per-image scores and means here"),
 ) -> None:
@@ -194,8 +197,9 @@ def evaluate(
     from latentgen import pipelines
     from latentgen.loader import load_model
 
+    from .data import EmojiSet
+    from .evaluate import emoji_round_trip, summarize, task_of
     from .evaluate import evaluate as run_evaluation
-    from .evaluate import summarize, task_of
 
     loaded = pipelines.prepare(load_model(model), device, "fp32")
     if task_of(loaded) == "txt2img":
@@ -220,9 +224,16 @@ def evaluate(
         table.add_row(name, str(row["images"]), *(f"{row[key]:.2f}" if "psnr" in key else f"{row[key]:.4f}"
                                                   for key in shown))
     Console().print(table)
+    report = {"model": str(model), "task": task_of(loaded), "crop": crop, "steps": steps, "seed": seed, "means": means,
+              "images": [asdict(s) for s in scores]}
+    if emoji and task_of(loaded) == "autoencoder":
+        trip = emoji_round_trip(loaded, EmojiSet.load(emoji_data, use_contexts=False).images, emoji,
+                                emoji_size, seed)
+        console.print(f"{trip.images} emoji at {emoji_size} px: PSNR {trip.psnr:.2f} dB, mean colour error "
+                      f"{trip.colour_error:.3f}, saturation {trip.saturation:.3f} (originals {trip.original_saturation:.3f})")
+        report["emoji"] = asdict(trip)
     if json_out is not None:
-        json_out.write_text(json.dumps({"model": str(model), "task": task_of(loaded), "crop": crop, "steps": steps,
-                                        "seed": seed, "means": means, "images": [asdict(s) for s in scores]}, indent=2))
+        json_out.write_text(json.dumps(report, indent=2))
 
 
 def _evaluate_colours(path: Path, model, seeds: int, options, json_out: Optional[Path]) -> None:
