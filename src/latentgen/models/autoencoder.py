@@ -7,7 +7,6 @@ Module and parameter names follow CompVis `ldm.modules.diffusionmodules.model` a
 
 import torch
 import torch.nn.functional as F
-from einops import rearrange
 from torch import nn
 
 from latentgen.errors import LatentgenError
@@ -271,18 +270,21 @@ class VectorQuantizer(nn.Module):
         return torch.cat([torch.addmm(squares, part, codebook.t(), alpha=-2).min(dim=1).indices
                           for part in flat.split(rows)])
 
+    def _codes(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(nearest codebook vectors laid out like `z` [B, C, H, W], their flat indices)."""
+        b, c, height, width = z.shape
+        indices = self.nearest(z.permute(0, 2, 3, 1).reshape(-1, c))
+        return self.get_codebook_entry(indices, (b, height, width, c)), indices
+
     def lookup(self, z: torch.Tensor) -> torch.Tensor:
         """`z` [B, C, H, W] snapped to its nearest codes, with the straight-through gradient: what
         `forward` returns first, without computing the losses that only training needs."""
-        b, c, height, width = z.shape
-        z_q = self.get_codebook_entry(self.nearest(z.permute(0, 2, 3, 1).reshape(-1, c)), (b, height, width, c))
+        z_q = self._codes(z)[0]
         return z + (z_q - z).detach()
 
     def forward(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, tuple]:
         """Returns (z_q, codebook + commitment loss, (None, None, indices)) as taming does."""
-        z = rearrange(z, "b c h w -> b h w c").contiguous()
-        indices = self.nearest(z.reshape(-1, self.e_dim))
-        z_q = self.embedding(indices).view(z.shape)
+        z_q, indices = self._codes(z)
         to_codebook = torch.mean((z_q - z.detach()) ** 2)
         to_encoder = torch.mean((z_q.detach() - z) ** 2)
         if self.legacy:
@@ -290,7 +292,6 @@ class VectorQuantizer(nn.Module):
         else:
             loss = self.beta * to_encoder + to_codebook
         z_q = z + (z_q - z).detach()
-        z_q = rearrange(z_q, "b h w c -> b c h w").contiguous()
         if self.sane_index_shape:
             indices = indices.reshape(z_q.shape[0], z_q.shape[2], z_q.shape[3])
         return z_q, loss, (None, None, indices)

@@ -108,10 +108,7 @@ class Trainer:
         device = runs.pick_device(config.device)
         model = build_autoencoder(config).to(device)
         if init_from is not None:
-            try:
-                model.load_state_dict(init_from.state_dict())
-            except RuntimeError as error:
-                raise LatentgenError(f"--init-from has another architecture: {str(error).splitlines()[0]}") from None
+            runs.load_weights(model, init_from.state_dict(), "--init-from has another architecture")
         trained = model.parameters()
         if config.decoder_only:
             model.requires_grad_(False)

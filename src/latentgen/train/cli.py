@@ -148,7 +148,7 @@ def ldm(
     device: str = typer.Option("auto"),
     resume: bool = typer.Option(True, help="continue from the run folder's checkpoint"),
     init_from: Optional[Path] = typer.Option(None, help="fine-tune: start from this trained model's weights "
-                                                        "(same architecture and first stage) when the run has no checkpoint"),
+                                                        "(same architecture and first-stage encoder) when the run has no checkpoint"),
     export_to: Optional[Path] = typer.Option(None, help="export folder (default RUN/export)"),
 ) -> None:
     """Stage 2: a latent diffusion UNet on a frozen first stage (eps-prediction, EMA, CFG dropout)."""

@@ -315,10 +315,7 @@ class LDMTrainer:
         if latent_space_key(self.first_stage) != latent_space_key(model.first_stage):
             raise LatentgenError("--init-from model was trained on another latent space (first-stage encoder) "
                                  "than --first-stage's")
-        try:
-            self.unet.load_state_dict(model.unet.state_dict())
-        except RuntimeError as error:
-            raise LatentgenError(f"--init-from model has another UNet architecture: {str(error).splitlines()[0]}") from None
+        runs.load_weights(self.unet, model.unet.state_dict(), "--init-from model has another UNet architecture")
         self.ema.load_state_dict(self.unet.state_dict())
         self.scale_factor = model.scale_factor
 

@@ -82,6 +82,14 @@ def export_folder(folder: Path, tensors: dict[str, torch.Tensor], config: dict) 
     return folder
 
 
+def load_weights(module: torch.nn.Module, state: dict, mismatch: str) -> None:
+    """`module` given `state` (strict), or the one-line error `mismatch` with the first mismatch named."""
+    try:
+        module.load_state_dict(state)
+    except RuntimeError as error:
+        raise LatentgenError(f"{mismatch}: {str(error).splitlines()[0]}") from None
+
+
 def save_grid(images: torch.Tensor, path: Path, columns: int = 4) -> Path:
     """A grid PNG of [B, 3, H, W] images in [-1, 1]."""
     from .data import to_uint8
