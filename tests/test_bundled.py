@@ -61,7 +61,7 @@ def as_tensor(array: np.ndarray) -> torch.Tensor:
 def test_models_lists_every_bundled_default_within_the_size_budget():
     rows = {row["name"]: row for row in invoke("models")["models"]}
     for name, (family, f) in BUNDLED.items():
-        assert rows[name]["family"] == family and rows[name]["f"] == f, rows[name]
+        assert rows[name]["family"] == family and rows[name]["factor"] == f, rows[name]
         assert (WEIGHTS / name / "MODEL_CARD.md").is_file()
     assert sum(rows[name]["size_mb"] for name in BUNDLED) <= 64
     assert {catalog.DEFAULTS[task] for task in ("txt2img", "inpaint", "upscale")} <= set(rows)

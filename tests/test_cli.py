@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-from latentgen import images, loader, metrics, pipelines
+from latentgen import images, loader, metrics, tasks
 from latentgen.cli import app
 from latentgen.loader import load_model
 from latentgen.models.unet import UNetModel
@@ -91,7 +91,7 @@ def test_prompts_file_run_interrupted_then_resumed(models, tmp_path, monkeypatch
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a cat\n\na dog\na red heart\n")
     out = tmp_path / "run"
-    real, calls = pipelines.txt2img_jobs, []
+    real, calls = tasks.txt2img, []
 
     def dies_on_second_batch(*args, **kwargs):
         calls.append(1)
@@ -99,12 +99,12 @@ def test_prompts_file_run_interrupted_then_resumed(models, tmp_path, monkeypatch
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(pipelines, "txt2img_jobs", dies_on_second_batch)
+    monkeypatch.setattr(tasks, "txt2img", dies_on_second_batch)
     stopped = invoke("txt2img", "--prompts", prompts, "--ckpt", models["txt2img"], "--steps", 2, "--out", out)
     assert stopped.exit_code == 130
     assert sorted(p.name for p in out.glob("*.png")) == ["00000-0.png"]
     first_bytes = (out / "00000-0.png").read_bytes()
-    monkeypatch.setattr(pipelines, "txt2img_jobs", real)
+    monkeypatch.setattr(tasks, "txt2img", real)
     resumed = invoke("txt2img", "--prompts", prompts, "--ckpt", models["txt2img"], "--steps", 2, "--out", out, "--resume")
     assert resumed.exit_code == 0, resumed.output
     assert sorted(p.name for p in out.glob("*.png")) == ["00000-0.png", "00001-1.png", "00002-2.png"]
@@ -189,7 +189,7 @@ def test_class_conditional_checkpoint_samples_the_asked_classes(tmp_path):
         assert again.exit_code == 0, again.output
     np.testing.assert_array_equal(pixels(tmp_path / "three.png"), pixels(written[0]))  # same class + seed
     assert not np.array_equal(pixels(tmp_path / "seven.png"), pixels(written[0]))  # only the class differs
-    for bad, message in (([], "pass --class"), (["--class", 11], "0..10")):
+    for bad, message in (([], "give class ids"), (["--class", 11], "0..10")):
         refused = invoke(*common, *bad, "--out", tmp_path / "bad.png")
         assert refused.exit_code == 1 and message in refused.output and "Traceback" not in refused.output
 
@@ -231,7 +231,7 @@ def test_reconstruct_reports_psnr_ssim_that_match_the_written_files(models, tmp_
     (["txt2img", "x", "--sampler", "nope"], "ddim"),
     (["txt2img", "x", "--steps", "0"], "steps"),
     (["txt2img", "x", "--height", "65"], "multiple of 16"),
-    (["txt2img", "x", "-n", "0"], "--num"),
+    (["txt2img", "x", "-n", "0"], "images per prompt"),
 ])
 def test_bad_arguments_are_one_clear_line(models, args, expected):
     result = invoke(*args, "--ckpt", models["txt2img"])
@@ -258,16 +258,16 @@ def test_models_lists_folders_with_family_and_hash(models, monkeypatch):
     result = invoke("--json", "models")
     assert result.exit_code == 0, result.output
     rows = {row["name"]: row for row in json.loads(result.stdout.strip().splitlines()[-1])["models"]}
-    assert rows["vq-f4"]["f"] == 4 and len(rows["vq-f4"]["hash"]) == 10
+    assert rows["vq-f4"]["factor"] == 4 and len(rows["vq-f4"]["hash"]) == 10
     assert rows["vq-f4"]["family"] == "autoencoder-vq"
-    assert rows["txt2img"]["f"] == 8 and rows["txt2img"]["family"] == "ldm-txt2img"  # MiniLM: named in config.json
+    assert rows["txt2img"]["factor"] == 8 and rows["txt2img"]["family"] == "ldm-txt2img"  # MiniLM: named in config.json
     assert rows["inpaint"]["family"] == "ldm-inpaint" and rows["upscale"]["family"] == "ldm-sr"
 
 
 def test_decode_falls_back_to_tiles_on_out_of_memory(models, monkeypatch):
-    model = pipelines.prepare(load_model(models["vq"]), "cpu", "fp32")
+    model = tasks.prepare(load_model(models["vq"]), "cpu", "fp32")
     z = torch.randn(1, 3, 80, 80)
-    expected = pipelines.decode(model, z)
+    expected = tasks.decode(model, z)
     real, calls = model.first_stage.decode, []
 
     def fails_on_big_latents(latent):
@@ -277,13 +277,13 @@ def test_decode_falls_back_to_tiles_on_out_of_memory(models, monkeypatch):
         return real(latent)
 
     monkeypatch.setattr(model.first_stage, "decode", fails_on_big_latents)
-    tiled = pipelines.decode(model, z)
+    tiled = tasks.decode(model, z)
     assert calls[0] == 80 and max(calls[1:]) <= 64
     assert tiled.shape == expected.shape and torch.isfinite(tiled).all()
 
 
 def test_half_precision_decode_retries_in_float32(models, monkeypatch):
-    model = pipelines.prepare(load_model(models["vq"]), "cpu", "bf16")
+    model = tasks.prepare(load_model(models["vq"]), "cpu", "bf16")
     real = type(model.first_stage).decode
 
     def overflows_in_half(self, latent):
@@ -291,6 +291,6 @@ def test_half_precision_decode_retries_in_float32(models, monkeypatch):
         return out * float("nan") if out.dtype != torch.float32 else out
 
     monkeypatch.setattr(type(model.first_stage), "decode", overflows_in_half)
-    image = pipelines.decode(model, torch.randn(1, 3, 8, 8))
+    image = tasks.decode(model, torch.randn(1, 3, 8, 8))
     assert torch.isfinite(image).all()
     assert next(model.first_stage.parameters()).dtype == torch.bfloat16

@@ -51,7 +51,7 @@ def test_standalone_first_stages(name):
     assert config["first_stage_config"] == {"target": target, "params": params}
     assert config["cond_stage_config"] is None and "unet_config" not in config
     assert detect.family_of(config) == ("autoencoder-vq" if target == VQ else "autoencoder-kl")
-    assert detect.latent_factor(config) == int(name.split("-f")[1].split("-")[0])
+    assert detect.first_stage_factor(config["first_stage_config"]) == int(name.split("-f")[1].split("-")[0])
 
 
 def test_unrecognised_state_dicts_are_refused():

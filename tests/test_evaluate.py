@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from PIL import Image
 from typer.testing import CliRunner
 
-from latentgen import metrics, pipelines
+from latentgen import metrics, tasks
 from latentgen.cli import app
 from latentgen.errors import LatentgenError
 from latentgen.images import load_image
@@ -51,9 +51,9 @@ def test_center_crop_zero_keeps_the_whole_image_rounded_to_the_multiple():
 def test_gradient_energy_by_hand_and_blur_lowers_it():
     image = torch.tensor([[0.0, 1.0, 0.0], [0.0, 0.0, 0.0]]).view(1, 1, 2, 3)
     # horizontal differences 1, -1, 0, 0 -> mean 0.5; vertical -> 0, -1, 0 -> mean 1/3
-    assert evaluate.gradient_energy(image) == pytest.approx(0.5 + 1 / 3)
+    assert metrics.gradient_energy(image) == pytest.approx(0.5 + 1 / 3)
     noise = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
-    assert evaluate.gradient_energy(F.avg_pool2d(noise, 3, 1, 1)) < 0.3 * evaluate.gradient_energy(noise)
+    assert metrics.gradient_energy(F.avg_pool2d(noise, 3, 1, 1)) < 0.3 * metrics.gradient_energy(noise)
 
 
 def test_telea_baseline_fills_the_hole_from_its_border_and_keeps_the_rest():
@@ -85,7 +85,7 @@ def test_autoencoder_scores_match_reconstruct_and_bicubic(tmp_path, photos):
     scores = evaluate.evaluate(model, photos, ("set5", "set14"), crop=32)
     assert [(s.dataset, s.image) for s in scores] == [("set5", "0.png"), ("set14", "0.png"), ("set14", "1.png")]
     image = evaluate.center_crop(load_image(photos / "set14" / "1.png"), 32, 4)
-    want = pipelines.reconstruct(model, image)
+    want = tasks.reconstruct(model, image)
     low = F.interpolate(image, size=(8, 8), mode="bicubic", antialias=True).clamp(-1, 1)
     bicubic = F.interpolate(low, size=(32, 32), mode="bicubic").clamp(-1, 1)
     assert scores[2].psnr == pytest.approx(want.psnr) and scores[2].ssim == pytest.approx(want.ssim)
@@ -99,16 +99,16 @@ def test_autoencoder_scores_match_reconstruct_and_bicubic(tmp_path, photos):
 def test_diffusion_tasks_are_scored_against_their_baselines(tmp_path, photos, task, family):
     model = load_model(tiny_models.diffusion_model(tmp_path / task, task))
     assert evaluate.task_of(model) == family
-    scores = evaluate.evaluate(model, photos, ("set5",), crop=32, options=pipelines.Sampling(steps=2, seed=3))
-    again = evaluate.evaluate(model, photos, ("set5",), crop=32, options=pipelines.Sampling(steps=2, seed=3))
+    scores = evaluate.evaluate(model, photos, ("set5",), crop=32, options=tasks.Sampling(steps=2, seed=3))
+    again = evaluate.evaluate(model, photos, ("set5",), crop=32, options=tasks.Sampling(steps=2, seed=3))
     assert scores == again  # seeded: noise and inpainting masks
     image = evaluate.center_crop(load_image(photos / "set5" / "0.png"), 32, 4)
     if family == "sr":
         low = F.interpolate(image, size=(8, 8), mode="bicubic", antialias=True).clamp(-1, 1)
         bicubic = F.interpolate(low, size=(32, 32), mode="bicubic").clamp(-1, 1)
         assert scores[0].baseline_psnr == pytest.approx(metrics.psnr(bicubic, image))
-        truth = evaluate.gradient_energy(image)
-        assert scores[0].baseline_gradient_ratio == pytest.approx(evaluate.gradient_energy(bicubic) / truth)
+        truth = metrics.gradient_energy(image)
+        assert scores[0].baseline_gradient_ratio == pytest.approx(metrics.gradient_energy(bicubic) / truth)
         assert 0 < scores[0].baseline_gradient_ratio < 1 and scores[0].gradient_ratio > 0
     else:
         hole = evaluate.random_mask(32, 32, torch.Generator().manual_seed(3))[None]
@@ -126,7 +126,7 @@ def test_emoji_round_trip_measures_colour_kept(tmp_path):
     assert trip.images == 3
     assert trip.original_saturation == pytest.approx(8 / 9, abs=1e-5)  # (1, -1, -1): |4/3| + 2 |2/3|, over 3
     x = evaluate.emoji_at(red[:1], 32)
-    reconstruction = pipelines.reconstruct(model, x)
+    reconstruction = tasks.reconstruct(model, x)
     made = reconstruction.image.float().mean((2, 3))
     assert trip.psnr == pytest.approx(reconstruction.psnr)
     assert trip.colour_error == pytest.approx((made - x.mean((2, 3))).abs().mean().item(), abs=1e-4)

@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-from latentgen import pipelines
+from latentgen import jobs, tasks
 from latentgen.cli import app
 from latentgen.errors import LatentgenError
 from latentgen.loader import load_model
@@ -33,7 +33,7 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 # kills after the second image is complete but before the manifest lists it.
 FAULTY_CLI = r"""
 import os, signal, sys
-from latentgen import cli, images, pipelines
+from latentgen import cli, files, jobs
 
 point, args = sys.argv[1], sys.argv[2:]
 count = [0]
@@ -48,9 +48,9 @@ def dies_second_time(real, counts):
     return wrapper
 
 if point == "rename":
-    images.os.replace = dies_second_time(os.replace, lambda src, dst: str(dst).endswith(".png"))
+    files.os.replace = dies_second_time(os.replace, lambda src, dst: str(dst).endswith(".png"))
 else:
-    pipelines.Manifest.record = dies_second_time(pipelines.Manifest.record, lambda self, job, file: True)
+    jobs.Manifest.record = dies_second_time(jobs.Manifest.record, lambda self, job, file: True)
 sys.argv = ["latentgen", *args]
 cli.app()
 """
@@ -86,10 +86,10 @@ def setup(tmp_path_factory):
 
 def assert_same_complete_run(folder: Path, reference: Path) -> None:
     """Exactly the expected images, each complete and equal to the uninterrupted run's; no leftovers."""
-    assert sorted(p.name for p in folder.iterdir()) == sorted([*EXPECTED, pipelines.Manifest.NAME])
+    assert sorted(p.name for p in folder.iterdir()) == sorted([*EXPECTED, jobs.Manifest.NAME])
     for name in EXPECTED:
         np.testing.assert_array_equal(pixels(folder / name), pixels(reference / name))
-    manifest = json.loads((folder / pipelines.Manifest.NAME).read_text())
+    manifest = json.loads((folder / jobs.Manifest.NAME).read_text())
     assert sorted(Path(file).name for file in manifest.values()) == EXPECTED
 
 
@@ -129,7 +129,7 @@ def test_sigkill_while_writing_then_resume_leaves_no_partial_or_duplicate(setup,
         assert second.stat().st_size == 0 and list(out.glob(f".{EXPECTED[1]}.*.tmp"))
     else:  # complete on disk, but the manifest does not know it
         pixels(second)
-        assert EXPECTED[1] not in (out / pipelines.Manifest.NAME).read_text()
+        assert EXPECTED[1] not in (out / jobs.Manifest.NAME).read_text()
     resume(model, prompts, out)
     assert_same_complete_run(out, reference)
 
@@ -140,11 +140,15 @@ def test_sigkill_while_writing_then_resume_leaves_no_partial_or_duplicate(setup,
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
     folder = tiny_models.diffusion_model(tmp_path_factory.mktemp("oom") / "txt2img", "txt2img")
-    return pipelines.prepare(load_model(folder), "cpu", "fp32")
+    return tasks.prepare(load_model(folder), "cpu", "fp32")
 
 
-def jobs(n: int) -> list[pipelines.Job]:
-    return [pipelines.Job(i, f"prompt {i % 2}", 100 + i) for i in range(n)]
+def make(model, n: int, options, one_by_one: bool = False) -> torch.Tensor:
+    """n images of alternating prompts and seeds 100, 101, ... at 64 x 64, in one call or one call each."""
+    prompts, seeds = [f"prompt {i % 2}" for i in range(n)], [100 + i for i in range(n)]
+    if one_by_one:
+        return torch.cat([tasks.txt2img(model, [p], "", options, (64, 64), seeds=[s]) for p, s in zip(prompts, seeds)])
+    return tasks.txt2img(model, prompts, "", options, (64, 64), seeds=seeds)
 
 
 def fail_batches_over(model, monkeypatch, limit: int) -> list[int]:
@@ -163,10 +167,10 @@ def fail_batches_over(model, monkeypatch, limit: int) -> list[int]:
 
 @pytest.mark.slow
 def test_oom_falls_back_to_smaller_batches_with_the_same_images(model, monkeypatch):
-    options = pipelines.Sampling(steps=3, scale=5.0)
-    one_by_one = torch.cat([pipelines.txt2img_jobs(model, [job], "", options, (64, 64)) for job in jobs(5)])
+    options = tasks.Sampling(steps=3, scale=5.0)
+    one_by_one = make(model, 5, options, one_by_one=True)
     seen = fail_batches_over(model, monkeypatch, limit=4)  # guided: 2 images per forward at most
-    fallen_back = pipelines.txt2img_jobs(model, jobs(5), "", options, (64, 64))
+    fallen_back = make(model, 5, options)
     # 5 jobs (10 rows) fail -> [0, 1] runs; [2, 3, 4] (6 rows) fails -> [2] and [3, 4] run, 3 steps each
     assert seen == [10] + [4] * 3 + [6] + [2] * 3 + [4] * 3
     torch.testing.assert_close(fallen_back, one_by_one, rtol=0, atol=1e-5)
@@ -175,7 +179,7 @@ def test_oom_falls_back_to_smaller_batches_with_the_same_images(model, monkeypat
 def test_oom_at_batch_one_is_a_one_line_error(model, monkeypatch):
     fail_batches_over(model, monkeypatch, limit=0)
     with pytest.raises(LatentgenError, match="out of device memory even at batch size 1") as caught:
-        pipelines.txt2img_jobs(model, jobs(2), "", pipelines.Sampling(steps=2), (64, 64))
+        make(model, 2, tasks.Sampling(steps=2))
     assert caught.value.__cause__ is None and caught.value.__suppress_context__
 
 
@@ -183,7 +187,7 @@ def test_oom_at_batch_one_through_the_cli_prints_one_line(tmp_path, monkeypatch)
     def always_oom(*args, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory")
 
-    monkeypatch.setattr(pipelines, "_txt2img_batch", always_oom)
+    monkeypatch.setattr(tasks, "_txt2img_batch", always_oom)
     folder = tiny_models.diffusion_model(tmp_path / "txt2img", "txt2img")
     result = CliRunner().invoke(app, ["txt2img", "cat", "-n", "3", "--batch-size", "2", "--ckpt", str(folder),
                                       "--out", str(tmp_path / "out")])

@@ -96,8 +96,7 @@ def test_guidance_wraps_any_conditional_model():
         calls.append(c)
         return x * c.context.mean()
 
-    guided = classifier_free_guidance(model, 2.0, batched=False)
-    out = guided(X, T, (cond, uncond))
+    out = classifier_free_guidance(model, cond, uncond, 2.0, batched=False)(X, T)
     expected = X * uncond.context.mean() + 2.0 * (X * cond.context.mean() - X * uncond.context.mean())
     assert torch.allclose(out, expected, atol=1e-6) and calls[1] is cond
 
@@ -116,11 +115,11 @@ def tiny_unet():
 
 def test_real_unet_batched_and_separate_sampling_agree():
     unet, (cond, uncond) = tiny_unet(), conditionings()
-    alphas_cumprod = make_alphas_cumprod()
+    alphas_cumprod = make_alphas_cumprod("linear", 1000, 0.00085, 0.012)
     with torch.no_grad():
         results = [sample("ddim", guided_model(unet, cond, uncond, 3.0, batched=batched), X, alphas_cumprod, "eps", 5)
                    for batched in (True, False)]
-        unguided = sample("ddim", lambda x, t, _: unet_model(unet)(x, t, cond), X, alphas_cumprod, "eps", 5)
+        unguided = sample("ddim", lambda x, t: unet_model(unet)(x, t, cond), X, alphas_cumprod, "eps", 5)
         scale_one = sample("ddim", guided_model(unet, cond, uncond, 1.0), X, alphas_cumprod, "eps", 5)
     assert (results[0] - results[1]).abs().max() < 1e-5 * results[1].abs().max()
     assert torch.equal(scale_one, unguided)

@@ -20,7 +20,7 @@ from hypothesis import HealthCheck, assume, event, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from latentgen import images
+from latentgen import files, images
 from latentgen.errors import LatentgenError
 from latentgen.images import (
     InvalidOutputError, composite, crop_padding, error_map, feather_mask, format_parameters, from_pil, load_image,
@@ -291,7 +291,7 @@ def test_failure_mid_write_leaves_nothing_behind(tmp_path, monkeypatch, overwrit
     def disk_full(fd):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(images.os, "fsync", disk_full)
+    monkeypatch.setattr(files.os, "fsync", disk_full)
     with pytest.raises(LatentgenError, match="disk is full"):
         save_image(torch.zeros(1, 3, 8, 8), target, overwrite=overwrite)
     assert [p.name for p in tmp_path.iterdir()] == ["out.png"]
@@ -302,7 +302,7 @@ def test_interrupt_during_replace_removes_the_temp_file(tmp_path, monkeypatch):
     def interrupted(src, dst):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(images.os, "replace", interrupted)
+    monkeypatch.setattr(files.os, "replace", interrupted)
     with pytest.raises(KeyboardInterrupt):
         save_image(torch.zeros(1, 3, 8, 8), tmp_path / "out.png")
     assert list(tmp_path.iterdir()) == []

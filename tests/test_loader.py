@@ -340,12 +340,12 @@ def test_full_checkpoint_round_trip(tmp_path, suffix, fake_lightning, monkeypatc
     else:
         save_file(state, path)
     model = load_model(path)
-    assert (model.family, model.conditioning_key, model.parameterization) == ("ldm-class", "crossattn", "eps")
+    assert (model.family, model.spec.conditioning, model.parameterization) == ("ldm-class", "class", "eps")
     assert model.scale_factor == 0.5  # the checkpoint's own scale_factor buffer wins over the family default
-    assert model.config["unet_config"]["params"] == {**TINY_UNET, "image_size": 128}  # 256 px / f=2
+    assert model.params["unet_config"]["params"] == {**TINY_UNET, "image_size": 128}  # 256 px / f=2
     for got, want in zip(outputs(model.unet, model.first_stage, model.cond_stage), outputs(unet, first_stage, cond_stage)):
         assert torch.equal(got, want)
-    assert (model.config["linear_start"], model.config["linear_end"]) == (0.0015, 0.0155)  # LDM KL schedule
+    assert (model.spec.schedule.linear_start, model.spec.schedule.linear_end) == (0.0015, 0.0155)  # LDM KL schedule
     assert torch.equal(model.alphas_cumprod, make_alphas_cumprod("linear", 1000, 0.0015, 0.0155))
 
 
@@ -384,7 +384,7 @@ def test_model_folder_with_partial_config_json(tmp_path):
     (folder / "config.json").write_text(json.dumps({"parameterization": "v", "scale_factor": 0.25, "linear_end": 0.012}))
     model = load_model(folder)
     assert (model.name, model.parameterization, model.scale_factor) == ("tiny-model", "v", 0.25)
-    assert model.config["linear_end"] == 0.012
+    assert model.spec.schedule.linear_end == 0.012
     assert load_model(folder, prediction="eps").parameterization == "eps"
 
 
@@ -402,7 +402,7 @@ def test_complete_config_is_read_as_compvis_reads_it(tmp_path, monkeypatch):
     }}}
     (tmp_path / "tiny.json").write_text(json.dumps(config))
     model = load_model(path, config=tmp_path / "tiny.json")
-    assert model.scale_factor == 1.0 and model.config["linear_start"] == 1e-4  # CompVis defaults, as in a YAML
+    assert model.scale_factor == 1.0 and model.spec.schedule.linear_start == 1e-4  # CompVis defaults, as in a YAML
     for got, want in zip(outputs(model.unet, model.first_stage, model.cond_stage), outputs(unet, first_stage, cond_stage)):
         assert torch.equal(got, want)
     (tmp_path / "tiny.yaml").write_text("model: {params: {}}\n")
@@ -420,7 +420,7 @@ def test_sibling_yaml_of_a_lone_autoencoder_is_used(tmp_path):
     (tmp_path / "vq.yaml").write_text(json.dumps({"model": {"target": "ldm.models.autoencoder.VQModel", "params": {
         "embed_dim": 3, "n_embed": 16, "monitor": "val/rec_loss", "ddconfig": ddconfig}}}))
     model = load_model(tmp_path / "vq.ckpt")
-    assert model.config["first_stage_config"]["params"]["ddconfig"] == ddconfig
+    assert model.params["first_stage_config"]["params"]["ddconfig"] == ddconfig
     x = torch.rand(1, 3, 16, 16) * 2 - 1
     with torch.no_grad():
         assert torch.equal(model.first_stage.decode(model.first_stage.encode(x)), reference.decode(reference.encode(x)))
@@ -448,8 +448,8 @@ def test_text_model_with_config_override_and_ignored_official_keys(tmp_path):
     save_file(state, tmp_path / "sd-tiny.safetensors")
     config = {"cond_stage_config": {"target": "ldm.modules.encoders.modules.FrozenCLIPEmbedder", "params": {"config": clip_sizes}}}
     model = load_model(tmp_path / "sd-tiny.safetensors", config=config)
-    assert (model.family, model.conditioning_key) == ("sd1", "crossattn")
-    assert model.config["scale_factor"] == 0.5 and model.config["linear_start"] == 0.00085
+    assert (model.family, model.spec.conditioning, model.spec.concat) == ("sd1", "text", None)
+    assert model.scale_factor == 0.5 and model.spec.schedule.linear_start == 0.00085
     x, t = torch.randn(1, 4, 8, 8), torch.tensor([500.0])
     with torch.no_grad():
         assert torch.equal(model.unet(x, t, context=model.cond_stage(["a red cube"])), unet(x, t, context=clip(["a red cube"])))
@@ -471,8 +471,8 @@ def test_bundled_folder_with_frozen_minilm_text_encoder(tmp_path):
     (folder / "config.json").write_text(json.dumps({"cond_stage": "minilm", "unet_config": {"params": {"num_heads": 4}}}))
     model = load_model(folder)
     assert isinstance(model.cond_stage, MiniLMEmbedder)
-    assert (model.family, model.conditioning_key) == ("ldm-txt2img", "crossattn")
-    params = model.config["unet_config"]["params"]
+    assert (model.family, model.spec.conditioning) == ("ldm-txt2img", "text")
+    params = model.params["unet_config"]["params"]
     assert params["num_heads"] == 4 and params["context_dim"] == 384
     x, t, context = torch.randn(1, 4, 8, 8), torch.tensor([500.0]), torch.randn(1, 77, 384)
     with torch.no_grad():

@@ -11,7 +11,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from latentgen import memory, pipelines
+from latentgen import detect, memory, tasks
 from latentgen.cli import app
 from latentgen.errors import LatentgenError
 from latentgen.ldm import LatentDiffusion
@@ -82,10 +82,10 @@ def factor(case: dict) -> int:
 
 def build(case: dict) -> LatentDiffusion:
     torch.manual_seed(0)
-    config = {"unet_config": {"params": case["unet"]},
-              "first_stage_config": {"params": {"ddconfig": case["ddconfig"], "embed_dim": 4}}}
-    return LatentDiffusion(UNetModel(**case["unet"]).eval(), AutoencoderKL(case["ddconfig"], 4).eval(), None, 1.0,
-                           "eps", torch.zeros(1000), "crossattn", "test", config=config)
+    params = detect.normalize_params({"unet_config": {"params": case["unet"]}, "conditioning_key": "crossattn",
+                                      "first_stage_config": {"params": {"ddconfig": case["ddconfig"], "embed_dim": 4}}})
+    return LatentDiffusion(UNetModel(**case["unet"]).eval(), AutoencoderKL(case["ddconfig"], 4).eval(), None,
+                           detect.model_spec(params), torch.zeros(1000), params, "test")
 
 
 @pytest.fixture(scope="module")
@@ -156,7 +156,7 @@ def test_txt2img_reports_the_estimate_and_runs_within_the_limit(tiny, tmp_path):
                                  "--batch-size", "2", "--max-memory", "4GiB", "--out", str(tmp_path)])
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout.strip().splitlines()[-1])
-    model = pipelines.prepare(load_model(tiny), "cpu", "fp32")
+    model = tasks.prepare(load_model(tiny), "cpu", "fp32")
     expected = memory.estimate(model, 2, (64, 64), guided=True)
     assert summary["memory_estimate"] == expected.total
     assert len(summary["outputs"]) == 2

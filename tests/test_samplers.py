@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from latentgen.errors import LatentgenError
-from latentgen.samplers import SAMPLERS, make_noise, sample, schedule_for
-from latentgen.schedules import make_alphas_cumprod, make_betas, sigmas_of
+from latentgen.samplers import SAMPLERS, Sampler, make_noise, sample, sample_ddim, schedule_for
+from latentgen.schedules import ddpm_schedule, make_alphas_cumprod, make_betas, sigmas_of
 
 MU = torch.tensor([0.5, -0.3, 0.1, 0.8], dtype=torch.float64).view(1, 4, 1, 1)
 STD = 0.6
@@ -24,7 +24,7 @@ def gaussian_model(parameterization: str, alphas_cumprod=ALPHAS_CUMPROD):
     """The exact eps (or v) of N(MU, STD^2) data at (fractional) timestep t, log sigma linear in t."""
     log_sigmas = sigmas_of(alphas_cumprod).log()
 
-    def model(x, t, cond=None):
+    def model(x, t):
         t = t.double().clamp(0, len(log_sigmas) - 1)
         low = t.floor().long().clamp(max=len(log_sigmas) - 2)
         log_sigma = torch.lerp(log_sigmas[low], log_sigmas[low + 1], t - low)
@@ -213,7 +213,7 @@ def test_mask_resets_the_known_region_to_noised_x0_before_each_step():
     mask = torch.ones(1, 1, 8, 8)
     inputs = []
 
-    def spy(x, t, cond=None):
+    def spy(x, t):
         inputs.append((x.clone(), int(t[0])))
         return torch.zeros_like(x)
 
@@ -239,7 +239,7 @@ def test_partial_strength_starts_from_noised_x0_and_runs_the_remaining_steps():
     x0, x_T = torch.full(SHAPE, 0.5), make_noise(SHAPE, seed=31)
     calls = []
 
-    def spy(x, t, cond=None):
+    def spy(x, t):
         calls.append((x.clone(), float(t[0])))
         return torch.zeros_like(x)
 
@@ -285,6 +285,44 @@ def test_callback_reports_every_step_with_its_x0_prediction():
     assert (reports[-1][3] - x).abs().max() < 0.05
 
 
+# ---- the table of samplers ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", list(SAMPLERS))
+def test_the_entry_is_all_sample_knows_of_its_sampler(name):
+    """The generator matters exactly where the entry says `stochastic`; eta, spacing and karras
+    change the result where the entry takes them and are refused everywhere else."""
+    entry = SAMPLERS[name]
+    x_T = make_noise(SHAPE, seed=50)
+
+    def run(seed=1, **options):
+        return sample(name, gaussian_model("eps"), x_T, ALPHAS_CUMPROD, "eps", 8,
+                      generator=torch.Generator().manual_seed(seed), **options)
+
+    noisiest = {"eta": 1.0} if entry.eta else {}
+    assert torch.isfinite(run(**noisiest)).all()
+    assert (not torch.equal(run(1, **noisiest), run(2, **noisiest))) == entry.stochastic
+    for option, value in {"eta": 0.5, "spacing": "quad", "karras": True}.items():
+        if getattr(entry, option):
+            assert not torch.equal(run(**{option: value}), run())
+        else:
+            with pytest.raises(LatentgenError, match=f"applies to .* only, not {name}$"):
+                run(**{option: value})
+
+
+def test_a_new_sampler_is_its_function_and_its_entry(monkeypatch):
+    """An entry alone makes a sampler: DDIM on the DDPM levels, with the entry's options and checks."""
+    monkeypatch.setitem(SAMPLERS, "ddim_ddpm", Sampler(run=sample_ddim, schedule=ddpm_schedule, stochastic=True, eta=True))
+    model, x_T = gaussian_model("eps"), make_noise(SHAPE, seed=51)
+    ours = sample("ddim_ddpm", model, x_T, ALPHAS_CUMPROD, "eps", 10, eta=1.0, generator=torch.Generator().manual_seed(3))
+    by_hand = sample_ddim(model, x_T, ddpm_schedule(ALPHAS_CUMPROD, 10), eta=1.0, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(ours, by_hand)
+    with pytest.raises(LatentgenError, match="--eta applies to ddim, ddim_ddpm only"):
+        sample("euler", model, x_T, ALPHAS_CUMPROD, "eps", 10, eta=1.0)
+    with pytest.raises(LatentgenError, match="--karras applies to dpmpp_2m, euler, euler_a only, not ddim_ddpm"):
+        sample("ddim_ddpm", model, x_T, ALPHAS_CUMPROD, "eps", 10, karras=True)
+
+
 # ---- argument checking -------------------------------------------------------------------------
 
 
@@ -294,7 +332,7 @@ def test_callback_reports_every_step_with_its_x0_prediction():
     ({"steps": 1001}, "--steps"),
     ({"eta": 1.5}, "--eta"),
     ({"eta": -0.1}, "--eta"),
-    ({"name": "euler", "eta": 0.5}, "ddim sampler only"),
+    ({"name": "euler", "eta": 0.5}, "applies to ddim only"),
     ({"name": "ddim", "karras": True}, "--karras"),
     ({"name": "euler", "spacing": "quad"}, "spacing"),
     ({"spacing": "cubic"}, "uniform or quad"),
@@ -333,7 +371,7 @@ def test_half_precision_model_with_a_float32_sampler_state():
     seen = set()
     model = gaussian_model("eps")
 
-    def bf16_model(x, t, cond=None):
+    def bf16_model(x, t):
         seen.add(x.dtype)
         return model(x, t).to(x.dtype)
 

@@ -19,7 +19,7 @@ def test_linear_is_linear_in_sqrt_beta():
 
 
 def test_cosine_is_decreasing_and_bounded():
-    ac = make_alphas_cumprod("cosine", 1000)
+    ac = make_alphas_cumprod("cosine", 1000, 1e-4, 2e-2)
     assert (ac[1:] < ac[:-1]).all() and ac[0] < 1 and ac[-1] >= 0
 
 

@@ -384,7 +384,7 @@ def test_txt2img_ldm_resumes_exactly_and_exports_official_layout(tmp_path, first
 
     loaded = load_model(export)
     assert loaded.family == "ldm-txt2img" and type(loaded.cond_stage).__name__ == "MiniLMEmbedder"
-    assert loaded.conditioning_key == "crossattn" and loaded.scale_factor == pytest.approx(straight.scale_factor)
+    assert loaded.spec.conditioning == "text" and loaded.scale_factor == pytest.approx(straight.scale_factor)
     torch.testing.assert_close(loaded.alphas_cumprod, straight.alphas_cumprod)
     x, t = torch.randn(2, 3, 8, 8), torch.tensor([10, 500])
     context = FakeTextEncoder()(["a", "b"])
@@ -404,8 +404,9 @@ def test_concat_ldms_train_and_load(tmp_path, first_stage, task, family, extra):
     if task == "inpaint":
         assert set(cond.concat[:, -1].unique().tolist()) <= {0.0, 1.0}
     loaded = load_model(tmp_path / "export")
-    assert loaded.family == family and loaded.conditioning_key == "concat" and loaded.cond_stage is None
-    assert loaded.config["unet_config"]["params"]["in_channels"] == 3 + extra
+    layout = "masked-image+mask" if task == "inpaint" else "low-res-image"
+    assert loaded.family == family and loaded.spec.concat == layout and loaded.cond_stage is None
+    assert loaded.unet.input_blocks[0][0].in_channels == 3 + extra
     grid = trainer.samples(2)
     assert grid.shape == (6, 3, 16, 16) and torch.isfinite(grid).all()
 

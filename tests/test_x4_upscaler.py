@@ -17,7 +17,7 @@ from PIL import Image
 from safetensors.torch import save_file
 from typer.testing import CliRunner
 
-from latentgen import detect, images, pipelines
+from latentgen import detect, images, tasks
 from latentgen.cli import app
 from latentgen.errors import LatentgenError
 from latentgen.loader import load_model, load_state_dict
@@ -153,8 +153,8 @@ def test_tiny_checkpoint_is_detected_and_loaded(tiny):
     path, config = tiny
     model = load_model(path, config)
     assert model.family == "sd2-x4-upscaler" and model.parameterization == "v"
-    assert model.conditioning_key == "hybrid-adm" and model.scale_factor == 0.08333
-    params = model.config["unet_config"]["params"]
+    assert (model.spec.conditioning, model.spec.concat) == ("text", "low-res-image") and model.scale_factor == 0.08333
+    params = model.params["unet_config"]["params"]
     assert params["disable_self_attentions"] == [False, True, True, False] and params["num_heads"] == 8
     assert model.unet.label_emb.weight.shape == (1000, 4 * 32)
     # the low_scale_model.* buffers are accepted; the schedule rebuilt from low_scale_config equals them
@@ -184,7 +184,7 @@ def test_unet_matches_diffusers_upscaler_unet_with_noise_level_class_labels(tiny
     """The loaded UNet against diffusers' UNet2DConditionModel built by its single-file utilities from
     the same weights (num_class_embeds=1000, only_cross_attention per level, 8 heads, linear projections)."""
     model = load_model(*tiny)
-    theirs = transformer_unet_to_diffusers(model.unet, model.config["unet_config"]["params"])
+    theirs = transformer_unet_to_diffusers(model.unet, model.params["unet_config"]["params"])
     assert theirs.config.num_class_embeds == 1000 and theirs.config.in_channels == 7
     assert list(theirs.config.only_cross_attention) == [False, True, True, False]
     generator = torch.Generator().manual_seed(0)
@@ -231,8 +231,8 @@ def test_upscale_feeds_the_unet_augmented_image_noise_level_and_both_prompts(tin
         return real_forward(unet, x, timesteps, context, y)
 
     monkeypatch.setattr(UNetModel, "forward", spy)
-    options = pipelines.Sampling(steps=2, scale=9.0, seed=7)
-    high = pipelines.upscale(model, low, options, prompt="a cat", negative="blurry", noise_level=30)
+    options = tasks.Sampling(steps=2, scale=9.0, seed=7)
+    high = tasks.upscale(model, low, options, prompt="a cat", negative="blurry", noise_level=30)
     assert high.shape == (1, 3, 48, 80) and high.abs().max() <= 1
     x, context, y = seen[0]
     assert x.shape == (2, 7, 16, 24)  # guidance batched; 12x20 padded to multiples of 8 (the UNet's 3 halvings)
@@ -251,9 +251,9 @@ def test_upscale_feeds_the_unet_augmented_image_noise_level_and_both_prompts(tin
 def diffusers_upscale_pipeline(model) -> StableDiffusionUpscalePipeline:
     """diffusers' upscale pipeline over the same weights (UNet and VAE through its single-file
     conversion), DDIM with CompVis' timesteps, v-prediction; no text encoder (embeddings are passed)."""
-    unet = transformer_unet_to_diffusers(model.unet, model.config["unet_config"]["params"])
+    unet = transformer_unet_to_diffusers(model.unet, model.params["unet_config"]["params"])
     checkpoint = {detect.FIRST_STAGE_PREFIX + k: v for k, v in model.first_stage.state_dict().items()}
-    vae_config = create_vae_diffusers_config_from_ldm({"model": {"params": model.config}}, checkpoint,
+    vae_config = create_vae_diffusers_config_from_ldm({"model": {"params": model.params}}, checkpoint,
                                                       scaling_factor=model.scale_factor)
     vae = DiffusersAutoencoderKL(**vae_config)
     vae.load_state_dict(convert_ldm_vae_checkpoint(checkpoint, vae_config))
@@ -273,7 +273,7 @@ def test_upscale_matches_diffusers_upscale_pipeline(tiny):
     (one generator draws the augmentation noise, then x_T, in both)."""
     model = load_model(*tiny)
     low = torch.rand(1, 3, 16, 24, generator=torch.Generator().manual_seed(2)) * 2 - 1
-    ours = pipelines.upscale(model, low, pipelines.Sampling(steps=4, scale=9.0, seed=7), prompt="a cat",
+    ours = tasks.upscale(model, low, tasks.Sampling(steps=4, scale=9.0, seed=7), prompt="a cat",
                              negative="blurry", noise_level=30)
     theirs = diffusers_upscale_pipeline(model)(
         prompt_embeds=model.cond_stage(["a cat"]), negative_prompt_embeds=model.cond_stage(["blurry"]),
@@ -287,18 +287,18 @@ def test_upscale_matches_diffusers_upscale_pipeline(tiny):
 def test_upscale_is_4x_deterministic_and_tiled(tiny):
     model = load_model(*tiny)
     low = torch.rand(1, 3, 12, 20, generator=torch.Generator().manual_seed(3)) * 2 - 1
-    options = pipelines.Sampling(steps=2, scale=9.0, seed=5)
-    first = pipelines.upscale(model, low, options, prompt="x")
+    options = tasks.Sampling(steps=2, scale=9.0, seed=5)
+    first = tasks.upscale(model, low, options, prompt="x")
     assert first.shape == (1, 3, 48, 80)
-    assert torch.equal(first, pipelines.upscale(model, low, options, prompt="x"))
-    other_seed = pipelines.upscale(model, low, pipelines.Sampling(steps=2, scale=9.0, seed=6), prompt="x")
-    other_level = pipelines.upscale(model, low, options, prompt="x", noise_level=300)
+    assert torch.equal(first, tasks.upscale(model, low, options, prompt="x"))
+    other_seed = tasks.upscale(model, low, tasks.Sampling(steps=2, scale=9.0, seed=6), prompt="x")
+    other_level = tasks.upscale(model, low, options, prompt="x", noise_level=300)
     assert not torch.equal(first, other_seed) and not torch.equal(first, other_level)
-    tiled = pipelines.upscale(model, low, options, prompt="x", tile=16)
+    tiled = tasks.upscale(model, low, options, prompt="x", tile=16)
     assert tiled.shape == first.shape and torch.isfinite(tiled).all()
     for bad in (-1, 351):
         with pytest.raises(LatentgenError, match="between 0 and 350"):
-            pipelines.upscale(model, low, options, noise_level=bad)
+            tasks.upscale(model, low, options, noise_level=bad)
 
 
 def test_cli_upscale_with_the_x4_upscaler(tiny, tmp_path):
@@ -316,7 +316,7 @@ def test_cli_upscale_with_the_x4_upscaler(tiny, tmp_path):
     np.testing.assert_array_equal(pixels(tmp_path / "a.png"), pixels(tmp_path / "b.png"))
     info = images.read_parameters(tmp_path / "a.png")
     assert "CFG scale: 9," in info and "Negative prompt: blurry" in info and "Noise level: 20" in info
-    level = runner.invoke(app, [str(a) for a in [*common, "--noise-level", 200, "--guidance", 1,
+    level = runner.invoke(app, [str(a) for a in [*common, "--noise-level", 200, "--scale", 1,
                                                  "--out", tmp_path / "c.png"]])
     assert level.exit_code == 0, level.output
     assert not np.array_equal(pixels(tmp_path / "a.png"), pixels(tmp_path / "c.png"))
@@ -331,7 +331,7 @@ def test_noise_level_is_refused_for_ldm_sr(tmp_path):
     result = runner.invoke(app, ["upscale", str(source), "--ckpt", str(folder), "--noise-level", "20",
                                  "--out", str(tmp_path / "x.png")])
     assert result.exit_code == 1 and "SD 2 x4" in result.output
-    for option in (["--guidance", "7"], ["--prompt", "a cat"], ["--negative", "blurry"]):
+    for option in (["--scale", "7"], ["--prompt", "a cat"], ["--negative", "blurry"]):
         result = runner.invoke(app, ["upscale", str(source), "--ckpt", str(folder), *option, "--out", str(tmp_path / "x.png")])
         assert result.exit_code == 1 and "not text-conditional" in result.output, option
     assert not (tmp_path / "x.png").exists()

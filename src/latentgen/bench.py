@@ -464,20 +464,20 @@ def run_bundled(device: torch.device, dtype: torch.dtype, repeats: int, with_dif
             report(f"skipping {name}: not installed")
             continue
         model = load_model(path).to(device, dtype).eval()
-        unet_params = model.config["unet_config"]["params"]
+        unet_params = model.params["unet_config"]["params"]
         latent, context_dim = unet_params.get("image_size", 32), unet_params.get("context_dim")
         batch = 2 if context_dim is not None else 1
         ours, theirs = latentgen_runner(model.unet, model.first_stage), None
         if with_diffusers:
             try:
-                reference = diffusers_models(model.unet, model.first_stage, model.config)
+                reference = diffusers_models(model.unet, model.first_stage, model.params)
                 theirs = reference and diffusers_runner(*reference)
             except Exception as error:  # a layout diffusers' converter does not know: time ours alone
                 reason = str(error).splitlines()[0][:200]
                 report(f"{name}: diffusers cannot convert it ({type(error).__name__}: {reason})")
         work = Workload.random(batch, unet_params["in_channels"], latent, context_dim, 77, device, dtype, repeats,
                                warmup, steps=steps, scale_factor=model.scale_factor)
-        channels = model.first_stage.embed_dim
+        channels = model.spec.latent_channels
         work.z, work.concat = work.z[:, :channels], (work.z[:, channels:] if context_dim is None else None)
         with torch.inference_mode():
             report(f"{name}: UNet step, decode, {steps}-step image")
@@ -508,13 +508,13 @@ def cold_start_rows(device: torch.device, report: Report = lambda text: None) ->
     return [Row("cold start to PNG (bundled txt2img)", cold_start_ms(device=str(device)))]
 
 
-def write_json(rows: list[Row], path: Path, context: dict) -> None:
-    payload = {"context": context, "rows": [{**asdict(row), "ratio": row.ratio} for row in rows]}
-    path.write_text(json.dumps(payload, indent=2))
+def to_json(rows: list[Row], context: dict) -> str:
+    """The results as the JSON text `read_json` reads back."""
+    return json.dumps({"context": context, "rows": [{**asdict(row), "ratio": row.ratio} for row in rows]}, indent=2)
 
 
 def read_json(path: Path) -> tuple[dict, list[Row]]:
-    """(context, rows) of a file `write_json` wrote."""
+    """(context, rows) of a file holding `to_json`'s text."""
     payload = json.loads(Path(path).read_text())
     fields = ("name", "latentgen_ms", "diffusers_ms", "extra")
     return payload["context"], [Row(**{k: row[k] for k in fields}) for row in payload["rows"]]

@@ -3,6 +3,7 @@
 import os
 import sys
 from pathlib import Path
+from typing import Union
 
 from .errors import LatentgenError
 
@@ -47,13 +48,27 @@ def bundled_model(name: str) -> Path:
     raise LatentgenError(f"bundled model {name!r} is not installed (searched: {searched}); pass --ckpt PATH")
 
 
+def resolve(name_or_path: Union[str, os.PathLike]) -> Path:
+    """An existing file or folder as it is; a bare name that is no path names a bundled model."""
+    path = Path(name_or_path)
+    if path.exists() or len(path.parts) != 1 or path.suffix in CHECKPOINT_SUFFIXES:
+        return path
+    return bundled_model(str(name_or_path))
+
+
 def default_model(task: str) -> Path:
     return bundled_model(DEFAULTS[task])
 
 
+def installed_factors() -> list[int]:
+    """The factors f of the bundled autoencoders that are installed."""
+    return [f for f, name in AUTOENCODERS_BY_FACTOR.items()
+            if any((folder / name / "model.safetensors").is_file() for folder in weights_dirs())]
+
+
 def autoencoder_for_factor(f: int) -> Path:
-    if f not in AUTOENCODERS_BY_FACTOR:
-        choices = ", ".join(str(k) for k in AUTOENCODERS_BY_FACTOR)
+    if f not in installed_factors():
+        choices = ", ".join(str(k) for k in installed_factors()) or "none"
         raise LatentgenError(f"no bundled autoencoder with f={f}; bundled factors: {choices} (or pass --ckpt)")
     return bundled_model(AUTOENCODERS_BY_FACTOR[f])
 

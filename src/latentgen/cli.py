@@ -1,25 +1,33 @@
-"""The `latentgen` command line: one typer command per user task, rich output, one-line errors."""
+"""The `latentgen` command line: a thin layer over the Python API, one typer command per task.
+
+Argument parsing, progress bars, tables and one-line errors live here; the work is done by
+`tasks` (one image) and `jobs` (runs of many, resumable), which Python callers use directly.
+"""
 
 import functools
-from contextlib import nullcontext
 import json
 import sys
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Annotated, Callable, Optional
 
-import torch
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from . import catalog, images, memory, pipelines
+from . import __version__, catalog, images, jobs, memory, tasks
+from .devices import pick_device, pick_dtype
 from .errors import LatentgenError
-from .loader import convert_checkpoint, file_sha256, load_model
+from .files import write_new
+from .ldm import LatentDiffusion
+from .loader import convert_checkpoint, file_sha256, list_models, load_model
 from .samplers import SAMPLERS
 from .train.cli import train_app
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="Latent Diffusion image generation.")
+CONTEXT = {"help_option_names": ["-h", "--help"]}
+app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None, context_settings=CONTEXT,
+                  help="Latent Diffusion image generation.")
 app.add_typer(train_app, name="train", help="Train autoencoders and latent diffusion models.")
 console = Console(stderr=True)
 
@@ -33,22 +41,28 @@ class Settings:
 
 
 # Options shared by several commands.
-Ckpt = Annotated[Optional[Path], typer.Option("--ckpt", help="Checkpoint file or model folder (default: the bundled model).")]
+Ckpt = Annotated[Optional[Path], typer.Option("--ckpt", help="Checkpoint file, model folder or bundled model name (default: the bundled model).")]
 Prediction = Annotated[Optional[str], typer.Option("--prediction", help="eps or v, for checkpoints whose kind cannot be detected (SD 2.x).")]
 Config = Annotated[Optional[Path], typer.Option("--config", help="Official YAML or JSON config for --ckpt.")]
 Device = Annotated[str, typer.Option("--device", help="auto, cuda, cuda:N, mps or cpu.")]
 Dtype = Annotated[str, typer.Option("--dtype", help="auto (fp16/bf16 on GPU, fp32 on CPU), fp32, fp16 or bf16.")]
-Out = Annotated[Optional[Path], typer.Option("--out", "-o", help="Output file (.png) or folder.")]
+Out = Annotated[Optional[Path], typer.Option("--out", "-o", help="Output image file (.png, .jpg, .webp) or folder (default ./outputs).")]
 Overwrite = Annotated[bool, typer.Option("--overwrite", help="Replace existing files instead of numbering new ones.")]
 Seed = Annotated[int, typer.Option("--seed", help="Seed of the first image; image i uses seed + i.")]
-Steps = Annotated[Optional[int], typer.Option("--steps", help="Sampling steps (default: the model's).")]
+Steps = Annotated[Optional[int], typer.Option("--steps", help=f"Sampling steps (default {tasks.DEFAULT_STEPS}).")]
 Sampler = Annotated[str, typer.Option("--sampler", help=f"One of: {', '.join(SAMPLERS)}.")]
 Eta = Annotated[float, typer.Option("--eta", help="DDIM eta (0 = deterministic).")]
 Karras = Annotated[bool, typer.Option("--karras", help="Karras sigmas for the k-diffusion samplers.")]
-Guidance = Annotated[Optional[float], typer.Option("--scale", help="Classifier-free guidance scale (1 = off).")]
-Negative = Annotated[str, typer.Option("--negative", help="Negative prompt (the unconditional context).")]
+Guidance = Annotated[Optional[float], typer.Option("--scale", help="Classifier-free guidance scale (1 = off; default: the model's).")]
+Negative = Annotated[str, typer.Option("--negative", help="Negative prompt (the unconditional context) of text models.")]
 DeviceNoise = Annotated[bool, typer.Option("--device-noise", help="Draw noise on the device (faster, not reproducible across devices).")]
 MaxMemory = Annotated[Optional[str], typer.Option("--max-memory", help="Refuse to start if the estimated peak memory exceeds this (e.g. 8GB, 512MiB).")]
+
+
+def show_version(value: bool) -> None:
+    if value:
+        print(f"latentgen {__version__}")
+        raise typer.Exit()
 
 
 @app.callback()
@@ -56,13 +70,16 @@ def main(
     debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress or tables.")] = False,
     json_output: Annotated[bool, typer.Option("--json", help="Print one JSON summary line on stdout.")] = False,
+    version: Annotated[bool, typer.Option("--version", callback=show_version, is_eager=True,
+                                          help="Show the version and exit.")] = False,
 ) -> None:
     """latentgen: txt2img, inpaint, upscale and reconstruct with Latent Diffusion Models."""
     Settings.debug, Settings.quiet, Settings.json = debug, quiet or json_output, json_output
 
 
 def user_errors(command: Callable) -> Callable:
-    """Print a user mistake as one line and exit 1; keep tracebacks for --debug."""
+    """Print a user mistake as one line (never wrapped, even when piped) and exit 1; keep
+    tracebacks for --debug."""
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
@@ -71,10 +88,11 @@ def user_errors(command: Callable) -> Callable:
         except LatentgenError as error:
             if Settings.debug:
                 raise
-            console.print(f"[bold red]error:[/] {error}", highlight=False)
+            console.print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True, markup=True)
             raise typer.Exit(1)
         except KeyboardInterrupt:
-            console.print("[bold red]interrupted[/]: finished images are complete; nothing partial was written")
+            console.print("[bold red]interrupted[/]: finished images are complete; nothing partial was written",
+                          soft_wrap=True)
             raise typer.Exit(130)
 
     return wrapper
@@ -89,7 +107,7 @@ def progress_bar() -> Progress:
 
 def say(text: str) -> None:
     if not Settings.quiet:
-        console.print(text, highlight=False)
+        console.print(text, highlight=False, soft_wrap=True)
 
 
 def summary(command: str, **fields) -> None:
@@ -97,25 +115,17 @@ def summary(command: str, **fields) -> None:
         print(json.dumps({"command": command, **fields}, default=str), flush=True)
 
 
-def open_model(ckpt: Optional[Path], task: str, config: Optional[Path], device: str, dtype: str,
-               prediction: Optional[str] = None):
-    path = ckpt if ckpt is not None else catalog.default_model(task)
+def open_model(path: Path, config: Optional[Path], device: str, dtype: str,
+               prediction: Optional[str] = None) -> LatentDiffusion:
     with nullcontext() if Settings.quiet else console.status(f"loading {path.name}", spinner="dots"):
         model = load_model(path, config=config, prediction=prediction)
-    return pipelines.prepare(model, device, dtype)
+    return tasks.prepare(model, device, dtype)
 
 
-def output_path(out: Optional[Path], stem: str) -> Path:
-    """`--out` names a file when it ends in .png, else a folder (default ./outputs)."""
-    if out is not None and out.suffix.lower() == ".png":
-        return out
-    return (out or Path("outputs")) / f"{stem}.png"
-
-
-def sampling_options(sampler, steps, eta, karras, scale, seed, device_noise, model) -> pipelines.Sampling:
-    return pipelines.Sampling(
-        sampler=sampler, steps=pipelines.DEFAULT_STEPS if steps is None else steps, eta=eta, karras=karras,
-        scale=scale if scale is not None else pipelines.default_scale(model), seed=seed, on_device_noise=device_noise,
+def sampling_options(sampler, steps, eta, karras, scale, seed, device_noise, model) -> tasks.Sampling:
+    return tasks.Sampling(
+        sampler=sampler, steps=tasks.DEFAULT_STEPS if steps is None else steps, eta=eta, karras=karras,
+        scale=scale if scale is not None else tasks.default_scale(model), seed=seed, on_device_noise=device_noise,
     )
 
 
@@ -128,42 +138,44 @@ def txt2img(
     class_label: Annotated[Optional[list[int]], typer.Option("--class", help="Class id(s) for class-conditional models.")] = None,
     num: Annotated[int, typer.Option("--num", "-n", help="Images per prompt.")] = 1,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Images per forward pass.")] = 1,
-    height: Annotated[Optional[int], typer.Option("--height", help="Pixels; a multiple of 8*f (default: the model's).")] = None,
-    width: Annotated[Optional[int], typer.Option("--width", help="Pixels; a multiple of 8*f (default: the model's).")] = None,
+    height: Annotated[Optional[int], typer.Option("--height", help="Pixels (default: the model's native size).")] = None,
+    width: Annotated[Optional[int], typer.Option("--width", help="Pixels (default: the model's native size).")] = None,
     steps: Steps = None, sampler: Sampler = "ddim", eta: Eta = 0.0, karras: Karras = False,
     scale: Guidance = None, seed: Seed = 0, device_noise: DeviceNoise = False,
-    resume: Annotated[bool, typer.Option("--resume", help="Continue a stopped --prompts run from its manifest.")] = False,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue a stopped run (same arguments) from its manifest.")] = False,
     max_memory: MaxMemory = None, ckpt: Ckpt = None, config: Config = None, prediction: Prediction = None, device: Device = "auto",
     dtype: Dtype = "auto", out: Out = None, overwrite: Overwrite = False,
 ) -> None:
     """Generate images from a text prompt (or class ids, or unconditionally)."""
-    jobs = pipelines.plan_jobs(prompt, prompts, class_label, num, seed)
-    model = open_model(ckpt, "txt2img", config, device, dtype, prediction)
+    if prompts is not None and prompt is not None:
+        raise LatentgenError("give either a prompt or --prompts, not both")
+    texts = jobs.read_prompts(prompts) if prompts is not None else [prompt or ""]
+    planned = jobs.plan_jobs(texts, class_label, num, seed)
+    model = open_model(ckpt or catalog.default_model("txt2img"), config, device, dtype, prediction)
+    tasks.check_inputs(model, next((text for text in texts if text), ""), negative, class_label)
     options = sampling_options(sampler, steps, eta, karras, scale, seed, device_noise, model)
-    size = pipelines.check_size(model, height, width)
-    need = memory.check(model, min(batch_size, len(jobs)), size, options.scale != 1, max_memory)
-    folder = out if out is not None and out.suffix.lower() != ".png" else None
-    manifest = pipelines.Manifest.open(folder, resume) if folder is not None or prompts else None
-    todo = [job for job in jobs if manifest is None or not manifest.done(job)]
+    size = tasks.check_size(model, height, width)
+    need = memory.check(model, min(batch_size, len(planned)), size, options.scale != 1, max_memory)
     written = []
     with progress_bar() as bar:
-        batches = bar.add_task("images", total=len(jobs), completed=len(jobs) - len(todo))
+        images_task = bar.add_task("images", total=len(planned))
         steps_task = bar.add_task("steps", total=options.steps)
-        for batch in pipelines.batched(todo, batch_size):
+
+        def started(count: int) -> None:
+            bar.update(images_task, completed=len(planned) - count)
+
+        def finished(path: Path) -> None:
+            written.append(path)
+            bar.advance(images_task)
             bar.reset(steps_task, total=options.steps)
-            results = pipelines.txt2img_jobs(
-                model, batch, negative, options, size, progress=lambda i, n: bar.update(steps_task, completed=i, total=n)
-            )
-            for job, image in zip(batch, results):
-                target = output_path(out, f"{job.index:05d}-{job.seed}") if len(jobs) > 1 else output_path(out, f"txt2img-{job.seed}")
-                info = pipelines.parameters_text(model, options, job.prompt, negative, size, job.seed, job.label)
-                path = images.save_image(image, target, parameters=info, overwrite=overwrite or resume, check=True)
-                written.append(path)
-                if manifest is not None:
-                    manifest.record(job, path)
-                bar.advance(batches)
+
+        jobs.run_txt2img(model, planned, out, negative, options, size, batch_size, resume, overwrite,
+                         on_start=started, on_step=lambda i, n: bar.update(steps_task, completed=i, total=n),
+                         on_image=finished)
     for path in written:
         say(f"wrote {path}")
+    if resume and not written:
+        say("nothing left to do: every image of this run is already written")
     summary("txt2img", outputs=[str(p) for p in written], seed=seed, steps=options.steps, sampler=sampler,
             scale=options.scale, model=model.name, model_hash=model.sha256[:10], memory_estimate=need.total)
 
@@ -175,7 +187,7 @@ def inpaint(
     mask: Annotated[Path, typer.Argument(help="White = region to fill, black = keep.")],
     prompt: Annotated[str, typer.Option("--prompt", "-p", help="Text for text-conditional models.")] = "",
     negative: Negative = "",
-    feather: Annotated[int, typer.Option("--feather", help="Feather radius of the composite edge in pixels.")] = 4,
+    feather: Annotated[int, typer.Option("--feather", help="Pixels inside the hole over which the fill is blended.")] = 4,
     max_memory: MaxMemory = None,
     steps: Steps = None, sampler: Sampler = "ddim", eta: Eta = 0.0, karras: Karras = False,
     scale: Guidance = None, seed: Seed = 0, device_noise: DeviceNoise = False,
@@ -185,16 +197,17 @@ def inpaint(
     """Fill the white region of MASK in IMAGE."""
     picture = images.load_image(image)
     region = images.load_mask(mask, picture.shape[-2:])
-    pipelines.check_mask(region)
-    model = open_model(ckpt, "inpaint", config, device, dtype, prediction)
+    tasks.check_mask(region)
+    model = open_model(ckpt or catalog.default_model("inpaint"), config, device, dtype, prediction)
+    tasks.check_inputs(model, prompt, negative)
     options = sampling_options(sampler, steps, eta, karras, scale, seed, device_noise, model)
     need = memory.check(model, 1, tuple(picture.shape[-2:]), options.scale != 1, max_memory)
     with progress_bar() as bar:
         task = bar.add_task("steps", total=options.steps)
-        result = pipelines.inpaint(model, picture, region, prompt, negative, options, feather,
-                                   progress=lambda i, n: bar.update(task, completed=i, total=n))
-    info = pipelines.parameters_text(model, options, prompt, negative, tuple(picture.shape[-2:]), seed)
-    path = images.save_image(result, output_path(out, f"inpaint-{seed}"), parameters=info, overwrite=overwrite, check=True)
+        result = tasks.inpaint(model, picture, region, prompt, negative, options, feather,
+                               progress=lambda i, n: bar.update(task, completed=i, total=n))
+    info = jobs.parameters_text(model, options, prompt, negative, tuple(picture.shape[-2:]), seed)
+    path = images.save_image(result, jobs.output_path(out, f"inpaint-{seed}"), parameters=info, overwrite=overwrite, check=True)
     say(f"wrote {path}")
     summary("inpaint", outputs=[str(path)], seed=seed, steps=options.steps, model=model.name, model_hash=model.sha256[:10],
             memory_estimate=need.total)
@@ -204,10 +217,10 @@ def inpaint(
 @user_errors
 def upscale(
     image: Annotated[Path, typer.Argument(help="The low-resolution image.")],
-    factor: Annotated[Optional[int], typer.Option("--scale", help="Output factor (the model's, 4, by default).")] = None,
-    prompt: Annotated[str, typer.Option("--prompt", "-p", help="Text for text-conditional upscalers.")] = "",
+    factor: Annotated[Optional[int], typer.Option("--factor", help="Output size factor (default: the model's, 4).")] = None,
+    prompt: Annotated[str, typer.Option("--prompt", "-p", help="Text for text-conditional upscalers (SD 2 x4).")] = "",
     negative: Negative = "",
-    guidance: Annotated[Optional[float], typer.Option("--guidance", help="Classifier-free guidance scale of text-conditional upscalers (default 9 for the SD 2 x4 upscaler; 1 = off).")] = None,
+    scale: Annotated[Optional[float], typer.Option("--scale", help="Classifier-free guidance scale of text-conditional upscalers (default 9 for the SD 2 x4 upscaler; 1 = off).")] = None,
     noise_level: Annotated[Optional[int], typer.Option("--noise-level", help="Noise added to the low-res image by the SD 2 x4 upscaler, 0..350 (default 20); more noise, more invented detail.")] = None,
     tile: Annotated[int, typer.Option("--tile", help="Tile size in low-resolution pixels for large images.")] = 128,
     max_memory: MaxMemory = None,
@@ -218,50 +231,58 @@ def upscale(
 ) -> None:
     """Super-resolve IMAGE (4x with the LDM-SR family and the SD 2 x4 upscaler)."""
     picture = images.load_image(image)
-    model = open_model(ckpt, "upscale", config, device, dtype, prediction)
-    scale = guidance if guidance is not None else pipelines.upscale_guidance(model)
-    options = sampling_options(sampler, steps, eta, karras, scale, seed, device_noise, model)
-    f = pipelines.latent_factor(model)
+    model = open_model(ckpt or catalog.default_model("upscale"), config, device, dtype, prediction)
+    tasks.check_inputs(model, prompt, negative)
+    guidance = scale if scale is not None else tasks.upscale_guidance(model)
+    options = sampling_options(sampler, steps, eta, karras, guidance, seed, device_noise, model)
+    f = model.spec.factor
     memory.check(model, 1, tuple(min(tile, side) * f for side in picture.shape[-2:]), options.scale != 1, max_memory)
     with progress_bar() as bar:
         task = bar.add_task("tiles", total=1)
-        result = pipelines.upscale(model, picture, options, factor, tile, prompt,
-                                   progress=lambda i, n: bar.update(task, completed=i, total=n),
-                                   negative=negative, noise_level=noise_level)
-    extra = {"Noise level": pipelines.upscale_noise_level(model, noise_level)} if model.noise_augmentation else None
-    info = pipelines.parameters_text(model, options, prompt, negative, tuple(result.shape[-2:]), seed, extra=extra)
-    path = images.save_image(result, output_path(out, f"upscale-{seed}"), parameters=info, overwrite=overwrite, check=True)
+        result = tasks.upscale(model, picture, options, factor, tile, prompt,
+                               progress=lambda i, n: bar.update(task, completed=i, total=n),
+                               negative=negative, noise_level=noise_level)
+    extra = {"Noise level": tasks.upscale_noise_level(model, noise_level)} if model.noise_augmentation else None
+    info = jobs.parameters_text(model, options, prompt, negative, tuple(result.shape[-2:]), seed, extra=extra)
+    path = images.save_image(result, jobs.output_path(out, f"upscale-{seed}"), parameters=info, overwrite=overwrite, check=True)
     say(f"wrote {path}")
     summary("upscale", outputs=[str(path)], size=list(result.shape[-2:]), model=model.name, model_hash=model.sha256[:10])
+
+
+def _factors_help() -> str:
+    installed = ", ".join(str(f) for f in catalog.installed_factors()) or "none"
+    return f"Downsampling factor of the bundled autoencoder (installed: {installed})."
 
 
 @app.command()
 @user_errors
 def reconstruct(
     inputs: Annotated[list[Path], typer.Argument(help="Images to pass through the autoencoder.")],
-    f: Annotated[int, typer.Option("--f", help="Downsampling factor of the bundled autoencoder: 4, 8 or 16.")] = 4,
+    f: Annotated[int, typer.Option("--f", help=_factors_help())] = 4,
     compare: Annotated[bool, typer.Option("--compare", help="Also write input | reconstruction | amplified error.")] = False,
     ckpt: Ckpt = None, config: Config = None, device: Device = "auto", dtype: Dtype = "auto",
     out: Out = None, overwrite: Overwrite = False,
 ) -> None:
     """Encode and decode images through a first-stage autoencoder; report PSNR and SSIM."""
+    if jobs.is_file_target(out) and len(inputs) > 1:
+        raise LatentgenError(f"--out {out} names one file, but {len(inputs)} images were given: pass a folder")
     pictures = [(path, images.load_image(path)) for path in inputs]
-    path = ckpt if ckpt is not None else catalog.autoencoder_for_factor(f)
-    model = pipelines.prepare(load_model(path, config=config), device, dtype)
-    table = Table("image", "PSNR dB", "SSIM", "latent", "compression")
+    model = open_model(ckpt or catalog.autoencoder_for_factor(f), config, device, dtype)
+    table = Table("image", "PSNR dB", "SSIM", "latent", "compression", "written")
     rows = []
     for source, picture in pictures:
-        result = pipelines.reconstruct(model, picture)
-        target = (out or Path("outputs")) / f"{source.stem}-recon.png"
-        written = images.save_image(result.image, target, overwrite=overwrite)
+        result = tasks.reconstruct(model, picture)
+        written = images.save_image(result.image, jobs.output_path(out, f"{source.stem}-recon"), overwrite=overwrite)
+        row = {"input": str(source), "output": str(written), "psnr": result.psnr, "ssim": result.ssim,
+               "latent_shape": list(result.latent_shape), "compression": result.compression}
         if compare:
             sheet = images.side_by_side([picture, result.image, images.error_map(picture, result.image)],
                                         labels=["input", "reconstruction", "error x8"])
-            images.save_image(sheet, target.with_name(f"{source.stem}-compare.png"), overwrite=overwrite)
+            stem = out.stem if jobs.is_file_target(out) else source.stem
+            row["compare"] = str(images.save_image(sheet, written.with_name(f"{stem}-compare.png"), overwrite=overwrite))
         table.add_row(str(source), f"{result.psnr:.2f}", f"{result.ssim:.4f}", "x".join(map(str, result.latent_shape)),
-                      f"{result.compression:.1f}x")
-        rows.append({"input": str(source), "output": str(written), "psnr": result.psnr, "ssim": result.ssim,
-                     "latent_shape": list(result.latent_shape), "compression": result.compression})
+                      f"{result.compression:.1f}x", row["output"])
+        rows.append(row)
     if not Settings.quiet:
         Console().print(table)
     summary("reconstruct", model=model.name, results=rows)
@@ -283,14 +304,14 @@ def info(image: Annotated[Path, typer.Argument(help="A PNG written by latentgen,
 @app.command()
 @user_errors
 def models() -> None:
-    """List the bundled models and the checkpoints in weights/ and $LATENTGEN_MODELS."""
-    rows = [pipelines.describe(path) for path in catalog.discover()]
+    """List the bundled models and the checkpoints in $LATENTGEN_WEIGHTS and $LATENTGEN_MODELS."""
+    rows = list_models()
     if Settings.json:
-        summary("models", models=rows)
+        summary("models", models=[row.__dict__ for row in rows])
         return
     table = Table("name", "family", "f", "size MB", "hash", "path")
     for row in rows:
-        table.add_row(row["name"], row["family"], str(row["f"]), f"{row['size_mb']:.1f}", row["hash"], row["path"])
+        table.add_row(row.name, row.family, str(row.factor), f"{row.size_mb:.1f}", row.hash, row.path)
     Console().print(table)
 
 
@@ -301,9 +322,10 @@ def convert(
     target: Annotated[Path, typer.Argument(help="The .safetensors file to write.")],
     half: Annotated[bool, typer.Option("--half", help="Store floating-point tensors as fp16.")] = False,
     trust: Annotated[bool, typer.Option("--trust", help="Fully unpickle a file that needs more than tensors: this RUNS any code in it. Only for files you trust.")] = False,
+    overwrite: Overwrite = False,
 ) -> None:
     """Convert a checkpoint to safetensors (without --trust no code is executed while reading it)."""
-    written = convert_checkpoint(source, target, half=half, trust=trust)
+    written = convert_checkpoint(source, target, half=half, trust=trust, overwrite=overwrite)
     say(f"wrote {written} (sha256 {file_sha256(written)[:10]})")
     summary("convert", output=str(written))
 
@@ -322,27 +344,29 @@ def bench(
     cuda_graph: Annotated[bool, typer.Option("--cuda-graph", help="Also time a CUDA-graph-captured step (GPU).")] = False,
     arch: Annotated[Optional[str], typer.Option("--arch", hidden=True, help="sd15 (default) or tiny (for tests).")] = None,
     device: Device = "auto", dtype: Dtype = "auto",
-    out: Annotated[Path, typer.Option("--out", "-o", help="JSON file for the results.")] = Path("bench.json"),
+    out: Annotated[Path, typer.Option("--out", "-o", help="JSON file for the results (numbered if it exists).")] = Path("bench.json"),
+    overwrite: Overwrite = False,
 ) -> None:
     """Time latentgen and diffusers on the same weights (UNet step, full image, VAE decode, memory)."""
     from . import bench as benchmark
 
-    target = pipelines.pick_device(device)
-    precision = pipelines.pick_dtype(dtype, target)
+    target = pick_device(device)
+    precision = pick_dtype(dtype, target)
     gpu = target.type == "cuda"
     if bundled:
         rows = benchmark.run_bundled(target, precision, repeats, not no_diffusers, say,
-                                     steps=steps or pipelines.DEFAULT_STEPS)
+                                     steps=steps or tasks.DEFAULT_STEPS)
         rows += benchmark.cold_start_rows(target, say) if cold else []
     else:
         rows = benchmark.run(target, precision, latent or (64 if gpu else 16), steps or (50 if gpu else 4), repeats,
                              not no_diffusers, say, arch=arch, channels_last=channels_last, compile_unet=compile_unet,
                              cuda_graph_step=cuda_graph, cold=cold)
     context = benchmark.environment(target, precision)
-    benchmark.write_json(rows, out, context)
+    written = write_new(out, benchmark.to_json(rows, context), overwrite)
     if not Settings.quiet:
         Console().print(benchmark.table(rows, f"{context.get('device', target)}, {precision}"))
-    summary("bench", file=str(out), **context)
+    say(f"wrote {written}")
+    summary("bench", file=str(written), **context)
 
 
 if __name__ == "__main__":

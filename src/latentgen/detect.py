@@ -22,10 +22,13 @@ keyed by what is detectable, and can always be overridden by a config:
 
 import re
 from collections.abc import Mapping
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Optional
 
 from .errors import LatentgenError
+from .ldm import LOW_RES_IMAGE, MASK_THEN_MASKED_IMAGE, MASKED_IMAGE_THEN_MASK, ModelSpec, UNetLayout
+from .schedules import TrainingSchedule
 
 UNET_PREFIX = "model.diffusion_model."
 FIRST_STAGE_PREFIX = "first_stage_model."
@@ -48,10 +51,7 @@ UNCONDITIONAL = "__is_unconditional__"
 FIRST_STAGE = "__is_first_stage__"
 
 # What CompVis' DDPM / LatentDiffusion assume when a YAML leaves a key out.
-COMPVIS_DEFAULTS = {
-    "timesteps": 1000, "beta_schedule": "linear", "linear_start": 1e-4, "linear_end": 2e-2,
-    "cosine_s": 8e-3, "parameterization": "eps", "scale_factor": 1.0, "concat_mode": True,
-}
+COMPVIS_DEFAULTS = {**asdict(TrainingSchedule()), "parameterization": "eps", "scale_factor": 1.0, "concat_mode": True}
 
 # x4-upscaling.yaml's low_scale_config: the low-res image is noised on this (CompVis "linear") schedule.
 X4_LOW_SCALE_CONFIG = {
@@ -104,7 +104,7 @@ def _block_kind(shapes: Shapes, prefix: str) -> str:
 
 
 def detect_unet(shapes: Shapes) -> dict:
-    """UNetModel constructor parameters (heads excepted, see `attention_heads`)."""
+    """UNetModel constructor parameters (heads excepted, see `official_head_layout`)."""
     if "input_blocks.0.0.weight" not in shapes or "out.2.weight" not in shapes:
         raise LatentgenError("the diffusion model has no input_blocks.0.0 / out.2 convolution: not a CompVis UNet")
     model_channels, in_channels = shapes["input_blocks.0.0.weight"][:2]
@@ -190,7 +190,7 @@ def _self_attention_flags(shapes: Shapes, levels: int, blocks_per_level: int, co
     return params
 
 
-def attention_heads(unet: dict, cond_target: Optional[str]) -> dict:
+def official_head_layout(unet: dict, cond_target: Optional[str]) -> dict:
     """The official families' head layout for a detected UNet (heads are not visible in shapes)."""
     if unet.get("use_spatial_transformer"):
         if cond_target == OPENCLIP_TARGET:
@@ -350,18 +350,25 @@ def _merged(detected: dict, override: Optional[Mapping]) -> dict:
     return {**detected, **override, "params": {**detected.get("params", {}), **override.get("params", {})}}
 
 
+SUB_CONFIGS = ("unet_config", "first_stage_config", "cond_stage_config", "low_scale_config")
+
+
 def detect_config(state_dict: Mapping[str, Any], name_hint: str = "", metadata: Optional[Mapping[str, str]] = None,
                   prediction: Optional[str] = None, overrides: Optional[Mapping[str, Any]] = None) -> dict:
     """The `model.params` an official YAML would give for this state dict (see the module docstring).
 
-    `overrides` is a partial config (our bundled `config.json`): its `cond_stage_config` replaces
-    the detected one before the rest is derived from it, its `unet_config` / `first_stage_config`
-    params are laid over the detected ones, and its other keys replace the detected values.
+    `overrides` is a partial config (our bundled `config.json`), applied with one fixed precedence:
+    1. its sub-configs (unet_config, first_stage_config, low_scale_config params laid over the
+       detected ones; cond_stage_config replacing the detected one) before anything is derived
+       from them, so family, heads and native size follow them;
+    2. the parameterization: `prediction`, else the overrides' `parameterization`, else the family's;
+    3. its other top-level values replace the derived ones.
     """
     shapes = shapes_of(state_dict)
     metadata, overrides = metadata or {}, dict(overrides or {})
+    sub = {key: overrides.pop(key) for key in SUB_CONFIGS if key in overrides}
     if is_standalone_autoencoder(shapes):
-        first_stage = _merged(detect_first_stage(shapes), overrides.pop("first_stage_config", None))
+        first_stage = _merged(detect_first_stage(shapes), sub.get("first_stage_config"))
         return {"first_stage_config": first_stage, "cond_stage_config": None, "scale_factor": 1.0, **overrides}
     unet_shapes = sub_shapes(shapes, UNET_PREFIX)
     first_shapes = sub_shapes(shapes, FIRST_STAGE_PREFIX)
@@ -374,36 +381,33 @@ def detect_config(state_dict: Mapping[str, Any], name_hint: str = "", metadata: 
     if any(has_prefix(shapes, p) for p in ("embedder.", "depth_model.", "noise_augmentor.")):
         raise LatentgenError("SD 2 unCLIP / depth checkpoints are not supported")
     unet = detect_unet(unet_shapes)
-    low_scale = _low_scale_config(shapes, unet, overrides)
-    first_stage = _merged(detect_first_stage(first_shapes), overrides.pop("first_stage_config", None))
-    if "cond_stage_config" in overrides:
-        cond = overrides.pop("cond_stage_config")
-    else:
-        cond = detect_cond_stage(sub_shapes(shapes, COND_STAGE_PREFIX))
+    low_scale = _low_scale_config(shapes, unet, sub.get("low_scale_config"))
+    first_stage = _merged(detect_first_stage(first_shapes), sub.get("first_stage_config"))
+    cond = sub["cond_stage_config"] if "cond_stage_config" in sub else detect_cond_stage(sub_shapes(shapes, COND_STAGE_PREFIX))
     if cond is None:
         cond = _weightless_cond_stage(unet, first_stage["params"]["embed_dim"])
     if low_scale is not None:
         unet.update(num_heads=8, legacy=False)  # as x4-upscaling.yaml says
     else:
-        unet.update(attention_heads(unet, cond.get("target") if isinstance(cond, Mapping) else None))
+        unet.update(official_head_layout(unet, cond.get("target") if isinstance(cond, Mapping) else None))
     if unet.get("use_spatial_transformer") and unet["model_channels"] == 320:
         unet["legacy"] = False  # as the SD / 1.45B YAMLs say; it changes no computation
     conditioning_key = _conditioning_key(unet, cond)
     family = family_of({"unet_config": {"params": unet}, "cond_stage_config": cond, "conditioning_key": conditioning_key,
                         "low_scale_config": low_scale})
-    v = family == X4_UPSCALER or (family == "sd2" and wants_v_prediction(name_hint, metadata))
-    parameterization = "v" if v else "eps"
-    if prediction is not None:
-        parameterization = normalize_prediction(prediction)
-    unet["image_size"] = _native_latent_size(family, parameterization, latent_factor({"first_stage_config": first_stage}))
-    unet_override = overrides.pop("unet_config", None) or {}
+    if prediction is not None or "parameterization" in overrides:
+        parameterization = normalize_prediction(prediction if prediction is not None else overrides.pop("parameterization"))
+    else:
+        v = family == X4_UPSCALER or (family == "sd2" and wants_v_prediction(name_hint, metadata))
+        parameterization = "v" if v else "eps"
+    unet["image_size"] = _native_latent_size(family, parameterization, first_stage_factor(first_stage))
+    unet_override = sub.get("unet_config") or {}
     if {"num_heads", "num_head_channels"} & set(unet_override.get("params", {})):
         unet.pop("num_heads", None), unet.pop("num_head_channels", None)  # a head layout replaces the guessed one
     unet_config = _merged({"target": UNET_TARGET, "params": unet}, unet_override)
     params: dict[str, Any] = {
         "timesteps": 1000,
         **_schedule_and_scale(family, first_stage),
-        "parameterization": parameterization,
         "conditioning_key": conditioning_key,
         "image_size": unet_config["params"]["image_size"],
         "channels": unet["out_channels"],
@@ -415,13 +419,10 @@ def detect_config(state_dict: Mapping[str, Any], name_hint: str = "", metadata: 
         params["low_scale_config"] = low_scale
     if shapes.get("scale_factor") == ():
         params["scale_factor"] = float(state_dict["scale_factor"])
-    params.update(overrides)
-    if prediction is not None:
-        params["parameterization"] = normalize_prediction(prediction)
-    return normalize_params(params)
+    return normalize_params({**params, **overrides, "parameterization": parameterization})
 
 
-def _low_scale_config(shapes: Shapes, unet: dict, overrides: Mapping[str, Any]) -> Optional[dict]:
+def _low_scale_config(shapes: Shapes, unet: dict, override: Optional[dict]) -> Optional[dict]:
     """The noise augmentation of an x4 upscaler (whose checkpoint stores that schedule's buffers
     under `low_scale_model.`: 7 = 4 latent + 3 RGB input channels, the noise level as class label),
     or None for any other model."""
@@ -430,7 +431,7 @@ def _low_scale_config(shapes: Shapes, unet: dict, overrides: Mapping[str, Any]) 
     if unet["in_channels"] - unet["out_channels"] != 3 or not isinstance(unet.get("num_classes"), int):
         raise LatentgenError("this checkpoint has low_scale_model.* keys but not the SD 2 x4 upscaler's UNet "
                              "(4 latent + 3 image input channels, noise level as class label): not supported")
-    return overrides.pop("low_scale_config", None) or X4_LOW_SCALE_CONFIG
+    return override or X4_LOW_SCALE_CONFIG
 
 
 def normalize_prediction(prediction: str) -> str:
@@ -481,6 +482,51 @@ def family_of(params: Mapping[str, Any]) -> str:
     return "ldm-uncond"
 
 
-def latent_factor(params: Mapping[str, Any]) -> int:
-    """Downsampling factor f of the first stage."""
-    return 2 ** (len(params["first_stage_config"]["params"]["ddconfig"]["ch_mult"]) - 1)
+# ---- the facts a loaded model carries ------------------------------------------------------
+
+TEXT_ENCODERS = ("FrozenCLIPEmbedder", "FrozenOpenCLIPEmbedder", "BERTEmbedder", "MiniLMEmbedder")
+
+
+def first_stage_factor(first_stage_config: Mapping[str, Any]) -> int:
+    """Downsampling factor f of a first stage: one halving per resolution level after the first."""
+    return 2 ** (len(first_stage_config["params"]["ddconfig"]["ch_mult"]) - 1)
+
+
+def _decoder_width(first_stage_config: Mapping[str, Any]) -> int:
+    ddconfig = first_stage_config["params"]["ddconfig"]
+    return ddconfig["ch"] * max(ddconfig["ch_mult"][:2])
+
+
+def _concat_layout(unet: Mapping[str, Any], latent_channels: int, conditioning_key: Optional[str]) -> Optional[str]:
+    extra = unet["in_channels"] - unet["out_channels"]
+    if extra == 0:
+        return None
+    if extra == latent_channels + 1:
+        return MASK_THEN_MASKED_IMAGE if conditioning_key == "hybrid" else MASKED_IMAGE_THEN_MASK
+    return LOW_RES_IMAGE
+
+
+def model_spec(params: Mapping[str, Any]) -> ModelSpec:
+    """The `ModelSpec` of complete `model.params` (as `detect_config` or `normalize_params` return)."""
+    first_stage = params["first_stage_config"]
+    common = {
+        "family": family_of(params), "factor": first_stage_factor(first_stage),
+        "latent_channels": first_stage["params"]["embed_dim"], "decoder_width": _decoder_width(first_stage),
+        "scale_factor": float(params.get("scale_factor", 1.0)),
+    }
+    if not params.get("unet_config"):
+        return ModelSpec(**common)
+    unet = params["unet_config"]["params"]
+    cond, key = target_name(params.get("cond_stage_config")), params.get("conditioning_key")
+    conditioning = "text" if cond in TEXT_ENCODERS else "class" if cond == "ClassEmbedder" or key == "adm" else "none"
+    mults = tuple(unet["channel_mult"])
+    layout = UNetLayout(
+        model_channels=unet["model_channels"], channel_mult=mults, num_res_blocks=unet["num_res_blocks"],
+        attention_levels=frozenset(i for i in range(len(mults)) if 2**i in unet.get("attention_resolutions", ())),
+        spatial_transformer=bool(unet.get("use_spatial_transformer")),
+    )
+    schedule = TrainingSchedule(params["beta_schedule"], int(params["timesteps"]), float(params["linear_start"]),
+                                float(params["linear_end"]), float(params["cosine_s"]))
+    concat = _concat_layout(unet, common["latent_channels"], key)
+    return ModelSpec(**common, parameterization=params["parameterization"], conditioning=conditioning, concat=concat,
+                     native_latent=int(unet.get("image_size", 64)), unet=layout, schedule=schedule)

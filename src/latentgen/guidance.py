@@ -1,17 +1,19 @@
 """Conditioning and classifier-free guidance (Ho & Salimans 2022) as model callables for the samplers.
 
 A LDM UNet is called as `unet(x, timesteps, context=None, y=None)`; what it is conditioned on
-travels in one `Conditioning`. `guided_model` turns a UNet plus conditional and unconditional
-conditioning into the `model(x, t, cond)` a sampler takes.
+travels in one `Conditioning`. `guided_model` binds a UNet, its conditional and unconditional
+conditioning and the guidance scale into the `model(x, t)` a sampler takes, so samplers never see
+conditioning.
 """
 
 from dataclasses import dataclass, replace
-from typing import Any, Callable, Optional
+from typing import Callable, Optional
 
 import torch
 from torch import Tensor
 
 from .errors import LatentgenError
+from .samplers import Model
 
 
 @dataclass(frozen=True)
@@ -30,7 +32,6 @@ class Conditioning:
 
 
 ConditionalModel = Callable[[Tensor, Tensor, Conditioning], Tensor]
-Model = Callable[[Tensor, Tensor, Any], Tensor]
 
 
 def unet_model(unet: Callable[..., Tensor]) -> ConditionalModel:
@@ -55,20 +56,20 @@ def _batched(uncond: Conditioning, cond: Conditioning) -> Conditioning:
     return Conditioning(*(_join(getattr(uncond, part), getattr(cond, part), part) for part in ("context", "y", "concat")))
 
 
-def classifier_free_guidance(model: ConditionalModel, scale: float, batched: bool = True) -> Model:
-    """`model(x, t, (cond, uncond))` -> uncond_out + scale * (cond_out - uncond_out).
+def classifier_free_guidance(model: ConditionalModel, cond: Conditioning, uncond: Optional[Conditioning],
+                             scale: float, batched: bool = True) -> Model:
+    """`model(x, t)` -> uncond_out + scale * (cond_out - uncond_out).
 
     Both passes run as ONE forward on a doubled batch by default; `batched=False` runs them one after
     the other (half the peak activation memory). Scale 1, or no `uncond`, skips the unconditional
     pass. The unconditional half shares the conditional `concat` when it has none of its own.
     """
+    if uncond is not None and uncond.concat is None:
+        uncond = replace(uncond, concat=cond.concat)
 
-    def guided(x: Tensor, t: Tensor, conditionings: tuple[Conditioning, Optional[Conditioning]]) -> Tensor:
-        cond, uncond = conditionings
+    def guided(x: Tensor, t: Tensor) -> Tensor:
         if scale == 1 or uncond is None:
             return model(x, t, cond)
-        if uncond.concat is None:
-            uncond = replace(uncond, concat=cond.concat)
         if batched:
             out_uncond, out_cond = model(torch.cat([x, x]), torch.cat([t, t]), _batched(uncond, cond)).chunk(2)
         else:
@@ -80,11 +81,10 @@ def classifier_free_guidance(model: ConditionalModel, scale: float, batched: boo
 
 def guided_model(unet: Callable[..., Tensor], cond: Conditioning, uncond: Optional[Conditioning] = None,
                  scale: float = 1.0, batched: bool = True) -> Model:
-    """The sampler's `model(x, t, cond)` for a UNet with its conditioning bound and guidance applied
-    (the sampler's own `cond` argument is unused). `uncond` holds the empty or negative prompt."""
+    """The sampler's `model(x, t)`: a UNet with its conditioning bound and guidance applied.
+    `uncond` holds the empty or negative prompt."""
     if not scale >= 0:
         raise LatentgenError(f"guidance scale must be 0 or more, got {scale}")
     if scale != 1 and uncond is None:
         raise LatentgenError(f"guidance scale {scale} needs unconditional conditioning (a negative prompt)")
-    guided = classifier_free_guidance(unet_model(unet), scale, batched)
-    return lambda x, t, _cond=None: guided(x, t, (cond, uncond))
+    return classifier_free_guidance(unet_model(unet), cond, uncond, scale, batched)

@@ -17,9 +17,7 @@ from __future__ import annotations
 import errno
 import json
 import logging
-import os
 import re
-import tempfile
 import warnings
 from io import BytesIO
 from pathlib import Path
@@ -31,6 +29,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageOps, PngImagePlugin
 
 from .errors import LatentgenError
+from .files import write_new
 
 log = logging.getLogger("latentgen")
 
@@ -225,47 +224,6 @@ def _encode(image: Image.Image, suffix: str, parameters: Optional[str]) -> bytes
     return buffer.getvalue()
 
 
-def _reserve(path: Path) -> Path:
-    """Claim `path`, or the first free `stem-N.suffix`, with O_EXCL so concurrent writers never collide."""
-    for n in range(100000):
-        candidate = path if n == 0 else path.with_name(f"{path.stem}-{n}{path.suffix}")
-        try:
-            os.close(os.open(candidate, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
-            return candidate
-        except FileExistsError:
-            continue
-    raise LatentgenError(f"no free file name left for {path}")
-
-
-def _write_atomically(path: Path, data: bytes) -> None:
-    """Temp file in the same folder, fsync, os.replace: readers see the old file or the whole new one."""
-    fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as file:
-            file.write(data)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-    _sync_folder(path.parent)
-
-
-def _sync_folder(folder: Path) -> None:
-    """Make the rename itself durable (POSIX); filesystems that cannot sync a folder are left as they are."""
-    if os.name != "posix":
-        return
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    except OSError as error:
-        if error.errno not in (errno.EINVAL, errno.ENOTSUP):
-            raise
-    finally:
-        os.close(fd)
-
-
 def _check_output(x: torch.Tensor, black: bool) -> None:
     if not torch.isfinite(x).all():
         raise InvalidOutputError("the image contains NaN or inf values; not written")
@@ -293,21 +251,12 @@ def save_image(image: ImageLike, path: Union[str, Path], parameters: Optional[st
     data = _encode(image, suffix, parameters)
     if path.is_dir():
         raise LatentgenError(f"cannot write {path}: it is a folder")
-    reserved = None
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        target = path if overwrite else _reserve(path)
-        reserved = None if overwrite else target
-        _write_atomically(target, data)
-        return target
-    except BaseException as error:
-        if reserved is not None:
-            reserved.unlink(missing_ok=True)
-        if isinstance(error, OSError):
-            if error.errno == errno.ENOSPC:
-                raise LatentgenError(f"cannot write {path}: the disk is full") from None
-            raise LatentgenError(f"cannot write {path}: {error.strerror or _one_line(error)}") from None
-        raise
+        return write_new(path, data, overwrite)
+    except OSError as error:
+        if error.errno == errno.ENOSPC:
+            raise LatentgenError(f"cannot write {path}: the disk is full") from None
+        raise LatentgenError(f"cannot write {path}: {error.strerror or _one_line(error)}") from None
 
 
 # ---- generation parameters (AUTOMATIC1111 / stable-diffusion.cpp infotext) ------------------
@@ -445,11 +394,17 @@ def feather_mask(mask: torch.Tensor, radius: int) -> torch.Tensor:
     return weight
 
 
-def composite(original: torch.Tensor, generated: torch.Tensor, mask: torch.Tensor, feather: int = 4) -> torch.Tensor:
-    """Generated pixels inside the (feathered) mask, original ones elsewhere.
+def composite(base: torch.Tensor, overlay: torch.Tensor, mask: torch.Tensor, feather: int = 4) -> torch.Tensor:
+    """`overlay` inside the mask, its edge feathered `feather` pixels outward, `base` elsewhere.
 
-    Where the weight is 0 the result is `original` itself, not a blend, so even a NaN in
-    `generated` there cannot leak in; where it is 1 it is `generated` exactly."""
-    weight = feather_mask(mask, feather).to(original)
-    blended = torch.lerp(original, generated.to(original), weight)
-    return torch.where(weight > 0, blended, original)
+    Where the weight is 0 the result is `base` itself, not a blend, so even a NaN in `overlay`
+    there cannot leak in; where it is 1 it is `overlay` exactly."""
+    weight = feather_mask(mask, feather).to(base)
+    blended = torch.lerp(base, overlay.to(base), weight)
+    return torch.where(weight > 0, blended, base)
+
+
+def fill_hole(image: torch.Tensor, fill: torch.Tensor, hole: torch.Tensor, feather: int = 4) -> torch.Tensor:
+    """`fill` inside `hole` (1 = fill), `image` outside it bit for bit: the seam is blended over the
+    hole's inner `feather` pixels, by laying the kept image over the fill with its edge feathered inward."""
+    return composite(fill, image, 1 - hole, feather)

@@ -1,10 +1,73 @@
-"""LatentDiffusion: the parts of a loaded model and the facts needed to sample with them."""
+"""LatentDiffusion: the parts of a loaded model, and `ModelSpec`, the facts needed to use them.
+
+The loader computes a `ModelSpec` once from the checkpoint's (detected or given) configuration;
+tasks, the memory estimate and training read the spec, never the configuration dict.
+"""
 
 from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
 from torch import nn
+
+from .schedules import TrainingSchedule
+
+# How a concat-conditioned UNet's extra input channels are laid out after the noisy latent.
+MASKED_IMAGE_THEN_MASK = "masked-image+mask"  # CompVis LDM inpainting (inpainting_big): [z_masked, mask]
+MASK_THEN_MASKED_IMAGE = "mask+masked-image"  # SD inpainting (runwayml, SD 2): [mask, z_masked]
+LOW_RES_IMAGE = "low-res-image"  # super-resolution: the low-res RGB image itself
+CONCAT_LAYOUTS = (MASKED_IMAGE_THEN_MASK, MASK_THEN_MASKED_IMAGE, LOW_RES_IMAGE)
+
+
+@dataclass(frozen=True)
+class UNetLayout:
+    """What the memory estimate needs of a UNet's architecture."""
+
+    model_channels: int
+    channel_mult: tuple[int, ...]
+    num_res_blocks: int
+    attention_levels: frozenset[int]
+    spatial_transformer: bool
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Facts about a model, computed once by the loader.
+
+    - `factor` f and `latent_channels`: the first stage maps H x W x 3 to H/f x W/f x channels;
+      `decoder_width` is the channel count of its decoder at full resolution (memory estimate).
+    - `scale_factor`: diffusion latents are first-stage latents times this (the paper's 1/std).
+    - `conditioning`: what the user gives besides the image: "text", "class" or "none";
+      `concat`: the layout of concatenated image conditioning (one of CONCAT_LAYOUTS) or None.
+    - `native_latent`: the latent side the UNet was trained at; None for a lone autoencoder.
+    """
+
+    family: str
+    factor: int
+    latent_channels: int
+    decoder_width: int
+    scale_factor: float = 1.0
+    parameterization: str = "eps"
+    conditioning: str = "none"
+    concat: Optional[str] = None
+    native_latent: Optional[int] = None
+    unet: Optional[UNetLayout] = None
+    schedule: TrainingSchedule = TrainingSchedule()
+
+    @property
+    def is_diffusion(self) -> bool:
+        return self.unet is not None
+
+    @property
+    def native_size(self) -> int:
+        """Pixel side the model was trained at (a lone autoencoder: 256, CompVis' training size)."""
+        return (self.native_latent or 256 // self.factor) * self.factor
+
+    @property
+    def size_multiple(self) -> int:
+        """Pixel sizes must divide by f times the UNet's total downsampling."""
+        levels = len(self.unet.channel_mult) if self.unet is not None else 1
+        return self.factor * 2 ** (levels - 1)
 
 
 @dataclass(frozen=True)
@@ -24,26 +87,35 @@ class NoiseAugmentation:
 
 @dataclass
 class LatentDiffusion:
-    """A loaded checkpoint: the three networks plus how they were trained to work together.
+    """A loaded checkpoint: the three networks and their `spec`.
 
     `unet` and `cond_stage` are None for a standalone autoencoder; `cond_stage` is None for
     unconditional and pure concat-conditioned models; `noise_augmentation` is set for the SD 2 x4
-    upscaler only. `config` has the structure of an official
-    YAML's `model.params` (unet_config, first_stage_config, cond_stage_config, schedule, ...).
+    upscaler only. `params` is the official-YAML `model.params` the networks were built from,
+    kept to export or convert the architecture (reference.py, training); facts come from `spec`.
     """
 
     unet: Optional[nn.Module]
     first_stage: nn.Module
     cond_stage: Optional[nn.Module]
-    scale_factor: float
-    parameterization: str
+    spec: ModelSpec
     alphas_cumprod: torch.Tensor
-    conditioning_key: Optional[str]
-    family: str
-    config: dict = field(default_factory=dict)
+    params: dict = field(default_factory=dict)
     name: str = ""
     sha256: str = ""
     noise_augmentation: Optional[NoiseAugmentation] = None
+
+    @property
+    def family(self) -> str:
+        return self.spec.family
+
+    @property
+    def scale_factor(self) -> float:
+        return self.spec.scale_factor
+
+    @property
+    def parameterization(self) -> str:
+        return self.spec.parameterization
 
     def modules(self) -> list[nn.Module]:
         return [m for m in (self.unet, self.first_stage, self.cond_stage) if m is not None]

@@ -16,19 +16,20 @@ import os
 import pickle
 import re
 import struct
-import tempfile
 import warnings
 import zipfile
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Optional, Union
 
 import numpy as np
 import torch
 
-from . import detect
+from . import catalog, detect
 from .errors import LatentgenError
-from .ldm import LatentDiffusion, NoiseAugmentation
-from .schedules import make_alphas_cumprod
+from .files import atomic_write, write_new
+from .ldm import LatentDiffusion, ModelSpec, NoiseAugmentation
+from .schedules import TrainingSchedule
 
 PathLike = Union[str, os.PathLike]
 
@@ -292,21 +293,10 @@ def file_sha256(path: PathLike) -> str:
     cache[key] = {"stamp": stamp, "sha256": digest.hexdigest()}
     try:
         cache_file.parent.mkdir(parents=True, exist_ok=True)
-        _atomic_write(cache_file, json.dumps(cache, indent=1).encode())
+        atomic_write(cache_file, json.dumps(cache, indent=1))
     except OSError:
         pass
     return digest.hexdigest()
-
-
-def _atomic_write(target: Path, data: bytes) -> None:
-    handle, temp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
-    try:
-        with os.fdopen(handle, "wb") as f:
-            f.write(data)
-        os.replace(temp, target)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
 
 
 # ---- conversion -----------------------------------------------------------------------------
@@ -332,8 +322,10 @@ def _own_storage(tensor: torch.Tensor, seen: set) -> torch.Tensor:
     return tensor.contiguous().clone()
 
 
-def convert_checkpoint(src: PathLike, dst: PathLike, half: bool = False, trust: bool = False) -> Path:
-    """Write the tensors of `src` as `dst` (.safetensors), contiguous, shared storage cloned.
+def convert_checkpoint(src: PathLike, dst: PathLike, half: bool = False, trust: bool = False,
+                       overwrite: bool = False) -> Path:
+    """Write the tensors of `src` as `dst` (.safetensors), contiguous, shared storage cloned; an
+    existing `dst` is kept (the next free numbered name is used) unless `overwrite`.
 
     `half` stores floating-point tensors as fp16. `trust=True` unpickles `src` fully (it may run
     code) and is meant only for files from a source one trusts that weights-only loading refuses.
@@ -355,14 +347,7 @@ def convert_checkpoint(src: PathLike, dst: PathLike, half: bool = False, trust: 
     metadata = {**metadata, "format": "pt", "converted_from": src.name}
     from safetensors.torch import save_file
 
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    temp = dst.with_name(f".{dst.name}.partial")
-    try:
-        save_file(tensors, str(temp), metadata=metadata)
-        os.replace(temp, dst)
-    finally:
-        temp.unlink(missing_ok=True)
-    return dst
+    return write_new(dst, lambda temp: save_file(tensors, str(temp), metadata=metadata), overwrite)
 
 
 # ---- configs --------------------------------------------------------------------------------
@@ -576,11 +561,9 @@ def _noise_augmentation(low_scale_config: Optional[dict]) -> Optional[NoiseAugme
     if not low_scale_config:
         return None
     params = low_scale_config.get("params", {})
-    schedule = {"beta_schedule": "linear", "timesteps": 1000, "linear_start": 1e-4, "linear_end": 2e-2,
-                **params.get("noise_schedule_config", {})}
-    alphas_cumprod = make_alphas_cumprod(schedule["beta_schedule"], int(schedule["timesteps"]),
-                                         float(schedule["linear_start"]), float(schedule["linear_end"]))
-    return NoiseAugmentation(alphas_cumprod, int(params.get("max_noise_level", 1000)))
+    known = {f.name for f in fields(TrainingSchedule)}
+    schedule = TrainingSchedule(**{k: v for k, v in params.get("noise_schedule_config", {}).items() if k in known})
+    return NoiseAugmentation(schedule.alphas_cumprod(), int(params.get("max_noise_level", 1000)))
 
 
 def _weights_and_config(path: Path, config) -> tuple[Path, Any]:
@@ -601,26 +584,50 @@ def _weights_and_config(path: Path, config) -> tuple[Path, Any]:
     return path, config
 
 
-def read_params(path: PathLike) -> tuple[dict, Path]:
-    """(the `model.params` a model would load with, its weights file), for listings: a
-    safetensors file's shapes come from its header, so no tensor is read."""
-    path = Path(path)
+def read_spec(path: PathLike) -> tuple[ModelSpec, Path]:
+    """(the spec a model would load with, its weights file), for listings: a safetensors file's
+    shapes come from its header, so no tensor is read."""
+    path = catalog.resolve(path)
     weights, config = _weights_and_config(path, None)
     if weights.suffix == ".safetensors":
         header, metadata = read_safetensors_header(weights)
         state: dict = {name: entry["shape"] for name, entry in header.items()}
     else:
         state, metadata = read_checkpoint(weights)
-    return resolve_params(state, read_config(config) if config is not None else None, path.name, metadata), weights
+    params = resolve_params(state, read_config(config) if config is not None else None, path.name, metadata)
+    return detect.model_spec(params), weights
+
+
+@dataclass(frozen=True)
+class ModelSummary:
+    """One row of `latentgen models`."""
+
+    name: str
+    family: str
+    factor: int
+    size_mb: float
+    hash: str
+    path: str
+
+
+def list_models() -> list[ModelSummary]:
+    """Every model `catalog.discover` finds, summarised from config and headers (no weights loaded,
+    so listing multi-GB files stays instant)."""
+    rows = []
+    for path in catalog.discover():
+        spec, weights = read_spec(path)
+        rows.append(ModelSummary(path.name if path.is_dir() else path.stem, spec.family, spec.factor,
+                                 weights.stat().st_size / 2**20, file_sha256(weights)[:10], str(path)))
+    return rows
 
 
 def load_model(path: PathLike, config: Union[PathLike, dict, None] = None, use_ema: bool = True,
                prediction: Optional[str] = None) -> LatentDiffusion:
-    """A LatentDiffusion from a full LDM/SD checkpoint, a lone autoencoder, or a model folder
-    (model.safetensors + config.json). The architecture is detected from the weights unless a
+    """A LatentDiffusion from a full LDM/SD checkpoint, a lone autoencoder, a model folder
+    (model.safetensors + config.json), or a bundled model's name ("txt2img-emoji"). The architecture is detected from the weights unless a
     config is given; `prediction` ("eps" or "v") overrides the parameterization; `use_ema`
     takes CompVis' EMA weights for the UNet when the checkpoint has them."""
-    path = Path(path)
+    path = catalog.resolve(path)
     weights, config = _weights_and_config(path, config)
     state_dict, metadata = read_checkpoint(weights)
     params = resolve_params(state_dict, read_config(config) if config is not None else None, path.name, metadata, prediction)
@@ -634,16 +641,9 @@ def load_model(path: PathLike, config: Union[PathLike, dict, None] = None, use_e
     first_stage = _load_into(_first_stage_factory(params["first_stage_config"]), first_state, first_prefix, leftover,
                              "first-stage autoencoder")
     cond_stage = _build_cond_stage(params.get("cond_stage_config"), cond_state, []) if unet is not None else None
+    spec = detect.model_spec(params)
     return LatentDiffusion(
-        unet=unet, first_stage=first_stage, cond_stage=cond_stage,
-        scale_factor=float(params.get("scale_factor", 1.0)),
-        parameterization=params.get("parameterization", "eps"),
-        alphas_cumprod=make_alphas_cumprod(
-            params.get("beta_schedule", "linear"), int(params.get("timesteps", 1000)),
-            float(params.get("linear_start", 0.00085)), float(params.get("linear_end", 0.012)),
-            float(params.get("cosine_s", 8e-3)),
-        ),
-        conditioning_key=params.get("conditioning_key") if unet is not None else None,
-        family=detect.family_of(params), config=params, name=path.name if path.is_dir() else path.stem,
+        unet=unet, first_stage=first_stage, cond_stage=cond_stage, spec=spec,
+        alphas_cumprod=spec.schedule.alphas_cumprod(), params=params, name=path.name if path.is_dir() else path.stem,
         sha256=file_sha256(weights), noise_augmentation=_noise_augmentation(params.get("low_scale_config")),
     )

@@ -30,7 +30,7 @@ from typing import Optional
 import torch
 
 from .errors import LatentgenError
-from .ldm import LatentDiffusion
+from .ldm import LatentDiffusion, UNetLayout
 from .models.text import MiniLMEmbedder
 
 UNET_RESBLOCK_MAPS = 6
@@ -84,40 +84,34 @@ def weights_bytes(model: LatentDiffusion, dtype: torch.dtype) -> int:
     return total
 
 
-def unet_bytes(params: dict, batch: int, latent: tuple[int, int], itemsize: int) -> int:
+def unet_bytes(unet: UNetLayout, batch: int, latent: tuple[int, int], itemsize: int) -> int:
     """One UNet forward at `batch` (already doubled for guidance) and latent size (h, w)."""
-    mults, width, blocks = params["channel_mult"], params["model_channels"], params["num_res_blocks"]
-    attention_levels = {i for i in range(len(mults)) if 2**i in params["attention_resolutions"]}
+    mults, width, blocks = unet.channel_mult, unet.model_channels, unet.num_res_blocks
     pixels = [(latent[0] // 2**i) * (latent[1] // 2**i) for i in range(len(mults))]
     skips = width * pixels[0] + sum(
         width * m * (blocks * pixels[i] + (pixels[i + 1] if i + 1 < len(mults) else 0)) for i, m in enumerate(mults)
     )
     work = UNET_RESBLOCK_MAPS * width * max(mults[0], mults[min(1, len(mults) - 1)]) * pixels[0]
-    if params.get("use_spatial_transformer"):
-        for i in attention_levels:
+    if unet.spatial_transformer:
+        for i in unet.attention_levels:
             work = max(work, UNET_TRANSFORMER_MAPS * width * mults[i] * pixels[i])
     return int(batch * (skips + work) * itemsize)
 
 
-def decode_bytes(ddconfig: dict, batch: int, size: tuple[int, int], itemsize: int) -> int:
-    """One first-stage decode of `batch` latents into size (H, W) images."""
-    mults, width = ddconfig["ch_mult"], ddconfig["ch"]
-    work = DECODE_MAPS * width * max(mults[:2]) * size[0] * size[1]
-    return int(batch * work * itemsize)
+def decode_bytes(decoder_width: int, batch: int, size: tuple[int, int], itemsize: int) -> int:
+    """One first-stage decode of `batch` latents into size (H, W) images, `decoder_width` channels at full size."""
+    return int(batch * DECODE_MAPS * decoder_width * size[0] * size[1] * itemsize)
 
 
 def estimate(model: LatentDiffusion, batch: int, size: tuple[int, int], guided: bool,
              dtype: Optional[torch.dtype] = None) -> Estimate:
     """Peak memory of sampling `batch` images of `size` (H, W) pixels; dtype: the model's by default."""
+    spec = model.spec
     dtype = dtype or next(model.first_stage.parameters()).dtype
     itemsize = torch.empty((), dtype=dtype).element_size()
-    factor = 2 ** (len(model.first_stage.encoder.down) - 1)
-    latent = (size[0] // factor, size[1] // factor)
-    unet = 0
-    if model.unet is not None:
-        unet = unet_bytes(model.config["unet_config"]["params"], batch * (2 if guided else 1), latent, itemsize)
-    ddconfig = model.config["first_stage_config"]["params"]["ddconfig"]
-    return Estimate(weights_bytes(model, dtype), unet, decode_bytes(ddconfig, batch, size, itemsize))
+    latent = (size[0] // spec.factor, size[1] // spec.factor)
+    unet = unet_bytes(spec.unet, batch * (2 if guided else 1), latent, itemsize) if spec.unet is not None else 0
+    return Estimate(weights_bytes(model, dtype), unet, decode_bytes(spec.decoder_width, batch, size, itemsize))
 
 
 def available(device: torch.device) -> Optional[int]:

@@ -94,6 +94,4 @@ def gradient_energy(x: torch.Tensor) -> float:
     A sharpness measure: its ratio between two renderings of the same content (e.g. a
     super-resolved image over its bicubic upsampling) says which has more high-frequency detail."""
     x = x.detach().to(torch.float64)
-    dx = x[..., :, 1:] - x[..., :, :-1]
-    dy = x[..., 1:, :] - x[..., :-1, :]
-    return float((dx**2).mean() + (dy**2).mean())
+    return float(x.diff(dim=-1).square().mean() + x.diff(dim=-2).square().mean())

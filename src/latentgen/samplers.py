@@ -1,9 +1,11 @@
-"""Samplers: each a short loop over a model callable and a `Schedule`, in the style of k-diffusion.
+"""Samplers: each a short loop over a model callable and a `Schedule`, in the style of k-diffusion,
+followed by its `SAMPLERS` entry, the one place that says what `sample` may pass it. Adding a
+sampler is writing the two.
 
-The model is any `model(x, t, cond) -> output`: `x` a latent as the model was trained on
-(variance preserving), `t` a float Tensor[B] of DDPM timesteps in [0, T - 1] (fractional for the
-k-diffusion samplers), `output` the predicted noise ("eps") or velocity ("v"). Guidance, concat
-conditioning and the UNet itself hide behind it (see guidance.py).
+The model is any `model(x, t) -> output`: `x` a latent as the model was trained on (variance
+preserving), `t` a float Tensor[B] of DDPM timesteps in [0, T - 1] (fractional for the k-diffusion
+samplers), `output` the predicted noise ("eps") or velocity ("v"). Conditioning, guidance and the
+UNet itself are bound into it (see guidance.py).
 
 Randomness: `make_noise` and the samplers' per-step noise draw float32 normals on the CPU from a
 torch.Generator by default, so a seed gives the same image on every device; a generator created
@@ -12,6 +14,7 @@ generators, one per batch row, makes each image's noise independent of the batch
 """
 
 import math
+from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
@@ -20,13 +23,36 @@ from torch import Tensor
 from .errors import LatentgenError
 from .schedules import Schedule, ddim_schedule, ddpm_schedule, dpm_schedule, euler_schedule
 
-Model = Callable[[Tensor, Tensor, Any], Tensor]
+Model = Callable[[Tensor, Tensor], Tensor]
 Callback = Callable[[int, int, Tensor, Tensor], None]
 """callback(step_index, total_steps, x_after_step, x0_prediction), called after every step."""
 Blend = Callable[[Tensor, int], Tensor]
 """blend(x, step_index) -> x with its known region reset (masked sampling); identity otherwise."""
 Generators = Optional[Union[torch.Generator, Sequence[torch.Generator]]]
 """One generator for the whole batch, or one per batch row."""
+
+
+@dataclass(frozen=True)
+class Sampler:
+    """What `sample` knows of one sampler. Where a flag is set `sample` passes the option on, where
+    it is not the option is an error, so a sampler function takes only what it uses.
+
+    - `run(model, x, schedule, parameterization, *, callback, blend)`, plus `generator=` when
+      `stochastic` (it draws fresh noise every step; DDIM only when eta > 0) and `eta=` when `eta`;
+    - `schedule(alphas_cumprod, steps)` the levels it walks, plus `spacing=` ("uniform" | "quad")
+      when `spacing` and `karras=` (Karras sigmas) when `karras`.
+    """
+
+    run: Callable[..., Tensor]
+    schedule: Callable[..., Schedule]
+    stochastic: bool = False
+    eta: bool = False
+    spacing: bool = False
+    karras: bool = False
+
+
+SAMPLERS: dict[str, Sampler] = {}
+"""Sampler name -> its entry, in the order the CLI lists them; each entry stands below its function."""
 
 PARAMETERIZATIONS = ("eps", "v")
 
@@ -59,8 +85,8 @@ def _randn_like(x: Tensor, generator: Generators) -> Tensor:
     return normal(x.shape, generator, x.device, x.dtype)
 
 
-def _call(model: Model, x: Tensor, t: float, cond: Any) -> Tensor:
-    return model(x, torch.full((x.shape[0],), t, device=x.device, dtype=torch.float32), cond)
+def _call(model: Model, x: Tensor, t: float) -> Tensor:
+    return model(x, torch.full((x.shape[0],), t, device=x.device, dtype=torch.float32))
 
 
 def _eps_and_x0(output: Tensor, x: Tensor, alpha: float, parameterization: str) -> tuple[Tensor, Tensor]:
@@ -70,11 +96,11 @@ def _eps_and_x0(output: Tensor, x: Tensor, alpha: float, parameterization: str) 
     return output, (x - (1 - alpha) ** 0.5 * output) / alpha**0.5
 
 
-def _denoise(model: Model, x: Tensor, sigma: float, t: float, parameterization: str, cond: Any) -> Tensor:
+def _denoise(model: Model, x: Tensor, sigma: float, t: float, parameterization: str) -> Tensor:
     """x0 predicted from the k-diffusion latent x = x0 + sigma eps (k-diffusion's
     DiscreteEpsDDPMDenoiser / DiscreteVDDPMDenoiser): the model sees x / sqrt(sigma^2 + 1)."""
     c_in = (sigma**2 + 1) ** -0.5
-    output = _call(model, x * c_in, t, cond)
+    output = _call(model, x * c_in, t)
     if parameterization == "v":
         return x * c_in**2 - output * sigma * c_in
     return x - output * sigma
@@ -91,7 +117,7 @@ def _silent(i: int, total: int, x: Tensor, x0: Tensor) -> None:
 # ---- CompVis samplers, on variance-preserving latents ------------------------------------------
 
 
-def sample_ddpm(model: Model, x: Tensor, schedule: Schedule, parameterization: str = "eps", cond: Any = None, *,
+def sample_ddpm(model: Model, x: Tensor, schedule: Schedule, parameterization: str = "eps", *,
                 generator: Generators = None, callback: Callback = _silent,
                 blend: Blend = _unchanged) -> Tensor:
     """Ancestral sampling from the DDPM posterior q(x_prev | x_t, x0) (Ho et al. 2020), with the betas
@@ -101,7 +127,7 @@ def sample_ddpm(model: Model, x: Tensor, schedule: Schedule, parameterization: s
         x = blend(x, i)
         a, a_prev = alphas[i], alphas[i + 1]
         beta = 1 - a / a_prev
-        _, x0 = _eps_and_x0(_call(model, x, t, cond), x, a, parameterization)
+        _, x0 = _eps_and_x0(_call(model, x, t), x, a, parameterization)
         mean = beta * a_prev**0.5 / (1 - a) * x0 + (1 - a_prev) * (1 - beta) ** 0.5 / (1 - a) * x
         std = (beta * (1 - a_prev) / (1 - a)) ** 0.5
         x = mean + std * _randn_like(x, generator) if std > 0 else mean
@@ -109,7 +135,10 @@ def sample_ddpm(model: Model, x: Tensor, schedule: Schedule, parameterization: s
     return x
 
 
-def sample_ddim(model: Model, x: Tensor, schedule: Schedule, parameterization: str = "eps", cond: Any = None, *,
+SAMPLERS["ddpm"] = Sampler(run=sample_ddpm, schedule=ddpm_schedule, stochastic=True)
+
+
+def sample_ddim(model: Model, x: Tensor, schedule: Schedule, parameterization: str = "eps", *,
                 eta: float = 0.0, generator: Generators = None,
                 callback: Callback = _silent, blend: Blend = _unchanged) -> Tensor:
     """DDIM (Song et al. 2021) as CompVis `p_sample_ddim`; eta 0 is deterministic, eta 1 ancestral."""
@@ -117,7 +146,7 @@ def sample_ddim(model: Model, x: Tensor, schedule: Schedule, parameterization: s
     for i, t in enumerate(schedule.timesteps):
         x = blend(x, i)
         a, a_prev = alphas[i], alphas[i + 1]
-        eps, x0 = _eps_and_x0(_call(model, x, t, cond), x, a, parameterization)
+        eps, x0 = _eps_and_x0(_call(model, x, t), x, a, parameterization)
         sigma = eta * ((1 - a_prev) / (1 - a) * (1 - a / a_prev)) ** 0.5
         x = a_prev**0.5 * x0 + (1 - a_prev - sigma**2) ** 0.5 * eps
         if sigma > 0:
@@ -126,7 +155,10 @@ def sample_ddim(model: Model, x: Tensor, schedule: Schedule, parameterization: s
     return x
 
 
-def sample_plms(model: Model, x: Tensor, schedule: Schedule, parameterization: str = "eps", cond: Any = None, *,
+SAMPLERS["ddim"] = Sampler(run=sample_ddim, schedule=ddim_schedule, stochastic=True, eta=True, spacing=True)
+
+
+def sample_plms(model: Model, x: Tensor, schedule: Schedule, parameterization: str = "eps", *,
                 callback: Callback = _silent, blend: Blend = _unchanged) -> Tensor:
     """Pseudo linear multistep (Liu et al. 2022) as CompVis `plms.py`: Adams-Bashforth over the last
     four eps predictions, the first step a pseudo improved Euler step (two model calls).
@@ -137,7 +169,7 @@ def sample_plms(model: Model, x: Tensor, schedule: Schedule, parameterization: s
     history: list[Tensor] = []
 
     def eps_at(x: Tensor, j: int) -> Tensor:
-        return _eps_and_x0(_call(model, x, timesteps[j], cond), x, alphas[j], parameterization)[0]
+        return _eps_and_x0(_call(model, x, timesteps[j]), x, alphas[j], parameterization)[0]
 
     def ddim_step(eps: Tensor, x: Tensor, i: int) -> tuple[Tensor, Tensor]:
         x0 = (x - (1 - alphas[i]) ** 0.5 * eps) / alphas[i] ** 0.5
@@ -161,40 +193,13 @@ def sample_plms(model: Model, x: Tensor, schedule: Schedule, parameterization: s
     return x
 
 
+SAMPLERS["plms"] = Sampler(run=sample_plms, schedule=ddim_schedule, spacing=True)
+
+
 # ---- k-diffusion samplers, on x0 + sigma eps -------------------------------------------------
 
 
-def sample_euler(model: Model, x: Tensor, schedule: Schedule, parameterization: str = "eps", cond: Any = None, *,
-                 callback: Callback = _silent, blend: Blend = _unchanged) -> Tensor:
-    """Euler's method on the probability-flow ODE dx/dsigma = (x - x0) / sigma (Karras et al. 2022)."""
-    sigmas = schedule.sigmas
-    for i, t in enumerate(schedule.timesteps):
-        x = blend(x, i)
-        x0 = _denoise(model, x, sigmas[i], t, parameterization, cond)
-        x = x + (x - x0) / sigmas[i] * (sigmas[i + 1] - sigmas[i])
-        callback(i, len(schedule), x, x0)
-    return x
-
-
-def sample_euler_ancestral(model: Model, x: Tensor, schedule: Schedule, parameterization: str = "eps",
-                           cond: Any = None, *, generator: Generators = None,
-                           callback: Callback = _silent, blend: Blend = _unchanged) -> Tensor:
-    """Euler down to sigma_down, then fresh noise up to the next level (k-diffusion, eta 1)."""
-    sigmas = schedule.sigmas
-    for i, t in enumerate(schedule.timesteps):
-        x = blend(x, i)
-        sigma, sigma_next = sigmas[i], sigmas[i + 1]
-        x0 = _denoise(model, x, sigma, t, parameterization, cond)
-        sigma_up = (sigma_next**2 * (sigma**2 - sigma_next**2) / sigma**2) ** 0.5
-        sigma_down = (sigma_next**2 - sigma_up**2) ** 0.5
-        x = x + (x - x0) / sigma * (sigma_down - sigma)
-        if sigma_next > 0:
-            x = x + sigma_up * _randn_like(x, generator)
-        callback(i, len(schedule), x, x0)
-    return x
-
-
-def sample_dpmpp_2m(model: Model, x: Tensor, schedule: Schedule, parameterization: str = "eps", cond: Any = None, *,
+def sample_dpmpp_2m(model: Model, x: Tensor, schedule: Schedule, parameterization: str = "eps", *,
                     callback: Callback = _silent, blend: Blend = _unchanged) -> Tensor:
     """DPM-Solver++(2M) (Lu et al. 2022): second-order multistep in log-SNR on the x0 predictions;
     first order for the first step and for the last one, which lands on sigma 0."""
@@ -203,7 +208,7 @@ def sample_dpmpp_2m(model: Model, x: Tensor, schedule: Schedule, parameterizatio
     for i, t in enumerate(schedule.timesteps):
         x = blend(x, i)
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
-        x0 = _denoise(model, x, sigma, t, parameterization, cond)
+        x0 = _denoise(model, x, sigma, t, parameterization)
         if sigma_next == 0:
             x = x0
         else:
@@ -219,28 +224,55 @@ def sample_dpmpp_2m(model: Model, x: Tensor, schedule: Schedule, parameterizatio
     return x
 
 
-SAMPLERS: dict[str, Callable[..., Tensor]] = {
-    "ddpm": sample_ddpm,
-    "ddim": sample_ddim,
-    "plms": sample_plms,
-    "dpmpp_2m": sample_dpmpp_2m,
-    "euler": sample_euler,
-    "euler_a": sample_euler_ancestral,
-}
-K_DIFFUSION = ("dpmpp_2m", "euler", "euler_a")
-ADD_NOISE = ("ddpm", "ddim", "euler_a")  # may draw fresh noise every step
+SAMPLERS["dpmpp_2m"] = Sampler(run=sample_dpmpp_2m, schedule=dpm_schedule, karras=True)
+
+
+def sample_euler(model: Model, x: Tensor, schedule: Schedule, parameterization: str = "eps", *,
+                 callback: Callback = _silent, blend: Blend = _unchanged) -> Tensor:
+    """Euler's method on the probability-flow ODE dx/dsigma = (x - x0) / sigma (Karras et al. 2022)."""
+    sigmas = schedule.sigmas
+    for i, t in enumerate(schedule.timesteps):
+        x = blend(x, i)
+        x0 = _denoise(model, x, sigmas[i], t, parameterization)
+        x = x + (x - x0) / sigmas[i] * (sigmas[i + 1] - sigmas[i])
+        callback(i, len(schedule), x, x0)
+    return x
+
+
+SAMPLERS["euler"] = Sampler(run=sample_euler, schedule=euler_schedule, karras=True)
+
+
+def sample_euler_ancestral(model: Model, x: Tensor, schedule: Schedule, parameterization: str = "eps", *,
+                           generator: Generators = None,
+                           callback: Callback = _silent, blend: Blend = _unchanged) -> Tensor:
+    """Euler down to sigma_down, then fresh noise up to the next level (k-diffusion, eta 1)."""
+    sigmas = schedule.sigmas
+    for i, t in enumerate(schedule.timesteps):
+        x = blend(x, i)
+        sigma, sigma_next = sigmas[i], sigmas[i + 1]
+        x0 = _denoise(model, x, sigma, t, parameterization)
+        sigma_up = (sigma_next**2 * (sigma**2 - sigma_next**2) / sigma**2) ** 0.5
+        sigma_down = (sigma_next**2 - sigma_up**2) ** 0.5
+        x = x + (x - x0) / sigma * (sigma_down - sigma)
+        if sigma_next > 0:
+            x = x + sigma_up * _randn_like(x, generator)
+        callback(i, len(schedule), x, x0)
+    return x
+
+
+SAMPLERS["euler_a"] = Sampler(run=sample_euler_ancestral, schedule=euler_schedule, stochastic=True, karras=True)
 
 
 def schedule_for(name: str, alphas_cumprod: Tensor, steps: int, spacing: str = "uniform",
                  karras: bool = False) -> Schedule:
     """The levels sampler `name` walks for `steps` steps."""
-    if name in ("ddim", "plms"):
-        return ddim_schedule(alphas_cumprod, steps, spacing)
-    if name == "ddpm":
-        return ddpm_schedule(alphas_cumprod, steps)
-    if name == "dpmpp_2m":
-        return dpm_schedule(alphas_cumprod, steps, karras)
-    return euler_schedule(alphas_cumprod, steps, karras)
+    entry = SAMPLERS[name]
+    options: dict[str, Any] = {}
+    if entry.spacing:
+        options["spacing"] = spacing
+    if entry.karras:
+        options["karras"] = karras
+    return entry.schedule(alphas_cumprod, steps, **options)
 
 
 def noised(x0: Tensor, noise: Tensor, sigma: float, variance_preserving: bool) -> Tensor:
@@ -249,22 +281,28 @@ def noised(x0: Tensor, noise: Tensor, sigma: float, variance_preserving: bool) -
     return x / (1 + sigma**2) ** 0.5 if variance_preserving else x
 
 
+def _taking(option: str) -> str:
+    """The samplers whose entry takes `option`, for the error that refuses it elsewhere."""
+    return ", ".join(name for name, entry in SAMPLERS.items() if getattr(entry, option))
+
+
 def _check(name: str, x_T: Tensor, alphas_cumprod: Tensor, parameterization: str, steps: int, eta: float,
            spacing: str, karras: bool, x0: Optional[Tensor], mask: Optional[Tensor], strength: float) -> None:
     if name not in SAMPLERS:
         raise LatentgenError(f"unknown sampler {name!r}; choose one of {', '.join(SAMPLERS)}")
+    entry = SAMPLERS[name]
     if parameterization not in PARAMETERIZATIONS:
         raise LatentgenError(f"unknown parameterization {parameterization!r}; choose eps or v")
     if not 1 <= steps <= len(alphas_cumprod):
         raise LatentgenError(f"--steps must be between 1 and {len(alphas_cumprod)}, got {steps}")
     if not 0 <= eta <= 1:
         raise LatentgenError(f"--eta must be between 0 and 1, got {eta}")
-    if eta != 0 and name != "ddim":
-        raise LatentgenError(f"--eta applies to the ddim sampler only, not {name}")
-    if spacing != "uniform" and name not in ("ddim", "plms"):
-        raise LatentgenError(f"timestep spacing {spacing!r} applies to ddim and plms only, not {name}")
-    if karras and name not in K_DIFFUSION:
-        raise LatentgenError(f"--karras applies to {', '.join(K_DIFFUSION)} only, not {name}")
+    if eta != 0 and not entry.eta:
+        raise LatentgenError(f"--eta applies to {_taking('eta')} only, not {name}")
+    if spacing != "uniform" and not entry.spacing:
+        raise LatentgenError(f"timestep spacing {spacing!r} applies to {_taking('spacing')} only, not {name}")
+    if karras and not entry.karras:
+        raise LatentgenError(f"--karras applies to {_taking('karras')} only, not {name}")
     if not 0 < strength <= 1:
         raise LatentgenError(f"--strength must be in (0, 1], got {strength}")
     if x0 is None and (mask is not None or strength < 1):
@@ -282,7 +320,7 @@ def _broadcasts_to(shape: torch.Size, target: torch.Size) -> bool:
 def _computing_in(model: Model, model_dtype: torch.dtype, dtype: torch.dtype) -> Model:
     """The model sees latents in its own (half) precision; the sampler keeps its state in `dtype`,
     as a half-precision latent would drift over many small updates."""
-    return lambda x, t, cond: model(x.to(model_dtype), t, cond).to(dtype)
+    return lambda x, t: model(x.to(model_dtype), t).to(dtype)
 
 
 def _keep_known(x0: Tensor, mask: Tensor, schedule: Schedule, generator: Generators) -> Blend:
@@ -295,16 +333,16 @@ def _keep_known(x0: Tensor, mask: Tensor, schedule: Schedule, generator: Generat
 
 
 def sample(name: str, model: Model, x_T: Tensor, alphas_cumprod: Tensor, parameterization: str = "eps",
-           steps: int = 50, *, cond: Any = None, eta: float = 0.0, spacing: str = "uniform", karras: bool = False,
+           steps: int = 50, *, eta: float = 0.0, spacing: str = "uniform", karras: bool = False,
            x0: Optional[Tensor] = None, mask: Optional[Tensor] = None, strength: float = 1.0,
            generator: Generators = None, callback: Optional[Callback] = None) -> Tensor:
     """Run sampler `name` from the unit-variance noise `x_T` and return the final latent.
 
     - `alphas_cumprod`: the model's training schedule (float64, from schedules.py); `steps` the
       requested count (DDIM/PLMS "uniform" spacing follows CompVis and may run one more, see
-      `ddim_timesteps`); `eta` DDIM only; `spacing` ("uniform" | "quad") DDIM/PLMS only;
-      `karras` Karras sigmas for dpmpp_2m, euler, euler_a.
-    - `generator` draws the ancestral samplers' per-step noise and the masking noise, on its device
+      `ddim_timesteps`). `eta`, `spacing` ("uniform" | "quad") and `karras` (Karras sigmas) are
+      errors for a sampler whose `SAMPLERS` entry does not take them.
+    - `generator` draws the stochastic samplers' per-step noise and the masking noise, on its device
       (give a CPU generator for device-independent results).
     - img2img: with `strength` < 1 only the last int(strength * n) of the schedule's n steps run,
       starting from `x0` noised by `x_T` to that step's level; strength 1 ignores `x0` and starts
@@ -315,9 +353,10 @@ def sample(name: str, model: Model, x_T: Tensor, alphas_cumprod: Tensor, paramet
       `x0` and `mask` are moved to `x_T`'s device.
     - The model gets latents in `x_T`'s dtype, the samplers compute in at least float32, and the
       result comes back in `x_T`'s dtype.
-    - `cond` is passed to `model` untouched; `callback(i, total, x, x0_pred)` follows every step.
+    - `callback(i, total, x, x0_pred)` follows every step.
     """
     _check(name, x_T, alphas_cumprod, parameterization, steps, eta, spacing, karras, x0, mask, strength)
+    entry = SAMPLERS[name]
     model_dtype, dtype = x_T.dtype, torch.promote_types(x_T.dtype, torch.float32)
     if model_dtype != dtype:
         model = _computing_in(model, model_dtype, dtype)
@@ -331,12 +370,11 @@ def sample(name: str, model: Model, x_T: Tensor, alphas_cumprod: Tensor, paramet
         x = noised(x0, x_T, schedule.sigmas[0], schedule.variance_preserving)
     else:
         x = x_T if schedule.variance_preserving else x_T * schedule.sigmas[0]
-    options: dict[str, Any] = {"callback": callback or _silent}
-    if mask is not None:
-        options["blend"] = _keep_known(x0, mask, schedule, generator)
-    if name in ADD_NOISE:
+    options: dict[str, Any] = {"callback": callback or _silent,
+                               "blend": _unchanged if mask is None else _keep_known(x0, mask, schedule, generator)}
+    if entry.stochastic:
         options["generator"] = generator
-    if name == "ddim":
+    if entry.eta:
         options["eta"] = eta
-    x = SAMPLERS[name](model, x, schedule, parameterization, cond, **options)
+    x = entry.run(model, x, schedule, parameterization, **options)
     return (x if mask is None else mask * x0 + (1 - mask) * x).to(model_dtype)

@@ -11,13 +11,8 @@ from .errors import LatentgenError
 SCHEDULES = ("linear", "scaled_linear", "sqrt_linear", "sqrt", "cosine")
 
 
-def make_betas(
-    schedule: str = "linear",
-    timesteps: int = 1000,
-    linear_start: float = 0.00085,
-    linear_end: float = 0.012,
-    cosine_s: float = 8e-3,
-) -> torch.Tensor:
+def make_betas(schedule: str, timesteps: int, linear_start: float, linear_end: float,
+               cosine_s: float = 8e-3) -> torch.Tensor:
     """Betas in float64. CompVis "linear" is linear in sqrt(beta) (diffusers' "scaled_linear")."""
     if schedule in ("linear", "scaled_linear"):
         return torch.linspace(linear_start**0.5, linear_end**0.5, timesteps, dtype=torch.float64) ** 2
@@ -33,16 +28,26 @@ def make_betas(
     raise LatentgenError(f"unknown beta schedule {schedule!r}; choose one of {', '.join(SCHEDULES)}")
 
 
-def make_alphas_cumprod(
-    schedule: str = "linear",
-    timesteps: int = 1000,
-    linear_start: float = 0.00085,
-    linear_end: float = 0.012,
-    cosine_s: float = 8e-3,
-) -> torch.Tensor:
+def make_alphas_cumprod(schedule: str, timesteps: int, linear_start: float, linear_end: float,
+                        cosine_s: float = 8e-3) -> torch.Tensor:
     """Cumulative product of (1 - beta), float64, shape [timesteps]."""
     betas = make_betas(schedule, timesteps, linear_start, linear_end, cosine_s)
     return torch.cumprod(1 - betas, dim=0)
+
+
+@dataclass(frozen=True)
+class TrainingSchedule:
+    """The forward process a model was trained with; the defaults are CompVis DDPM's, which an
+    official YAML relies on when it leaves a key out."""
+
+    beta_schedule: str = "linear"
+    timesteps: int = 1000
+    linear_start: float = 1e-4
+    linear_end: float = 2e-2
+    cosine_s: float = 8e-3
+
+    def alphas_cumprod(self) -> torch.Tensor:
+        return make_alphas_cumprod(self.beta_schedule, self.timesteps, self.linear_start, self.linear_end, self.cosine_s)
 
 
 # ---- the noise levels a sampler walks through ------------------------------------------------

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from latentgen.detect import KL_TARGET, VQ_TARGET
+from latentgen.devices import pick_device
 from latentgen.errors import LatentgenError
 from latentgen.models.autoencoder import AutoencoderKL, VQModel
 
@@ -105,7 +106,7 @@ class Trainer:
         if config.decoder_only and init_from is None:
             raise LatentgenError("--decoder-only fine-tunes a trained autoencoder: give it with --init-from")
         torch.manual_seed(config.seed)
-        device = runs.pick_device(config.device)
+        device = pick_device(config.device)
         model = build_autoencoder(config).to(device)
         if init_from is not None:
             runs.load_weights(model, init_from.state_dict(), "--init-from has another architecture")

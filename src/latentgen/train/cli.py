@@ -194,20 +194,20 @@ def evaluate(
     text-to-image models: how often colour prompts get their colour."""
     from dataclasses import asdict
 
-    from latentgen import pipelines
+    from latentgen import tasks
     from latentgen.loader import load_model
 
     from .data import EmojiSet
     from .evaluate import emoji_round_trip, summarize, task_of
     from .evaluate import evaluate as run_evaluation
 
-    loaded = pipelines.prepare(load_model(model), device, "fp32")
+    loaded = tasks.prepare(load_model(model), device, "fp32")
     if task_of(loaded) == "txt2img":
-        options = pipelines.Sampling(steps=steps, seed=seed,
-                                     scale=pipelines.default_scale(loaded) if scale is None else scale)
+        options = tasks.Sampling(steps=steps, seed=seed,
+                                     scale=tasks.default_scale(loaded) if scale is None else scale)
         _evaluate_colours(model, loaded, seeds, options, json_out)
         return
-    options = pipelines.Sampling(steps=steps, seed=seed)
+    options = tasks.Sampling(steps=steps, seed=seed)
     with Progress(console=console, transient=True) as progress:
         task = progress.add_task("images", total=None)
         scores = run_evaluation(loaded, data, tuple(_numbers(datasets, str)), crop, options,

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from latentgen import metrics, pipelines
+from latentgen import metrics, tasks
 from latentgen.errors import LatentgenError
 from latentgen.images import load_image, to_uint8
 from latentgen.ldm import LatentDiffusion
@@ -60,16 +60,11 @@ def task_of(model: LatentDiffusion) -> str:
 def center_crop(image: torch.Tensor, size: int, multiple: int) -> torch.Tensor:
     """The central square of side min(size, shorter side), or with `size` 0 the whole image, each
     side rounded down to `multiple` (SR needs the high-res sides divisible by its factor; the
-    pipelines pad everything else themselves)."""
+    tasks pad everything else themselves)."""
     height, width = ((side if size <= 0 else min(size, *image.shape[-2:])) // multiple * multiple
                      for side in image.shape[-2:])
     top, left = (image.shape[-2] - height) // 2, (image.shape[-1] - width) // 2
     return image[..., top:top + height, left:left + width]
-
-
-def gradient_energy(image: torch.Tensor) -> float:
-    """Mean squared finite difference, horizontal plus vertical: what blur removes."""
-    return float(image.diff(dim=-1).square().mean() + image.diff(dim=-2).square().mean())
 
 
 def telea_inpaint(image: torch.Tensor, hole: torch.Tensor) -> torch.Tensor:
@@ -96,23 +91,23 @@ def bicubic_round_trip(image: torch.Tensor, factor: int) -> tuple[torch.Tensor, 
     return low, F.interpolate(low, scale_factor=factor, mode="bicubic").clamp(-1, 1)
 
 
-def score_autoencoder(model: LatentDiffusion, image: torch.Tensor, index: int, options: pipelines.Sampling) -> tuple:
-    result = pipelines.reconstruct(model, image)
-    bicubic = bicubic_round_trip(image, pipelines.latent_factor(model))[1]
+def score_autoencoder(model: LatentDiffusion, image: torch.Tensor, index: int, options: tasks.Sampling) -> tuple:
+    result = tasks.reconstruct(model, image)
+    bicubic = bicubic_round_trip(image, model.spec.factor)[1]
     return result.psnr, result.ssim, metrics.psnr(bicubic, image), metrics.ssim(bicubic, image)
 
 
-def score_sr(model: LatentDiffusion, image: torch.Tensor, index: int, options: pipelines.Sampling) -> tuple:
-    low, bicubic = bicubic_round_trip(image, pipelines.latent_factor(model))
-    high = pipelines.upscale(model, low, options, tile=max(16, *low.shape[-2:]))  # one tile: no seams to score
-    truth = gradient_energy(image)
+def score_sr(model: LatentDiffusion, image: torch.Tensor, index: int, options: tasks.Sampling) -> tuple:
+    low, bicubic = bicubic_round_trip(image, model.spec.factor)
+    high = tasks.upscale(model, low, options, tile=max(16, *low.shape[-2:]))  # one tile: no seams to score
+    truth = metrics.gradient_energy(image)
     return (metrics.psnr(high, image), metrics.ssim(high, image), metrics.psnr(bicubic, image),
-            metrics.ssim(bicubic, image), gradient_energy(high) / truth, gradient_energy(bicubic) / truth)
+            metrics.ssim(bicubic, image), metrics.gradient_energy(high) / truth, metrics.gradient_energy(bicubic) / truth)
 
 
-def score_inpaint(model: LatentDiffusion, image: torch.Tensor, index: int, options: pipelines.Sampling) -> tuple:
+def score_inpaint(model: LatentDiffusion, image: torch.Tensor, index: int, options: tasks.Sampling) -> tuple:
     hole = random_mask(*image.shape[-2:], torch.Generator().manual_seed(options.seed + index))[None]
-    filled = pipelines.inpaint(model, image, hole, options=options, feather=0)
+    filled = tasks.inpaint(model, image, hole, options=options, feather=0)
     baseline = telea_inpaint(image, hole)
     return (hole_psnr(filled, image, hole), metrics.ssim(filled, image),
             hole_psnr(baseline, image, hole), metrics.ssim(baseline, image))
@@ -122,7 +117,7 @@ SCORERS: dict[str, Callable] = {"autoencoder": score_autoencoder, "sr": score_sr
 
 
 def evaluate(model: LatentDiffusion, folder: Path, datasets: tuple[str, ...] = DATASETS, crop: int = 128,
-             options: pipelines.Sampling = pipelines.Sampling(),
+             options: tasks.Sampling = tasks.Sampling(),
              progress: Optional[Callable[[int, int], None]] = None) -> list[Score]:
     """Scores of every image of `datasets` under `folder` (its central `crop` square)."""
     task = task_of(model)
@@ -131,7 +126,7 @@ def evaluate(model: LatentDiffusion, folder: Path, datasets: tuple[str, ...] = D
         raise LatentgenError(f"no PNG images under {folder} for {', '.join(datasets)}")
     scores = []
     for index, (dataset, path) in enumerate(paths):
-        image = center_crop(load_image(path), crop, pipelines.latent_factor(model))
+        image = center_crop(load_image(path), crop, model.spec.factor)
         with torch.no_grad():
             values = SCORERS[task](model, image, index, options)
         scores.append(Score(dataset, path.name, *values))
@@ -161,7 +156,7 @@ def emoji_round_trip(model: LatentDiffusion, images: np.ndarray, count: int = 48
     originals = emoji_at(images[np.sort(chosen)], size)
     psnrs, errors, saturations, original_saturations = [], [], [], []
     for x in originals.split(1):
-        result = pipelines.reconstruct(model, x)
+        result = tasks.reconstruct(model, x)
         inked = (x.mean(1, keepdim=True) < 0.9).float()
         mean_colour = [(image * inked).sum((2, 3)) / inked.sum().clamp_min(1) for image in (x, result.image.float())]
         psnrs.append(result.psnr)
@@ -218,13 +213,13 @@ def dominant_colour(image: torch.Tensor, min_saturation: float = 0.35, min_value
     return max(counts, key=counts.get)
 
 
-def colour_prompt_scores(model: LatentDiffusion, seeds: int = 10, options: pipelines.Sampling = pipelines.Sampling(),
+def colour_prompt_scores(model: LatentDiffusion, seeds: int = 10, options: tasks.Sampling = tasks.Sampling(),
                          prompts: dict[str, str] = COLOUR_PROMPTS,
                          progress: Optional[Callable[[int, int], None]] = None) -> list[ColourScore]:
     """Each colour prompt with `seeds` seeds from options.seed: the colour asked for and the dominant one made."""
     scores = []
     for prompt, expected in prompts.items():
-        batch = pipelines.txt2img(model, [prompt] * seeds, options=options)  # image i: seed options.seed + i
+        batch = tasks.txt2img(model, [prompt] * seeds, options=options)  # image i: seed options.seed + i
         scores += [ColourScore(prompt, options.seed + i, expected, dominant_colour(image[None]))
                    for i, image in enumerate(batch)]
         if progress is not None:

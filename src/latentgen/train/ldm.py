@@ -2,7 +2,7 @@
 and export it in the official CompVis layout (`model.diffusion_model.*` from the EMA weights,
 `first_stage_model.*`) with a config.json shaped like the official YAML's `model.params`.
 
-Tasks and their conditioning, matching what `pipelines` feeds the UNet at inference:
+Tasks and their conditioning, matching what `tasks` feeds the UNet at inference:
 - txt2img: cross-attention on a frozen text encoder's context (MiniLM, [B, 77, 384]);
 - inpaint: concat of [masked-image latent (scaled), mask at latent size] (LDM: 2C + 1 channels);
 - sr: concat of the degraded low-resolution image at latent size (LDM-SR; factor = the first stage's f);
@@ -24,12 +24,15 @@ import torch
 import torch.nn.functional as F
 
 from latentgen.detect import FIRST_STAGE, UNCONDITIONAL, UNET_TARGET
+from latentgen.devices import pick_device
 from latentgen.errors import LatentgenError
+from latentgen.files import atomic_write
 from latentgen.guidance import Conditioning, guided_model
-from latentgen.ldm import LatentDiffusion
+from latentgen.ldm import MASKED_IMAGE_THEN_MASK, LatentDiffusion, ModelSpec
 from latentgen.models.autoencoder import AutoencoderKL
 from latentgen.models.unet import UNetModel
 from latentgen.samplers import make_noise, sample
+from latentgen.tasks import inpainting_concat
 from latentgen.schedules import make_alphas_cumprod
 
 from . import losses, runs
@@ -39,6 +42,7 @@ TASKS = ("txt2img", "inpaint", "sr", "uncond")
 CONDITIONING_KEYS = {"txt2img": "crossattn", "inpaint": "concat", "sr": "concat", "uncond": None}
 COND_STAGE_CONFIGS = {"inpaint": FIRST_STAGE, "sr": {"target": "torch.nn.Identity"}, "uncond": UNCONDITIONAL}
 LDM_TARGET = "ldm.models.diffusion.ddpm.LatentDiffusion"
+INPAINT_LAYOUT = MASKED_IMAGE_THEN_MASK  # what the loader reads off a "concat" model with latent + 1 extra channels
 SAMPLE_PROMPTS = ("a red heart", "a blue heart", "a green apple", "a yellow star",
                   "a smiling face, twemoji style", "a cat face, noto emoji style", "a red car", "a pizza")
 Encoder = Callable[[list[str]], torch.Tensor]
@@ -104,10 +108,6 @@ def latent_space_key(first_stage: torch.nn.Module) -> str:
     return digest.hexdigest()[:12]
 
 
-def first_stage_factor(first_stage: torch.nn.Module) -> int:
-    return 2 ** (len(first_stage.encoder.down) - 1)
-
-
 def encode(first_stage: torch.nn.Module, x: torch.Tensor, sample_posterior: bool) -> torch.Tensor:
     """Unscaled latents: a KL posterior sample (CompVis trains on samples) or its mean; VQ's pre-quantisation h."""
     if not isinstance(first_stage, AutoencoderKL):
@@ -125,6 +125,7 @@ class LDMTrainer:
     ema: UNetModel
     optimizer: torch.optim.Optimizer
     first_stage: torch.nn.Module
+    first_stage_spec: ModelSpec
     first_stage_config: dict
     data: LDMData
     generator: torch.Generator
@@ -144,14 +145,14 @@ class LDMTrainer:
         if config.task not in TASKS:
             raise LatentgenError(f"unknown task {config.task!r}: choose one of {', '.join(TASKS)}")
         torch.manual_seed(config.seed)
-        device = runs.pick_device(config.device)
+        device = pick_device(config.device)
         stage = first_stage.first_stage.to(device).eval().requires_grad_(False)
-        f = first_stage_factor(stage)
+        f = first_stage.spec.factor
         if config.image_size % (f * 2 ** (len(config.channel_mult) - 1)):
             raise LatentgenError(f"image size {config.image_size} must divide by f x 2^(levels - 1)")
-        unet = UNetModel(**config.unet_config(stage.embed_dim, f)["params"]).to(device)
+        unet = UNetModel(**config.unet_config(first_stage.spec.latent_channels, f)["params"]).to(device)
         trainer = cls(config, unet, copy.deepcopy(unet).requires_grad_(False), torch.optim.AdamW(unet.parameters(), config.lr),
-                      stage, first_stage.config["first_stage_config"], data, torch.Generator().manual_seed(config.seed),
+                      stage, first_stage.spec, first_stage.params["first_stage_config"], data, torch.Generator().manual_seed(config.seed),
                       device, make_alphas_cumprod("linear", config.timesteps, config.linear_start, config.linear_end),
                       text_encoder)
         trainer._check_data()
@@ -187,7 +188,7 @@ class LDMTrainer:
                     out.append(self.first_stage.encode(x).cpu())
         latents = torch.cat(out)
         if cache is not None:
-            runs.atomic_write(cache, lambda temp: torch.save(latents, temp))
+            atomic_write(cache, lambda temp: torch.save(latents, temp))
         return latents
 
     def _empty_context(self) -> torch.Tensor:
@@ -233,7 +234,7 @@ class LDMTrainer:
             return self._emoji_latents(indices) * sf, Conditioning(context=self._text_condition(indices, generator))
         if task == "sr":
             x = self._sr_targets(batch, generator)
-            low = degrade(x.cpu(), first_stage_factor(self.first_stage), generator).to(self.device)
+            low = degrade(x.cpu(), self.first_stage_spec.factor, generator).to(self.device)
             with torch.no_grad():
                 return encode(self.first_stage, x, True) * sf, Conditioning(concat=low)
         x = self._photos(batch, generator)
@@ -244,7 +245,7 @@ class LDMTrainer:
             mask = random_masks(batch, x.shape[-2], x.shape[-1], generator).to(self.device)
             masked = encode(self.first_stage, x * (mask < 0.5), False) * sf
             small = F.interpolate(mask, size=z.shape[-2:], mode="nearest")
-            return z, Conditioning(concat=torch.cat([masked, small], 1))
+            return z, Conditioning(concat=inpainting_concat(INPAINT_LAYOUT, masked, small))
 
     def _sr_targets(self, batch: int, generator: torch.Generator) -> torch.Tensor:
         """High-resolution targets: photo crops plus, when emoji are given, sharp emoji mosaics."""
@@ -334,10 +335,10 @@ class LDMTrainer:
         config = self.config
         params = {
             "linear_start": config.linear_start, "linear_end": config.linear_end, "timesteps": config.timesteps,
-            "image_size": config.image_size // first_stage_factor(self.first_stage),
-            "channels": self.first_stage.embed_dim, "scale_factor": self.scale_factor,
+            "image_size": config.image_size // self.first_stage_spec.factor,
+            "channels": self.first_stage_spec.latent_channels, "scale_factor": self.scale_factor,
             "conditioning_key": CONDITIONING_KEYS[config.task], "parameterization": "eps",
-            "unet_config": config.unet_config(self.first_stage.embed_dim, first_stage_factor(self.first_stage)),
+            "unet_config": config.unet_config(self.first_stage_spec.latent_channels, self.first_stage_spec.factor),
             "first_stage_config": self.first_stage_config,
         }
         if config.task == "txt2img":
@@ -368,8 +369,8 @@ class LDMTrainer:
             else:
                 z0, cond = self.batch(min(count, 4), generator)
                 uncond, scale = None, 1.0
-            shape = (len(cond.context) if z0 is None else len(z0), self.first_stage.embed_dim,
-                     *(2 * [config.image_size // first_stage_factor(self.first_stage)]))
+            shape = (len(cond.context) if z0 is None else len(z0), self.first_stage_spec.latent_channels,
+                     *(2 * [config.image_size // self.first_stage_spec.factor]))
             x_T = make_noise(shape, 0).to(self.device)
             z = sample("ddim", guided_model(self.ema, cond, uncond, scale), x_T, self.alphas_cumprod, "eps",
                        config.sample_steps)

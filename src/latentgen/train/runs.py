@@ -14,14 +14,9 @@ from PIL import Image
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from latentgen.errors import LatentgenError
+from latentgen.files import atomic_write
 
 CHECKPOINT = "checkpoint.pt"
-
-
-def pick_device(name: str = "auto") -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def autocast(device: torch.device):
@@ -42,16 +37,6 @@ def restore_random_state(state: dict, generator: torch.Generator) -> None:
     generator.set_state(state["data"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def atomic_write(path: Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temp = path.with_name(path.name + ".tmp")
-    try:
-        write(temp)
-        os.replace(temp, path)
-    finally:
-        temp.unlink(missing_ok=True)
 
 
 def save_checkpoint(folder: Path, state: dict) -> Path:
@@ -78,7 +63,7 @@ def export_folder(folder: Path, tensors: dict[str, torch.Tensor], config: dict) 
 
     half = {k: (v.half() if v.is_floating_point() else v).contiguous().cpu() for k, v in tensors.items()}
     atomic_write(folder / "model.safetensors", lambda temp: save_file(half, str(temp), metadata={"format": "pt"}))
-    atomic_write(folder / "config.json", lambda temp: temp.write_text(json.dumps(config, indent=2) + "\n"))
+    atomic_write(folder / "config.json", json.dumps(config, indent=2) + "\n")
     return folder
 
 

@@ -1,0 +1,216 @@
+"""Runs of many images: prompt files, jobs and batches, output names, generation parameters, and
+the manifest that lets a stopped run resume without redoing or losing an image.
+
+The CLI and Python callers share `run_txt2img`, so both get resumable runs.
+"""
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Iterator, Optional, Sequence, Union
+
+from . import tasks
+from .errors import LatentgenError
+from .files import atomic_write
+from .images import WRITE_FORMATS, format_parameters, save_image
+from .ldm import LatentDiffusion
+from .tasks import Sampling
+
+MAX_IMAGES = 10000
+
+
+@dataclass(frozen=True)
+class Job:
+    """One image to make: its place in the run, prompt or class, and seed."""
+
+    index: int
+    prompt: str
+    seed: int
+    label: Optional[int] = None
+
+
+def read_prompts(path: Path) -> list[str]:
+    """The non-empty lines of a prompts file."""
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as error:
+        raise LatentgenError(f"cannot read prompts file {path}: {error}") from None
+    prompts = [line.strip() for line in lines if line.strip()]
+    if not prompts:
+        raise LatentgenError(f"{path} has no prompts")
+    return prompts
+
+
+def plan_jobs(prompts: Sequence[str] = ("",), labels: Optional[Sequence[int]] = None, num: int = 1,
+              seed: int = 0) -> list[Job]:
+    """`num` jobs per prompt (or per class label), seeds counting up from `seed` over the whole run."""
+    if not 1 <= num <= MAX_IMAGES:
+        raise LatentgenError(f"images per prompt must be between 1 and {MAX_IMAGES}, got {num}")
+    if not 0 <= seed < 2**63:
+        raise LatentgenError(f"the seed must be between 0 and 2**63 - 1, got {seed}")
+    if labels and any(prompts):
+        raise LatentgenError("give prompts or class ids, not both")
+    items = [("", label) for label in labels] if labels else [(prompt, None) for prompt in prompts]
+    jobs: list[Job] = []
+    for prompt, label in items:
+        for _ in range(num):
+            jobs.append(Job(len(jobs), prompt, seed + len(jobs), label))
+    if len(jobs) > MAX_IMAGES:
+        raise LatentgenError(f"a run makes at most {MAX_IMAGES} images, this one {len(jobs)}")
+    return jobs
+
+
+def batched(jobs: Sequence[Job], batch_size: int) -> Iterator[list[Job]]:
+    if batch_size < 1:
+        raise LatentgenError(f"the batch size must be at least 1, got {batch_size}")
+    for start in range(0, len(jobs), batch_size):
+        yield list(jobs[start : start + batch_size])
+
+
+# ---- output names ---------------------------------------------------------------------------
+
+
+def is_file_target(out: Optional[Path]) -> bool:
+    """`out` names one image file (by its suffix: .png, .jpg, .jpeg, .webp) rather than a folder."""
+    return out is not None and out.suffix.lower() in WRITE_FORMATS
+
+
+def output_path(out: Optional[Path], stem: str, index: Optional[int] = None) -> Path:
+    """Where image `index` of a run goes (None: the run's only image).
+
+    A file `--out` is used as it is for a single image and gets the run index for several
+    (cats.png -> cats-00000.png, ...); a folder (default ./outputs) gets `stem`.png, where the
+    caller puts index and seed in `stem`. A name that exists is numbered later (cats-1.png)."""
+    if is_file_target(out):
+        return out if index is None else out.with_name(f"{out.stem}-{index:05d}{out.suffix}")
+    return (out or Path("outputs")) / f"{stem}.png"
+
+
+def job_path(out: Optional[Path], job: Job, count: int) -> Path:
+    """A txt2img job's output: `txt2img-SEED.png` alone, `INDEX-SEED.png` in a run of several."""
+    if count == 1:
+        return output_path(out, f"txt2img-{job.seed}")
+    return output_path(out, f"{job.index:05d}-{job.seed}", job.index)
+
+
+# ---- generation parameters ------------------------------------------------------------------
+
+
+def parameters_text(model: LatentDiffusion, options: Sampling, prompt: str, negative: str,
+                    size: tuple[int, int], seed: int, label: Optional[int] = None,
+                    extra: Optional[dict] = None) -> str:
+    """Generation parameters in the AUTOMATIC1111 / stable-diffusion.cpp `parameters` format;
+    `extra` adds task-specific fields (an upscaler's noise level)."""
+    fields = {
+        "Steps": options.steps, "Sampler": options.sampler + (" Karras" if options.karras else ""),
+        "CFG scale": options.scale, "Seed": seed, "Size": f"{size[1]}x{size[0]}",
+        "Model hash": model.sha256[:10], "Model": model.name,
+    }
+    if options.eta:
+        fields["Eta"] = options.eta
+    if label is not None:
+        fields["Class"] = label
+    fields.update(extra or {})
+    return format_parameters(prompt, negative, fields)
+
+
+# ---- the manifest ---------------------------------------------------------------------------
+
+
+class Manifest:
+    """A folder's record of finished images, so `resume` redoes nothing and loses nothing.
+
+    Entries are keyed by the run's settings (model, sampling, size, negative prompt) and the job,
+    so several runs can share a folder: a new run adds its entries to the ones there."""
+
+    NAME = "latentgen-manifest.json"
+
+    def __init__(self, path: Path, entries: dict[str, str], fingerprint: str):
+        self.path, self.entries, self.fingerprint = path, entries, fingerprint
+
+    @classmethod
+    def open(cls, folder: Path, fingerprint: str, resume: bool) -> "Manifest":
+        """Resuming also removes the temporary files a killed run left behind (the atomic writes'
+        hidden `.NAME.*.tmp`); the caller then writes the unfinished images over their own names,
+        replacing any placeholder or unrecorded file."""
+        path = folder / cls.NAME
+        entries: dict[str, str] = {}
+        if path.is_file():
+            try:
+                entries = json.loads(path.read_text())
+            except (OSError, ValueError) as error:
+                raise LatentgenError(f"cannot read {path}: {error}") from None
+            if not isinstance(entries, dict):
+                raise LatentgenError(f"{path} is not a latentgen manifest")
+        elif resume:
+            raise LatentgenError(f"nothing to resume: no manifest at {path} (start the run without resume first)")
+        if resume:
+            for stale in path.parent.glob(".*.tmp"):
+                stale.unlink(missing_ok=True)
+        manifest = cls(path, entries, fingerprint)
+        manifest.save()  # before any image is reserved, so a run killed at once can be resumed
+        return manifest
+
+    def key(self, job: Job) -> str:
+        return f"{self.fingerprint}:{job.index}:{job.seed}:{job.label}:{job.prompt}"
+
+    def done(self, job: Job) -> bool:
+        file = self.entries.get(self.key(job))
+        return file is not None and Path(file).is_file()
+
+    def record(self, job: Job, file: Path) -> None:
+        self.entries[self.key(job)] = str(file)
+        self.save()
+
+    def save(self) -> None:
+        atomic_write(self.path, json.dumps(self.entries, indent=1))
+
+
+def fingerprint(model: LatentDiffusion, options: Sampling, size: tuple[int, int], negative: str, out: Optional[Path]) -> str:
+    """A short hash of what makes a run's images what they are, and of where they go."""
+    settings = json.dumps([model.sha256, asdict(options), list(size), negative, str(out)])
+    return hashlib.sha256(settings.encode()).hexdigest()[:10]
+
+
+# ---- a run ----------------------------------------------------------------------------------
+
+StepProgress = Callable[[int, int], None]
+ImageDone = Callable[[Path], None]
+
+
+def run_txt2img(model: LatentDiffusion, jobs: Sequence[Job], out: Optional[Union[str, Path]] = None,
+                negative: str = "", options: Sampling = Sampling(), size: Optional[tuple[int, int]] = None,
+                batch_size: int = 1, resume: bool = False, overwrite: bool = False,
+                on_start: Optional[Callable[[int], None]] = None, on_step: Optional[StepProgress] = None,
+                on_image: Optional[ImageDone] = None) -> list[Path]:
+    """Make and write every job's image; the paths written, in job order (this call's images only).
+
+    A folder `out` (or any run with `resume`) keeps a manifest of finished images, so that after a
+    stopped run, the same call with `resume=True` makes only the missing ones, the same pixels as
+    an uninterrupted run. Images are written atomically, with their parameters, never over an
+    existing file unless `overwrite`. `on_start(count)` hears how many images are left to make,
+    `on_step(done, total)` each sampling step, `on_image(path)` each image written."""
+    out = Path(out) if out is not None else None
+    size = tasks.check_size(model, *(size or (None, None)))
+    folder = out.parent if is_file_target(out) else (out or Path("outputs"))
+    keep_manifest = resume or (out is not None and (len(jobs) > 1 or not is_file_target(out)))
+    manifest = Manifest.open(folder, fingerprint(model, options, size, negative, out), resume) if keep_manifest else None
+    todo = [job for job in jobs if manifest is None or not resume or not manifest.done(job)]
+    if on_start is not None:
+        on_start(len(todo))
+    written = []
+    for batch in batched(todo, batch_size):
+        labels = [job.label for job in batch] if batch[0].label is not None else None
+        images = tasks.txt2img(model, [job.prompt for job in batch], negative, options, size, labels,
+                               [job.seed for job in batch], progress=on_step)
+        for job, image in zip(batch, images):
+            info = parameters_text(model, options, job.prompt, negative, size, job.seed, job.label)
+            path = save_image(image[None], job_path(out, job, len(jobs)), parameters=info,
+                              overwrite=overwrite or resume, check=True)
+            written.append(path)
+            if manifest is not None:
+                manifest.record(job, path)
+            if on_image is not None:
+                on_image(path)
+    return written

@@ -1,0 +1,392 @@
+"""The user tasks over a loaded LatentDiffusion: txt2img, inpaint, upscale, reconstruct.
+
+No files, no PIL, no CLI: images cross in and out as float tensors in [-1, 1], NCHW, and every
+fact about the model comes from its `spec`. Only this module applies `scale_factor` between the
+autoencoder's latents and the diffusion model's (`encode`, `decode`).
+"""
+
+from dataclasses import dataclass, replace
+from typing import Callable, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from . import metrics
+from .devices import pick_device, pick_dtype
+from .errors import LatentgenError
+from .guidance import Conditioning, guided_model
+from .images import crop_padding, fill_hole, pad_to_multiple
+from .ldm import LOW_RES_IMAGE, MASK_THEN_MASKED_IMAGE, MASKED_IMAGE_THEN_MASK, LatentDiffusion, ModelSpec
+from .models.text import ClassEmbedder
+from .samplers import Generators, normal, sample, seeded_generator
+from .tiling import map_tiled
+
+DEFAULT_STEPS = 50
+MAX_SIDE = 8192
+Progress = Optional[Callable[[int, int], None]]
+"""progress(done, total): steps of the image being sampled (tiles for upscale)."""
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How to sample: sampler, steps, guidance `scale` and `seed` (the first image's; image i uses seed + i)."""
+
+    sampler: str = "ddim"
+    steps: int = DEFAULT_STEPS
+    eta: float = 0.0
+    karras: bool = False
+    scale: float = 1.0
+    seed: int = 0
+    on_device_noise: bool = False
+
+
+def prepare(model: LatentDiffusion, device: str = "auto", dtype: str = "auto") -> LatentDiffusion:
+    """Move the model to the chosen device and dtype, once, and switch to inference mode."""
+    target = pick_device(device)
+    return model.to(target, pick_dtype(dtype, target)).eval()
+
+
+def _params(module: torch.nn.Module) -> torch.Tensor:
+    return next(module.parameters())
+
+
+def _diffusion(model: LatentDiffusion, task: str) -> ModelSpec:
+    if model.unet is None:
+        raise LatentgenError(f"{model.name} is an autoencoder, not a diffusion model: {task} needs one "
+                             "(an autoencoder serves reconstruct)")
+    return model.spec
+
+
+def check_size(model: LatentDiffusion, height: Optional[int], width: Optional[int]) -> tuple[int, int]:
+    """The requested size, or the model's native one; larger than native is allowed (convolutional sampling)."""
+    spec = model.spec
+    step = spec.size_multiple
+    height, width = height or spec.native_size, width or spec.native_size
+    for name, value in (("height", height), ("width", width)):
+        if value <= 0 or value % step or value > MAX_SIDE:
+            raise LatentgenError(f"{name} {value} must be a positive multiple of {step} up to {MAX_SIDE} for {model.name}")
+    return height, width
+
+
+def default_scale(model: LatentDiffusion) -> float:
+    """Guidance only helps models trained with condition dropout: text models and class models
+    that have an unconditional class."""
+    spec = model.spec
+    if spec.conditioning == "class":
+        return 1.0 if getattr(model.cond_stage, "unconditional_class", None) is None else 3.0
+    return 7.5 if spec.conditioning == "text" else 1.0
+
+
+# ---- conditioning ---------------------------------------------------------------------------
+
+
+def check_inputs(model: LatentDiffusion, prompt: str = "", negative: str = "",
+                 labels: Optional[Sequence[int]] = None) -> None:
+    """Refuse what the model cannot use, instead of recording it as if it had been used."""
+    spec = model.spec
+    if spec.conditioning != "text" and (prompt or negative):
+        raise LatentgenError(f"{model.name} is not text-conditional ({spec.family}): it cannot use a prompt "
+                             "or negative prompt")
+    if spec.conditioning == "class" and not labels:
+        raise LatentgenError(f"{model.name} is class-conditional: give class ids")
+    if spec.conditioning != "class" and labels:
+        raise LatentgenError(f"{model.name} is not class-conditional ({spec.family}): it cannot use class ids")
+
+
+def _condition(model: LatentDiffusion, texts: list[str], labels: Optional[list[int]], concat=None) -> Conditioning:
+    stage = model.cond_stage
+    if model.spec.conditioning == "class":
+        ids = torch.tensor(labels, device=_params(model.unet).device)
+        if isinstance(stage, ClassEmbedder):
+            return Conditioning(context=stage(ids), concat=concat)
+        return Conditioning(y=ids, concat=concat)
+    if stage is None:
+        return Conditioning(concat=concat)
+    with torch.no_grad():
+        return Conditioning(context=stage(texts), concat=concat)
+
+
+def _unconditional(model: LatentDiffusion, negative: str, batch: int, concat=None) -> Conditioning:
+    if model.spec.conditioning == "class":
+        empty = getattr(model.cond_stage, "unconditional_class", None)
+        if empty is None:
+            raise LatentgenError(f"{model.name} has no unconditional class: guidance needs scale 1")
+        return _condition(model, [], [empty] * batch, concat)
+    return _condition(model, [negative] * batch, None, concat)
+
+
+def _sample(model: LatentDiffusion, cond: Conditioning, uncond: Optional[Conditioning], options: Sampling,
+            x_T: torch.Tensor, generators: Generators, progress: Progress, **masking) -> torch.Tensor:
+    denoiser = guided_model(model.unet, cond, uncond if options.scale != 1 else None, options.scale)
+    callback = None if progress is None else (lambda i, n, x, x0: progress(i + 1, n))
+    return sample(
+        options.sampler, denoiser, x_T, model.alphas_cumprod, model.spec.parameterization, options.steps,
+        eta=options.eta, karras=options.karras, callback=callback, generator=generators, **masking,
+    )
+
+
+def _noise(model: LatentDiffusion, seeds: Sequence[int], latent_size: tuple[int, int],
+           options: Sampling) -> tuple[torch.Tensor, list[torch.Generator]]:
+    """(x_T, generators): each image's starting noise from its own seed's generator, which then goes
+    on to draw that image's per-step noise, so a seed gives the same image in any batch."""
+    ref = _params(model.unet)
+    generators = [seeded_generator(seed, ref.device, options.on_device_noise) for seed in seeds]
+    shape = (1, model.spec.latent_channels, *latent_size)
+    return torch.cat([normal(shape, g, ref.device, ref.dtype) for g in generators]), generators
+
+
+def inpainting_concat(layout: Optional[str], masked_latent: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The extra UNet input of an inpainting model in its channel `layout` (ModelSpec.concat), as it
+    was trained: `mask` at latent size (1 = fill), `masked_latent` the scaled latent of the image
+    with the hole blanked."""
+    if layout == MASK_THEN_MASKED_IMAGE:
+        return torch.cat([mask, masked_latent], 1)
+    if layout == MASKED_IMAGE_THEN_MASK:
+        return torch.cat([masked_latent, mask], 1)
+    raise LatentgenError(f"a model with concat layout {layout!r} takes no masked image")
+
+
+# ---- first stage -----------------------------------------------------------------------------
+
+
+def encode(model: LatentDiffusion, image: torch.Tensor) -> torch.Tensor:
+    """Image in [-1, 1] -> the diffusion model's (scaled) latent."""
+    ref = _params(model.first_stage)
+    with torch.no_grad():
+        return model.first_stage.encode(image.to(ref)) * model.spec.scale_factor
+
+
+def _decode_in_float32(first_stage: torch.nn.Module, z: torch.Tensor) -> torch.Tensor:
+    """A decode in float32 of a half-precision first stage, which is restored to its dtype even on error."""
+    dtype = _params(first_stage).dtype
+    try:
+        return first_stage.float().decode(z.float())
+    finally:
+        first_stage.to(dtype)
+
+
+def decode(model: LatentDiffusion, z: torch.Tensor) -> torch.Tensor:
+    """Scaled latent -> image in [-1, 1], float32 on the CPU.
+
+    Half-precision decoders overflow on some latents (black or NaN images): such a decode is
+    retried in float32. Out of GPU memory, the latent is decoded in overlapping tiles.
+    """
+    first_stage = model.first_stage
+    z = (z / model.spec.scale_factor).to(_params(first_stage))
+    with torch.no_grad():
+        try:
+            image = first_stage.decode(z)
+        except torch.OutOfMemoryError:
+            torch.cuda.empty_cache()
+            image = map_tiled(first_stage.decode, z, tile=64, overlap=8, factor=model.spec.factor)
+        if not torch.isfinite(image).all() and _params(first_stage).dtype != torch.float32:
+            image = _decode_in_float32(first_stage, z)
+    if not torch.isfinite(image).all():
+        raise LatentgenError("the decoded image contains NaN or inf even in float32; the latent is broken")
+    return image.float().clamp(-1, 1).cpu()
+
+
+# ---- txt2img --------------------------------------------------------------------------------
+
+
+def _txt2img_batch(model: LatentDiffusion, prompts: list[str], labels: Optional[list[int]], seeds: list[int],
+                   negative: str, options: Sampling, size: tuple[int, int], progress: Progress) -> torch.Tensor:
+    cond = _condition(model, prompts, labels)
+    uncond = _unconditional(model, negative, len(seeds)) if options.scale != 1 else None
+    f = model.spec.factor
+    x_T, generators = _noise(model, seeds, (size[0] // f, size[1] // f), options)
+    with torch.no_grad():
+        z = _sample(model, cond, uncond, options, x_T, generators, progress)
+    return decode(model, z)
+
+
+def txt2img(model: LatentDiffusion, prompts: Sequence[str] = ("",), negative: str = "", options: Sampling = Sampling(),
+            size: Optional[tuple[int, int]] = None, labels: Optional[Sequence[int]] = None,
+            seeds: Optional[Sequence[int]] = None, progress: Progress = None) -> torch.Tensor:
+    """One image per prompt (or per class label), as a [N, 3, H, W] tensor in [-1, 1].
+
+    `seeds` default to options.seed, options.seed + 1, ...; `size` (H, W) to the model's native
+    size. Out of device memory, the batch is retried as two halves (the same images)."""
+    _diffusion(model, "txt2img")
+    count = len(labels) if labels else len(prompts)
+    prompts = list(prompts) if not labels else [""] * count
+    for prompt in set(prompts):
+        check_inputs(model, prompt, negative, labels)
+    size = check_size(model, *(size or (None, None)))
+    seeds = list(seeds) if seeds is not None else [options.seed + i for i in range(count)]
+    if len(seeds) != count:
+        raise LatentgenError(f"{len(seeds)} seeds for {count} images")
+    try:
+        return _txt2img_batch(model, prompts, list(labels) if labels else None, seeds, negative, options, size, progress)
+    except torch.OutOfMemoryError:
+        if count == 1:
+            raise LatentgenError("out of device memory even at batch size 1: lower the size, "
+                                 "use dtype fp16 or the CPU") from None
+    # Retried only here, after the except block: its traceback held the failed batch's tensors.
+    if torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
+    half = count // 2
+    parts = [slice(0, half), slice(half, count)]
+    return torch.cat([txt2img(model, prompts[part], negative, options, size, labels[part] if labels else None,
+                              seeds[part], progress) for part in parts])
+
+
+# ---- inpaint --------------------------------------------------------------------------------
+
+
+def check_mask(mask: torch.Tensor) -> None:
+    covered = float(mask.mean())
+    if covered == 0:
+        raise LatentgenError("the mask is all black: nothing to inpaint (white marks the region to fill)")
+    if covered == 1:
+        raise LatentgenError("the mask is all white: everything would be replaced; use txt2img instead")
+
+
+def inpaint(model: LatentDiffusion, image: torch.Tensor, mask: torch.Tensor, prompt: str = "", negative: str = "",
+            options: Sampling = Sampling(), feather: int = 4, progress: Progress = None) -> torch.Tensor:
+    """Fill mask == 1 in `image`. Dedicated inpainting models get the masked image and mask
+    concatenated (LDM: 7 channels, SD: 9); any other model inpaints by masked sampling.
+    Pixels outside the mask come back exactly as they went in (the seam is blended inside the hole)."""
+    spec = _diffusion(model, "inpaint")
+    if spec.concat == LOW_RES_IMAGE:
+        raise LatentgenError(f"{model.name} is a super-resolution model: use upscale")
+    check_inputs(model, prompt, negative)
+    check_mask(mask)
+    padded, pad = pad_to_multiple(image, spec.size_multiple)
+    padded_mask, _ = pad_to_multiple(mask, spec.size_multiple)
+    ref = _params(model.unet)
+    padded, padded_mask = padded.to(ref), padded_mask.to(ref)
+    latent_size = (padded.shape[-2] // spec.factor, padded.shape[-1] // spec.factor)
+    small_mask = F.interpolate(padded_mask, size=latent_size, mode="nearest")
+    x_T, generators = _noise(model, [options.seed], latent_size, options)
+    with torch.no_grad():
+        if spec.concat in (MASK_THEN_MASKED_IMAGE, MASKED_IMAGE_THEN_MASK):
+            concat = inpainting_concat(spec.concat, encode(model, padded * (padded_mask < 0.5)), small_mask)
+            cond = _condition(model, [prompt], None, concat)
+            uncond = _unconditional(model, negative, 1, concat) if options.scale != 1 else None
+            z = _sample(model, cond, uncond, options, x_T, generators, progress)
+        else:
+            cond = _condition(model, [prompt], None)
+            uncond = _unconditional(model, negative, 1) if options.scale != 1 else None
+            z = _sample(model, cond, uncond, options, x_T, generators, progress, mask=1 - small_mask,
+                        x0=encode(model, padded))
+        generated = crop_padding(decode(model, z), pad)
+    return fill_hole(image, generated, mask, feather)
+
+
+# ---- upscale --------------------------------------------------------------------------------
+
+DEFAULT_NOISE_LEVEL = 20  # as diffusers' StableDiffusionUpscalePipeline
+UPSCALER_GUIDANCE = 9.0  # ditto
+
+
+def upscale_guidance(model: LatentDiffusion) -> float:
+    """Default guidance for `upscale`: text-guided for noise-augmented upscalers, off for LDM-SR."""
+    return UPSCALER_GUIDANCE if model.noise_augmentation is not None else 1.0
+
+
+def upscale_noise_level(model: LatentDiffusion, noise_level: Optional[int]) -> int:
+    """The noise level an upscale uses (and its PNG parameters record): the request checked against
+    the model's range, the default for noise-augmented upscalers, 0 for LDM-SR."""
+    augmentation = model.noise_augmentation
+    if augmentation is None:
+        if noise_level is not None:
+            raise LatentgenError(f"a noise level applies to noise-augmented upscalers (SD 2 x4) only, not {model.name}")
+        return 0
+    level = DEFAULT_NOISE_LEVEL if noise_level is None else noise_level
+    if not 0 <= level <= augmentation.max_noise_level:
+        raise LatentgenError(f"the noise level must be between 0 and {augmentation.max_noise_level}, got {level}")
+    return level
+
+
+def _augmented_conditioning(model: LatentDiffusion, low: torch.Tensor, text: Conditioning, negative: Optional[Conditioning],
+                            level: int, options: Sampling
+                            ) -> tuple[torch.Tensor, torch.Generator, Conditioning, Optional[Conditioning]]:
+    """(x_T, generator, cond, uncond) of one low-res tile for a noise-augmented upscaler: the tile
+    noised to `level` and concatenated, the level as class label y, the text contexts kept. The
+    augmentation noise, x_T and then the per-step noise come from one generator, in the order
+    diffusers' upscale pipeline draws them."""
+    ref = _params(model.unet)
+    generator = seeded_generator(options.seed, ref.device, options.on_device_noise)
+    noise = normal(low.shape, generator, generator.device)
+    x_T = normal((1, model.spec.latent_channels, *low.shape[-2:]), generator, ref.device, ref.dtype)
+    concat = model.noise_augmentation(low.to(noise), level, noise).to(ref)
+    y = torch.full((1,), level, dtype=torch.long, device=ref.device)
+    cond = Conditioning(context=text.context, y=y, concat=concat)
+    return x_T, generator, cond, None if negative is None else Conditioning(context=negative.context, y=y, concat=concat)
+
+
+def upscale(model: LatentDiffusion, image: torch.Tensor, options: Sampling = Sampling(), factor: Optional[int] = None,
+            tile: int = 128, prompt: str = "", progress: Progress = None, negative: str = "",
+            noise_level: Optional[int] = None) -> torch.Tensor:
+    """Super-resolve with a low-res-concatenating model: the low-res image is concatenated to the
+    latent, so the latent has the low-res image's size and the output factor is f. LDM-SR takes the
+    image as it is, unguided; the SD 2 x4 upscaler takes it noised to `noise_level` (default 20), is
+    told that level, and follows the prompt with guidance `options.scale` against `negative`. A
+    smaller output `factor` resizes the result. Large images go through overlapping tiles blended
+    without seams."""
+    spec = _diffusion(model, "upscale")
+    if spec.concat != LOW_RES_IMAGE:
+        raise LatentgenError(f"{model.name} is not a super-resolution model (it must concatenate a low-res image)")
+    native = spec.factor
+    factor = factor or native
+    if factor < 1 or factor > native:
+        raise LatentgenError(f"the output factor must be between 1 and this model's {native}, got {factor}")
+    if tile < 16:
+        raise LatentgenError(f"the tile must be at least 16 pixels, got {tile}")
+    level = upscale_noise_level(model, noise_level)
+    augmented = model.noise_augmentation is not None
+    check_inputs(model, prompt, negative)
+    if not augmented and options.scale != 1:
+        raise LatentgenError(f"{model.name} is not text-conditional: guidance applies to the SD 2 x4 upscaler only")
+    guided = augmented and options.scale != 1
+    text = _condition(model, [prompt], None) if augmented else None
+    negative_text = _condition(model, [negative], None) if guided else None
+    tile_options = options if guided else replace(options, scale=1.0)
+    ref = _params(model.unet)
+    multiple = spec.size_multiple // native
+    tiles_done = [0]
+
+    def super_resolve(low: torch.Tensor) -> torch.Tensor:
+        padded, pad = pad_to_multiple(low, multiple)
+        if augmented:
+            x_T, generators, cond, uncond = _augmented_conditioning(model, padded, text, negative_text, level, options)
+        else:
+            x_T, generators = _noise(model, [options.seed], tuple(padded.shape[-2:]), options)
+            cond, uncond = _condition(model, [prompt], None, padded.to(ref)), None
+        with torch.no_grad():
+            z = _sample(model, cond, uncond, tile_options, x_T, generators, None)
+        high = decode(model, z)
+        tiles_done[0] += 1
+        if progress is not None:
+            progress(tiles_done[0], tiles_done[0])
+        return crop_padding(high, tuple(p * native for p in pad))
+
+    overlap = max(tile // 8, 4)
+    result = map_tiled(super_resolve, image, tile=tile, overlap=overlap, factor=native)
+    if factor != native:
+        result = F.interpolate(result, size=(image.shape[-2] * factor, image.shape[-1] * factor), mode="bicubic",
+                               antialias=True).clamp(-1, 1)
+    return result
+
+
+# ---- reconstruct ----------------------------------------------------------------------------
+
+
+@dataclass
+class Reconstruction:
+    image: torch.Tensor
+    psnr: float
+    ssim: float
+    latent_shape: tuple
+    compression: float
+
+
+def reconstruct(model: LatentDiffusion, image: torch.Tensor) -> Reconstruction:
+    """Autoencoder round trip; images whose size is no multiple of f are padded, then cropped back."""
+    padded, pad = pad_to_multiple(image, model.spec.factor)
+    latent = encode(model, padded)
+    recon = crop_padding(decode(model, latent), pad)
+    latent_shape = tuple(latent.shape[1:])
+    compression = image[0].numel() / latent[0].numel()
+    return Reconstruction(recon, metrics.psnr(image, recon), metrics.ssim(image, recon), latent_shape, compression)
