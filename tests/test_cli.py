@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-from latentgen import images, loader, metrics, tasks
+from latentgen import catalog, images, loader, metrics, tasks
 from latentgen.cli import app
 from latentgen.loader import load_model
 from latentgen.models.unet import UNetModel
@@ -294,3 +294,138 @@ def test_half_precision_decode_retries_in_float32(models, monkeypatch):
     image = tasks.decode(model, torch.randn(1, 3, 8, 8))
     assert torch.isfinite(image).all()
     assert next(model.first_stage.parameters()).dtype == torch.bfloat16
+
+
+# ---- the new user's first hour (issue 13): every item with a test ------------------------------
+
+
+def test_out_with_an_image_suffix_is_a_file_and_several_images_get_their_run_index(models, tmp_path):
+    jpeg = invoke("txt2img", "cat", "--ckpt", models["txt2img"], "--steps", 2, "--out", tmp_path / "x.jpg")
+    assert jpeg.exit_code == 0, jpeg.output
+    assert (tmp_path / "x.jpg").is_file() and Image.open(tmp_path / "x.jpg").format == "JPEG"
+    several = invoke("txt2img", "cat", "--ckpt", models["txt2img"], "--steps", 2, "-n", 3, "--out", tmp_path / "cats.png")
+    assert several.exit_code == 0, several.output
+    names = sorted(p.name for p in tmp_path.glob("cats*.png"))
+    assert names == ["cats-00000.png", "cats-00001.png", "cats-00002.png"]  # not cats-1.png: that means "existed"
+    again = invoke("txt2img", "cat", "--ckpt", models["txt2img"], "--steps", 2, "--out", tmp_path / "x.jpg")
+    assert again.exit_code == 0 and (tmp_path / "x-1.jpg").is_file()  # kept, numbered
+
+
+def test_reconstruct_out_file_is_a_file_and_says_where_it_wrote(models, tmp_path):
+    source = photo(tmp_path / "in.png")
+    result = invoke("reconstruct", source, "--ckpt", models["vq"], "--out", tmp_path / "r.png", "--compare")
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "r.png").is_file() and not (tmp_path / "r.png").is_dir()
+    assert (tmp_path / "r-compare.png").is_file() and "r.png" in result.output
+    refused = invoke("reconstruct", source, source, "--ckpt", models["vq"], "--out", tmp_path / "two.png")
+    assert refused.exit_code == 1 and "names one file" in refused.output and not (tmp_path / "two.png").exists()
+
+
+def test_reconstruct_offers_only_installed_factors(tmp_path):
+    installed = catalog.installed_factors()
+    help_text = " ".join(invoke("reconstruct", "--help").output.split())
+    assert f"(installed: {', '.join(map(str, installed))})" in help_text
+    missing = next(f for f in (2, 4, 8, 16, 32) if f not in installed)
+    refused = invoke("reconstruct", photo(tmp_path / "a.png"), "--f", missing)
+    assert refused.exit_code == 1 and f"no bundled autoencoder with f={missing}" in refused.output
+
+
+def test_inputs_a_model_cannot_use_are_refused_not_recorded(models, tmp_path):
+    source, mask = photo(tmp_path / "img.png", (32, 32)), tmp_path / "mask.png"
+    Image.fromarray(np.pad(np.full((8, 8), 255, np.uint8), 12)).save(mask)
+    prompted = invoke("inpaint", source, mask, "-p", "a wooden bench", "--ckpt", models["inpaint"], "--steps", 2,
+                      "--out", tmp_path / "filled.png")
+    assert prompted.exit_code == 1 and "not text-conditional" in prompted.output
+    classed = invoke("txt2img", "--class", 207, "--ckpt", models["txt2img"], "--steps", 2, "--out", tmp_path / "c.png")
+    assert classed.exit_code == 1 and "not class-conditional" in classed.output
+    both = invoke("txt2img", "a cat", "--class", 3, "--ckpt", models["txt2img"], "--out", tmp_path / "d.png")
+    assert both.exit_code == 1 and "not both" in both.output
+    assert not list(tmp_path.glob("[fcd]*.png"))
+
+
+def test_written_files_follow_the_umask(models, tmp_path):
+    import os
+
+    old = os.umask(0o022)
+    try:
+        result = invoke("txt2img", "cat", "--ckpt", models["txt2img"], "--steps", 2, "--out", tmp_path / "run")
+    finally:
+        os.umask(old)
+    assert result.exit_code == 0, result.output
+    for path in (tmp_path / "run").iterdir():
+        assert path.stat().st_mode & 0o777 == 0o644, path
+
+
+def test_a_second_run_into_a_folder_keeps_the_first_runs_manifest(models, tmp_path):
+    from latentgen.jobs import Manifest
+
+    out, prompts = tmp_path / "run", tmp_path / "p.txt"
+    prompts.write_text("a cat\na dog\n")
+    first = invoke("txt2img", "--prompts", prompts, "--ckpt", models["txt2img"], "--steps", 2, "--out", out)
+    second = invoke("txt2img", "--prompts", prompts, "--ckpt", models["txt2img"], "--steps", 3, "--out", out)
+    assert first.exit_code == 0 and second.exit_code == 0
+    entries = json.loads((out / Manifest.NAME).read_text())
+    assert len(entries) == 4 and len(set(entries.values())) == 4  # both runs, numbered names for the second
+    resumed = invoke("txt2img", "--prompts", prompts, "--ckpt", models["txt2img"], "--steps", 2, "--out", out, "--resume")
+    assert resumed.exit_code == 0 and "nothing left to do" in resumed.output
+    assert len(list(out.glob("*.png"))) == 4
+    fresh = invoke("txt2img", "--prompts", prompts, "--ckpt", models["txt2img"], "--out", tmp_path / "new", "--resume")
+    assert fresh.exit_code == 1 and "nothing to resume" in fresh.output
+
+
+def test_resumable_runs_from_python(models, tmp_path):
+    import latentgen
+
+    model = latentgen.prepare(latentgen.load_model(models["txt2img"]), "cpu", "fp32")
+    jobs = latentgen.plan_jobs(["a cat", "a dog"], num=2, seed=3)
+    options = latentgen.Sampling(steps=2)
+    first = latentgen.run_txt2img(model, jobs[:3], out=tmp_path / "run", options=options)  # a stopped run, as it were
+    (tmp_path / "run" / first[-1].name).unlink()
+    rest = latentgen.run_txt2img(model, jobs[:3], out=tmp_path / "run", options=options, resume=True)
+    assert [p.name for p in rest] == [first[-1].name]
+    whole = latentgen.run_txt2img(model, jobs, out=tmp_path / "whole", options=options)
+    for path in first:
+        np.testing.assert_array_equal(pixels(path), pixels(tmp_path / "whole" / path.name))
+    assert len(whole) == 4
+
+
+def test_help_version_and_flags_read_as_usual():
+    from latentgen import __version__
+
+    short = invoke("-h")
+    assert short.exit_code == 0 and "txt2img" in short.output
+    assert invoke("txt2img", "-h").exit_code == 0
+    version = invoke("--version")
+    assert version.exit_code == 0 and version.output.strip() == f"latentgen {__version__}"
+    for command in ("txt2img", "inpaint", "upscale", "reconstruct", "convert", "bench"):
+        assert "<bool>" not in invoke(command, "--help").output
+
+
+def test_errors_stay_on_one_line_when_piped(tmp_path):
+    import subprocess
+
+    missing = tmp_path / ("a-very-long-folder-name-" * 6) / "missing-checkpoint.safetensors"
+    result = subprocess.run([sys.executable, "-m", "latentgen.cli", "txt2img", "x", "--ckpt", str(missing)],
+                            capture_output=True, text=True, env={"PATH": "", "COLUMNS": "80"}, timeout=120)
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: checkpoint") and len(lines[0]) > 80
+
+
+def test_float32_decode_retry_restores_the_dtype_even_on_error(models, monkeypatch):
+    model = tasks.prepare(load_model(models["vq"]), "cpu", "bf16")
+
+    def broken(z):
+        raise RuntimeError("decoder failed")
+
+    monkeypatch.setattr(model.first_stage, "decode", broken)
+    with pytest.raises(RuntimeError):
+        tasks._decode_in_float32(model.first_stage, torch.zeros(1, 3, 4, 4))
+    assert next(model.first_stage.parameters()).dtype == torch.bfloat16
+
+
+def test_convert_keeps_an_existing_target(models, tmp_path):
+    source = tiny_models.official_checkpoint(tmp_path / "m.ckpt", "cin")
+    for _ in range(2):
+        assert invoke("convert", source, tmp_path / "m.safetensors").exit_code == 0
+    assert (tmp_path / "m.safetensors").is_file() and (tmp_path / "m-1.safetensors").is_file()

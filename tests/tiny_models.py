@@ -73,18 +73,20 @@ TINY_CLIP = {"vocab_size": 49408, "hidden_size": 32, "intermediate_size": 64, "n
              "num_attention_heads": 2, "max_position_embeddings": 77}
 
 
-def official_checkpoint(path: Path, kind: str) -> Path:
-    """A single .safetensors file in the official CompVis key layout, at tiny widths.
+def official_checkpoint(path: Path, kind: str, n_classes: int = 11) -> Path:
+    """A single checkpoint file in the official CompVis key layout, at tiny widths: safetensors, or a
+    plain torch pickle when `path` ends in .ckpt.
 
-    kind: "cin" (class-conditional like cin256-v2: ClassEmbedder with a null class, cross-attention,
-    VQ f4) or "sd-inpaint" (SD 1.x inpainting: 9-channel hybrid UNet, CLIP text, KL f8; its CLIP is
-    tiny, so loading needs the `cond_stage_config` of `TINY_CLIP` as --config).
+    kind: "cin" (class-conditional like cin256-v2: ClassEmbedder with `n_classes` - 1 classes and a
+    null class, cross-attention, VQ f4) or "sd-inpaint" (SD 1.x inpainting: 9-channel hybrid UNet,
+    CLIP text, KL f8; its CLIP is tiny, so loading needs the `cond_stage_config` of `TINY_CLIP` as
+    --config).
     """
     from latentgen.models.text import ClassEmbedder, FrozenCLIPEmbedder
 
     if kind == "cin":
         unet, first, cond = UNetModel(**_unet_params(3, 3, context_dim=32)), VQModel(VQ_F4, n_embed=64, embed_dim=3), \
-            ClassEmbedder(32, n_classes=11)
+            ClassEmbedder(32, n_classes=n_classes)
     else:
         unet, first, cond = UNetModel(**_unet_params(9, 4, context_dim=32)), AutoencoderKL(KL_F8, embed_dim=4), \
             FrozenCLIPEmbedder(TINY_CLIP)
@@ -92,7 +94,10 @@ def official_checkpoint(path: Path, kind: str) -> Path:
     state.update({f"first_stage_model.{k}": v for k, v in _randomise(first, 5).items()})
     state.update({f"cond_stage_model.{k}": v for k, v in _randomise(cond, 6).items()})
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in state.items()}, str(path))
+    if path.suffix == ".ckpt":
+        torch.save({"state_dict": state}, path)
+    else:
+        save_file({k: v.contiguous() for k, v in state.items()}, str(path))
     return path
 
 

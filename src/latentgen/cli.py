@@ -268,7 +268,7 @@ def reconstruct(
         raise LatentgenError(f"--out {out} names one file, but {len(inputs)} images were given: pass a folder")
     pictures = [(path, images.load_image(path)) for path in inputs]
     model = open_model(ckpt or catalog.autoencoder_for_factor(f), config, device, dtype)
-    table = Table("image", "PSNR dB", "SSIM", "latent", "compression", "written")
+    table = Table("image", "PSNR dB", "SSIM", "latent", "compression")
     rows = []
     for source, picture in pictures:
         result = tasks.reconstruct(model, picture)
@@ -281,10 +281,12 @@ def reconstruct(
             stem = out.stem if jobs.is_file_target(out) else source.stem
             row["compare"] = str(images.save_image(sheet, written.with_name(f"{stem}-compare.png"), overwrite=overwrite))
         table.add_row(str(source), f"{result.psnr:.2f}", f"{result.ssim:.4f}", "x".join(map(str, result.latent_shape)),
-                      f"{result.compression:.1f}x", row["output"])
+                      f"{result.compression:.1f}x")
         rows.append(row)
     if not Settings.quiet:
         Console().print(table)
+    for row in rows:
+        say(f"wrote {row['output']}" + (f" and {row['compare']}" if compare else ""))
     summary("reconstruct", model=model.name, results=rows)
 
 

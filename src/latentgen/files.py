@@ -18,6 +18,16 @@ Writer = Callable[[Path], None]
 """writer(temporary_path): fills the temporary file itself (torch.save, PIL, safetensors ...)."""
 
 
+def require_file(path: Path, what: str) -> None:
+    """A one-line error unless `path` is a non-empty file; `what` names it ("image", "checkpoint")."""
+    if not path.exists():
+        raise LatentgenError(f"{what} {path} does not exist")
+    if path.is_dir():
+        raise LatentgenError(f"{what} {path} is a folder: pass the {what} file itself")
+    if path.stat().st_size == 0:
+        raise LatentgenError(f"{what} {path} is empty (0 bytes)")
+
+
 def _umask() -> int:
     current = os.umask(0)
     os.umask(current)

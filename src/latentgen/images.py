@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageOps, PngImagePlugin
 
 from .errors import LatentgenError
-from .files import write_new
+from .files import require_file, write_new
 
 log = logging.getLogger("latentgen")
 
@@ -61,18 +61,9 @@ def _megapixels(width: int, height: int) -> str:
     return f"{width}x{height} ({width * height / 2**20:.0f} MPix)"
 
 
-def _check_file(path: Path, what: str) -> None:
-    if not path.exists():
-        raise LatentgenError(f"{what} {path} does not exist")
-    if path.is_dir():
-        raise LatentgenError(f"{what} {path} is a folder, not an image file")
-    if path.stat().st_size == 0:
-        raise LatentgenError(f"{what} {path} is empty (0 bytes)")
-
-
 def _open(path: Path, max_pixels: int, what: str) -> Image.Image:
     """The decoded first frame, upright; refuses missing, empty, malformed and oversized files."""
-    _check_file(path, what)
+    require_file(path, what)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -322,7 +313,7 @@ def parse_parameters(text: str) -> dict:
 
 def read_parameters(path: Union[str, Path]) -> Optional[str]:
     """The `parameters` text of a PNG (or A1111 JPEG/WebP UserComment), None when absent."""
-    _check_file(Path(path), "image")
+    require_file(Path(path), "image")
     try:
         with Image.open(path, formats=READ_FORMATS) as image:
             text = image.info.get("parameters")

@@ -27,7 +27,7 @@ import torch
 
 from . import catalog, detect
 from .errors import LatentgenError
-from .files import atomic_write, write_new
+from .files import atomic_write, require_file, write_new
 from .ldm import LatentDiffusion, ModelSpec, NoiseAugmentation
 from .schedules import TrainingSchedule
 
@@ -93,15 +93,6 @@ def allowed_globals() -> list[tuple[Any, str]]:
 
 
 # ---- reading files --------------------------------------------------------------------------
-
-
-def _check_file(path: Path) -> None:
-    if not path.exists():
-        raise LatentgenError(f"checkpoint {path} does not exist")
-    if path.is_dir():
-        raise LatentgenError(f"{path} is a folder: pass the checkpoint file inside it")
-    if path.stat().st_size == 0:
-        raise LatentgenError(f"checkpoint {path} is empty (0 bytes)")
 
 
 def _foreign_format(path: Path) -> Optional[str]:
@@ -236,7 +227,7 @@ def _unwrap_state_dict(obj: Any, path: Path) -> dict[str, torch.Tensor]:
 def read_checkpoint(path: PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """(state dict, safetensors metadata) of a checkpoint file, read without executing code."""
     path = Path(path)
-    _check_file(path)
+    require_file(path, "checkpoint")
     foreign = _foreign_format(path)
     if foreign:
         raise LatentgenError(f"{path} is {foreign}, not a checkpoint")
@@ -304,7 +295,7 @@ def file_sha256(path: PathLike) -> str:
 
 def _read_trusted_pickle(path: Path) -> dict[str, torch.Tensor]:
     """Full unpickling, for `convert --trust` only: runs any code the file holds."""
-    _check_file(path)
+    require_file(path, "checkpoint")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as error:

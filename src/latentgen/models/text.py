@@ -25,6 +25,8 @@ from torch import nn
 
 from latentgen.errors import LatentgenError
 
+from .attention import multi_head_attention
+
 CONTEXT_LENGTH = 77
 Texts = Union[str, Sequence[str]]
 
@@ -116,12 +118,6 @@ def _as_list(texts: Texts) -> list[str]:
 
 
 # ---- shared transformer pieces ---------------------------------------------------------------
-
-
-def multi_head_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, causal: bool) -> torch.Tensor:
-    """[B, L, heads * d] projections in, [B, L, heads * d] attention out."""
-    q, k, v = (t.unflatten(-1, (heads, -1)).transpose(1, 2) for t in (q, k, v))
-    return F.scaled_dot_product_attention(q, k, v, is_causal=causal).transpose(1, 2).flatten(2)
 
 
 def quick_gelu(x: torch.Tensor) -> torch.Tensor:

@@ -15,6 +15,8 @@ from torch import nn
 
 from latentgen.errors import LatentgenError
 
+from .attention import multi_head_attention
+
 
 def timestep_embedding(timesteps: torch.Tensor, dim: int, max_period: int = 10000) -> torch.Tensor:
     """Sinusoidal embedding [N, dim] of (possibly fractional) timesteps [N]: cosines first, then sines."""
@@ -41,14 +43,6 @@ def zero_module(module: nn.Module) -> nn.Module:
     for p in module.parameters():
         nn.init.zeros_(p)
     return module
-
-
-def multi_head_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:
-    """Softmax attention over [B, L, heads * d] tensors, heads split from the channel axis."""
-    b = q.shape[0]
-    q, k, v = (t.reshape(b, t.shape[1], heads, -1).transpose(1, 2) for t in (q, k, v))
-    out = F.scaled_dot_product_attention(q, k, v)
-    return out.transpose(1, 2).reshape(b, out.shape[2], -1)
 
 
 # ---- the transformer of ldm/modules/attention.py ---------------------------------------------

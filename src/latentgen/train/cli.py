@@ -15,6 +15,7 @@ from rich.progress import Progress
 from rich.table import Table
 
 from latentgen.errors import LatentgenError
+from latentgen.files import write_new
 
 from . import data as datasets
 from .evaluate import DATASETS
@@ -233,7 +234,7 @@ def evaluate(
                       f"{trip.colour_error:.3f}, saturation {trip.saturation:.3f} (originals {trip.original_saturation:.3f})")
         report["emoji"] = asdict(trip)
     if json_out is not None:
-        json_out.write_text(json.dumps(report, indent=2))
+        console.print(f"wrote {write_new(json_out, json.dumps(report, indent=2))}")
 
 
 def _evaluate_colours(path: Path, model, seeds: int, options, json_out: Optional[Path]) -> None:
@@ -258,6 +259,6 @@ def _evaluate_colours(path: Path, model, seeds: int, options, json_out: Optional
     table.add_row("all", f"{accuracy:.0%}", "")
     Console().print(table)
     if json_out is not None:
-        json_out.write_text(json.dumps({"model": str(path), "task": "txt2img", "steps": options.steps,
-                                        "scale": options.scale, "seeds": seeds, "accuracy": accuracy,
-                                        "images": [asdict(s) for s in scores]}, indent=2))
+        report = {"model": str(path), "task": "txt2img", "steps": options.steps, "scale": options.scale,
+                  "seeds": seeds, "accuracy": accuracy, "images": [asdict(s) for s in scores]}
+        console.print(f"wrote {write_new(json_out, json.dumps(report, indent=2))}")
