@@ -317,9 +317,9 @@ def test_a_new_sampler_is_its_function_and_its_entry(monkeypatch):
     ours = sample("ddim_ddpm", model, x_T, ALPHAS_CUMPROD, "eps", 10, eta=1.0, generator=torch.Generator().manual_seed(3))
     by_hand = sample_ddim(model, x_T, ddpm_schedule(ALPHAS_CUMPROD, 10), eta=1.0, generator=torch.Generator().manual_seed(3))
     assert torch.equal(ours, by_hand)
-    with pytest.raises(LatentgenError, match="--eta applies to ddim, ddim_ddpm only"):
+    with pytest.raises(LatentgenError, match="eta applies to ddim, ddim_ddpm only"):
         sample("euler", model, x_T, ALPHAS_CUMPROD, "eps", 10, eta=1.0)
-    with pytest.raises(LatentgenError, match="--karras applies to dpmpp_2m, euler, euler_a only, not ddim_ddpm"):
+    with pytest.raises(LatentgenError, match="karras applies to dpmpp_2m, euler, euler_a only, not ddim_ddpm"):
         sample("ddim_ddpm", model, x_T, ALPHAS_CUMPROD, "eps", 10, karras=True)
 
 
@@ -328,16 +328,16 @@ def test_a_new_sampler_is_its_function_and_its_entry(monkeypatch):
 
 @pytest.mark.parametrize("arguments,message", [
     ({"name": "heun"}, "ddpm, ddim, plms, dpmpp_2m, euler, euler_a"),
-    ({"steps": 0}, "--steps"),
-    ({"steps": 1001}, "--steps"),
-    ({"eta": 1.5}, "--eta"),
-    ({"eta": -0.1}, "--eta"),
+    ({"steps": 0}, "steps"),
+    ({"steps": 1001}, "steps"),
+    ({"eta": 1.5}, "eta"),
+    ({"eta": -0.1}, "eta"),
     ({"name": "euler", "eta": 0.5}, "applies to ddim only"),
-    ({"name": "ddim", "karras": True}, "--karras"),
+    ({"name": "ddim", "karras": True}, "karras"),
     ({"name": "euler", "spacing": "quad"}, "spacing"),
     ({"spacing": "cubic"}, "uniform or quad"),
-    ({"strength": 0.0, "x0": torch.zeros(SHAPE)}, "--strength"),
-    ({"strength": 1.2, "x0": torch.zeros(SHAPE)}, "--strength"),
+    ({"strength": 0.0, "x0": torch.zeros(SHAPE)}, "strength"),
+    ({"strength": 1.2, "x0": torch.zeros(SHAPE)}, "strength"),
     ({"strength": 0.01, "x0": torch.zeros(SHAPE)}, "no step"),
     ({"strength": 0.5}, "x0"),
     ({"mask": torch.ones(1, 1, 8, 8)}, "x0"),

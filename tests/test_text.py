@@ -240,7 +240,7 @@ def test_bert_tokenizer_is_bert_base_uncased():
     assert ids[1, :5].tolist() == [101, 7592, 1010, 2088, 999] and ids[1, -1] == 102
     oracle = BertWordPieceTokenizer(str(text.minilm_path() / "vocab.txt"), lowercase=True)
     for prompt in ["Naïve café, 東京!", "don't STOP", "a photo of a cat"]:
-        assert text.bert_tokenize([prompt])["input_ids"][0, : len(oracle.encode(prompt).ids)].tolist() == \
+        assert text.bert_tokenize([prompt])[0, : len(oracle.encode(prompt).ids)].tolist() == \
             oracle.encode(prompt).ids
 
 

@@ -294,17 +294,17 @@ def _check(name: str, x_T: Tensor, alphas_cumprod: Tensor, parameterization: str
     if parameterization not in PARAMETERIZATIONS:
         raise LatentgenError(f"unknown parameterization {parameterization!r}; choose eps or v")
     if not 1 <= steps <= len(alphas_cumprod):
-        raise LatentgenError(f"--steps must be between 1 and {len(alphas_cumprod)}, got {steps}")
+        raise LatentgenError(f"steps must be between 1 and {len(alphas_cumprod)}, got {steps}")
     if not 0 <= eta <= 1:
-        raise LatentgenError(f"--eta must be between 0 and 1, got {eta}")
+        raise LatentgenError(f"eta must be between 0 and 1, got {eta}")
     if eta != 0 and not entry.eta:
-        raise LatentgenError(f"--eta applies to {_taking('eta')} only, not {name}")
+        raise LatentgenError(f"eta applies to {_taking('eta')} only, not {name}")
     if spacing != "uniform" and not entry.spacing:
         raise LatentgenError(f"timestep spacing {spacing!r} applies to {_taking('spacing')} only, not {name}")
     if karras and not entry.karras:
-        raise LatentgenError(f"--karras applies to {_taking('karras')} only, not {name}")
+        raise LatentgenError(f"karras applies to {_taking('karras')} only, not {name}")
     if not 0 < strength <= 1:
-        raise LatentgenError(f"--strength must be in (0, 1], got {strength}")
+        raise LatentgenError(f"strength must be in (0, 1], got {strength}")
     if x0 is None and (mask is not None or strength < 1):
         raise LatentgenError("masked sampling and strength < 1 need the original latent x0")
     if x0 is not None and x0.shape != x_T.shape:
@@ -365,7 +365,7 @@ def sample(name: str, model: Model, x_T: Tensor, alphas_cumprod: Tensor, paramet
     if strength < 1:
         remaining = int(strength * len(schedule))
         if remaining < 1:
-            raise LatentgenError(f"--strength {strength} leaves no step to run out of {len(schedule)}")
+            raise LatentgenError(f"strength {strength} leaves no step to run out of {len(schedule)}")
         schedule = schedule.last(remaining)
         x = noised(x0, x_T, schedule.sigmas[0], schedule.variance_preserving)
     else:

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from . import metrics
+from . import prompts as prompt_syntax
 from .devices import pick_device, pick_dtype
 from .errors import LatentgenError
 from .guidance import Conditioning, guided_model
@@ -93,7 +94,17 @@ def check_inputs(model: LatentDiffusion, prompt: str = "", negative: str = "",
         raise LatentgenError(f"{model.name} is not class-conditional ({spec.family}): it cannot use class ids")
 
 
-def _condition(model: LatentDiffusion, texts: list[str], labels: Optional[list[int]], concat=None) -> Conditioning:
+def _windows(model: LatentDiffusion, texts: Sequence[str]) -> int:
+    """How many 75-token windows the longest of `texts` needs (prompts.py), so that conditional and
+    unconditional contexts, batched together for guidance, have one length."""
+    stage = model.cond_stage
+    if model.spec.conditioning != "text" or not prompt_syntax.supports(stage):
+        return 1
+    return max(prompt_syntax.window_count(stage, text) for text in texts)
+
+
+def _condition(model: LatentDiffusion, texts: list[str], labels: Optional[list[int]], concat=None,
+               windows: int = 1) -> Conditioning:
     stage = model.cond_stage
     if model.spec.conditioning == "class":
         ids = torch.tensor(labels, device=_params(model.unet).device)
@@ -103,16 +114,17 @@ def _condition(model: LatentDiffusion, texts: list[str], labels: Optional[list[i
     if stage is None:
         return Conditioning(concat=concat)
     with torch.no_grad():
-        return Conditioning(context=stage(texts), concat=concat)
+        context = prompt_syntax.encode(stage, texts, windows) if prompt_syntax.supports(stage) else stage(texts)
+    return Conditioning(context=context, concat=concat)
 
 
-def _unconditional(model: LatentDiffusion, negative: str, batch: int, concat=None) -> Conditioning:
+def _unconditional(model: LatentDiffusion, negative: str, batch: int, concat=None, windows: int = 1) -> Conditioning:
     if model.spec.conditioning == "class":
         empty = getattr(model.cond_stage, "unconditional_class", None)
         if empty is None:
             raise LatentgenError(f"{model.name} has no unconditional class: guidance needs scale 1")
         return _condition(model, [], [empty] * batch, concat)
-    return _condition(model, [negative] * batch, None, concat)
+    return _condition(model, [negative] * batch, None, concat, windows)
 
 
 def _sample(model: LatentDiffusion, cond: Conditioning, uncond: Optional[Conditioning], options: Sampling,
@@ -189,10 +201,11 @@ def decode(model: LatentDiffusion, z: torch.Tensor) -> torch.Tensor:
 # ---- txt2img --------------------------------------------------------------------------------
 
 
-def _txt2img_batch(model: LatentDiffusion, prompts: list[str], labels: Optional[list[int]], seeds: list[int],
+def _txt2img_batch(model: LatentDiffusion, texts: list[str], labels: Optional[list[int]], seeds: list[int],
                    negative: str, options: Sampling, size: tuple[int, int], progress: Progress) -> torch.Tensor:
-    cond = _condition(model, prompts, labels)
-    uncond = _unconditional(model, negative, len(seeds)) if options.scale != 1 else None
+    windows = _windows(model, [*texts, negative])
+    cond = _condition(model, texts, labels, windows=windows)
+    uncond = _unconditional(model, negative, len(seeds), windows=windows) if options.scale != 1 else None
     f = model.spec.factor
     x_T, generators = _noise(model, seeds, (size[0] // f, size[1] // f), options)
     with torch.no_grad():
@@ -259,15 +272,16 @@ def inpaint(model: LatentDiffusion, image: torch.Tensor, mask: torch.Tensor, pro
     latent_size = (padded.shape[-2] // spec.factor, padded.shape[-1] // spec.factor)
     small_mask = F.interpolate(padded_mask, size=latent_size, mode="nearest")
     x_T, generators = _noise(model, [options.seed], latent_size, options)
+    windows = _windows(model, [prompt, negative])
     with torch.no_grad():
         if spec.concat in (MASK_THEN_MASKED_IMAGE, MASKED_IMAGE_THEN_MASK):
             concat = inpainting_concat(spec.concat, encode(model, padded * (padded_mask < 0.5)), small_mask)
-            cond = _condition(model, [prompt], None, concat)
-            uncond = _unconditional(model, negative, 1, concat) if options.scale != 1 else None
+            cond = _condition(model, [prompt], None, concat, windows)
+            uncond = _unconditional(model, negative, 1, concat, windows) if options.scale != 1 else None
             z = _sample(model, cond, uncond, options, x_T, generators, progress)
         else:
-            cond = _condition(model, [prompt], None)
-            uncond = _unconditional(model, negative, 1) if options.scale != 1 else None
+            cond = _condition(model, [prompt], None, windows=windows)
+            uncond = _unconditional(model, negative, 1, windows=windows) if options.scale != 1 else None
             z = _sample(model, cond, uncond, options, x_T, generators, progress, mask=1 - small_mask,
                         x0=encode(model, padded))
         generated = crop_padding(decode(model, z), pad)
@@ -340,8 +354,9 @@ def upscale(model: LatentDiffusion, image: torch.Tensor, options: Sampling = Sam
     if not augmented and options.scale != 1:
         raise LatentgenError(f"{model.name} is not text-conditional: guidance applies to the SD 2 x4 upscaler only")
     guided = augmented and options.scale != 1
-    text = _condition(model, [prompt], None) if augmented else None
-    negative_text = _condition(model, [negative], None) if guided else None
+    windows = _windows(model, [prompt, negative])
+    text = _condition(model, [prompt], None, windows=windows) if augmented else None
+    negative_text = _condition(model, [negative], None, windows=windows) if guided else None
     tile_options = options if guided else replace(options, scale=1.0)
     ref = _params(model.unet)
     multiple = spec.size_multiple // native

@@ -14,6 +14,7 @@ import html
 import unicodedata
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from importlib.resources import files
 from pathlib import Path
 from typing import Optional, Union
@@ -102,15 +103,37 @@ def clip_encode(text: str, unescape_html: bool = False) -> list[int]:
     return ids
 
 
-def clip_tokenize(texts: Texts, pad_id: int, unescape_html: bool = False, length: int = CONTEXT_LENGTH) -> torch.Tensor:
-    """LongTensor[B, length]: start, the text truncated to fit, end, then `pad_id` (SD 1.x pads
-    with the end token 49407, open_clip with 0)."""
+@dataclass(frozen=True)
+class TokenFrame:
+    """How an encoder frames one window of text tokens: start, the tokens, end, then padding, to `length`."""
+
+    start: int
+    end: int
+    pad: int
+    length: int = CONTEXT_LENGTH
+
+    @property
+    def capacity(self) -> int:
+        return self.length - 2
+
+    def row(self, ids: Sequence[int]) -> list[int]:
+        """The framed window, the text truncated to fit."""
+        framed = [self.start, *ids[: self.capacity], self.end]
+        return framed + [self.pad] * (self.length - len(framed))
+
+    def rows(self, id_lists: Sequence[Sequence[int]]) -> torch.Tensor:
+        return torch.tensor([self.row(ids) for ids in id_lists], dtype=torch.long)
+
+
+def clip_frame(pad_id: int, length: int = CONTEXT_LENGTH) -> TokenFrame:
+    """CLIP's frame; SD 1.x pads with the end token 49407, open_clip with 0."""
     vocab = clip_vocabulary()[0]
-    rows = []
-    for text in _as_list(texts):
-        ids = [vocab[START_OF_TEXT], *clip_encode(text, unescape_html)[: length - 2], vocab[END_OF_TEXT]]
-        rows.append(ids + [pad_id] * (length - len(ids)))
-    return torch.tensor(rows, dtype=torch.long)
+    return TokenFrame(vocab[START_OF_TEXT], vocab[END_OF_TEXT], pad_id, length)
+
+
+def clip_tokenize(texts: Texts, pad_id: int, unescape_html: bool = False, length: int = CONTEXT_LENGTH) -> torch.Tensor:
+    """LongTensor[B, length]: start, the text truncated to fit, end, then `pad_id`."""
+    return clip_frame(pad_id, length).rows([clip_encode(text, unescape_html) for text in _as_list(texts)])
 
 
 def _as_list(texts: Texts) -> list[str]:
@@ -216,11 +239,22 @@ class FrozenCLIPEmbedder(nn.Module):
         self.context_dim = sizes["hidden_size"]
         self.requires_grad_(False)
 
+    @property
+    def frame(self) -> TokenFrame:
+        return clip_frame(clip_vocabulary()[0][END_OF_TEXT], self.max_length)
+
+    def token_ids(self, text: str) -> list[int]:
+        return clip_encode(text)
+
     def tokenize(self, texts: Texts) -> torch.Tensor:
-        return clip_tokenize(texts, pad_id=clip_vocabulary()[0][END_OF_TEXT], length=self.max_length)
+        return self.frame.rows([self.token_ids(text) for text in _as_list(texts)])
 
     def forward(self, texts: Texts) -> torch.Tensor:
-        tokens = self.tokenize(texts).to(_device_of(self))
+        return self.encode_tokens(self.tokenize(texts))
+
+    def encode_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Framed token rows [B, max_length] -> the context [B, max_length, D]."""
+        tokens = tokens.to(_device_of(self))
         text_model = self.transformer.text_model
         states = text_model.hidden_states(tokens)
         if self.layer == "hidden":
@@ -294,11 +328,22 @@ class FrozenOpenCLIPEmbedder(nn.Module):
         self.layer, self.max_length, self.context_dim = layer, max_length, width
         self.requires_grad_(False)
 
+    @property
+    def frame(self) -> TokenFrame:
+        return clip_frame(0, self.max_length)
+
+    def token_ids(self, text: str) -> list[int]:
+        return clip_encode(text, unescape_html=True)
+
     def tokenize(self, texts: Texts) -> torch.Tensor:
-        return clip_tokenize(texts, pad_id=0, unescape_html=True, length=self.max_length)
+        return self.frame.rows([self.token_ids(text) for text in _as_list(texts)])
 
     def forward(self, texts: Texts) -> torch.Tensor:
-        tokens = self.tokenize(texts).to(_device_of(self))
+        return self.encode_tokens(self.tokenize(texts))
+
+    def encode_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Framed token rows [B, max_length] -> the context [B, max_length, D]."""
+        tokens = tokens.to(_device_of(self))
         model = self.model
         x = model.token_embedding(tokens) + model.positional_embedding[: tokens.shape[1]]
         blocks = model.transformer.resblocks
@@ -325,11 +370,20 @@ def wordpiece_tokenizer():
     return AutoTokenizer.from_pretrained(str(minilm_path()), local_files_only=True)
 
 
-def bert_tokenize(texts: Texts, length: int = CONTEXT_LENGTH) -> dict[str, torch.Tensor]:
-    """[CLS] text [SEP] [PAD]..., truncated to `length`: `input_ids` and `attention_mask` [B, length]."""
-    encoded = wordpiece_tokenizer()(_as_list(texts), truncation=True, max_length=length, padding="max_length",
-                                    return_tensors="pt")
-    return {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]}
+def bert_frame(length: int = CONTEXT_LENGTH) -> TokenFrame:
+    """[CLS] text [SEP] [PAD]..."""
+    tokenizer = wordpiece_tokenizer()
+    return TokenFrame(tokenizer.cls_token_id, tokenizer.sep_token_id, tokenizer.pad_token_id, length)
+
+
+def wordpiece_ids(text: str) -> list[int]:
+    """WordPiece ids of one text, without [CLS] / [SEP]."""
+    return wordpiece_tokenizer()(text, add_special_tokens=False)["input_ids"]
+
+
+def bert_tokenize(texts: Texts, length: int = CONTEXT_LENGTH) -> torch.Tensor:
+    """LongTensor[B, length]: [CLS] text [SEP] [PAD]..., the text truncated to fit."""
+    return bert_frame(length).rows([wordpiece_ids(text) for text in _as_list(texts)])
 
 
 class XAttention(nn.Module):
@@ -393,11 +447,22 @@ class BERTEmbedder(nn.Module):
         self.transformer = TransformerWrapper(vocab_size, max_seq_len, n_embed, n_layer)
         self.max_seq_len, self.context_dim = max_seq_len, n_embed
 
+    @property
+    def frame(self) -> TokenFrame:
+        return bert_frame(self.max_seq_len)
+
+    def token_ids(self, text: str) -> list[int]:
+        return wordpiece_ids(text)
+
     def tokenize(self, texts: Texts) -> torch.Tensor:
-        return bert_tokenize(texts, self.max_seq_len)["input_ids"]
+        return bert_tokenize(texts, self.max_seq_len)
 
     def forward(self, texts: Texts) -> torch.Tensor:
-        return self.transformer(self.tokenize(texts).to(_device_of(self)))
+        return self.encode_tokens(self.tokenize(texts))
+
+    def encode_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Framed token rows [B, max_seq_len] -> the context [B, max_seq_len, n_embed]."""
+        return self.transformer(tokens.to(_device_of(self)))
 
 
 # ---- class labels --------------------------------------------------------------------------
@@ -477,11 +542,23 @@ class MiniLMEmbedder(nn.Module):
         self.max_length = max_length
         self.register_buffer("device_anchor", torch.empty(0), persistent=False)
 
+    @property
+    def frame(self) -> TokenFrame:
+        return bert_frame(self.max_length)
+
+    def token_ids(self, text: str) -> list[int]:
+        return wordpiece_ids(text)
+
     def tokenize(self, texts: Texts) -> torch.Tensor:
-        return bert_tokenize(texts, self.max_length)["input_ids"]
+        return bert_tokenize(texts, self.max_length)
 
     def forward(self, texts: Texts) -> torch.Tensor:
+        return self.encode_tokens(self.tokenize(texts))
+
+    def encode_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Framed token rows [B, max_length] -> token states [B, max_length, 384], padding masked out."""
         device, dtype = self.device_anchor.device, self.device_anchor.dtype
-        inputs = {k: v.to(device) for k, v in bert_tokenize(texts, self.max_length).items()}
+        tokens = tokens.to(device)
         with torch.no_grad():
-            return _minilm(device, dtype)(**inputs).last_hidden_state
+            mask = (tokens != self.frame.pad).long()
+            return _minilm(device, dtype)(input_ids=tokens, attention_mask=mask).last_hidden_state

@@ -1,0 +1,149 @@
+"""AUTOMATIC1111's prompt syntax, the de-facto standard: attention weights, BREAK, 75-token chunks.
+
+- `(word)` multiplies the attention to `word` by 1.1, `((word))` by 1.21, `(word:1.3)` by 1.3,
+  `[word]` divides it by 1.1; `\\(` `\\)` `\\[` `\\]` are literal brackets; unbalanced brackets
+  close at the end of the prompt.
+- The tokens go in windows of 75 (the encoder's 77 less start and end token), each encoded on its
+  own and the contexts concatenated along the sequence, so a long prompt is not cut. A window
+  that fills up moves the words after its last comma (if within 20 tokens) to the next one;
+  `BREAK` starts a new window.
+- Each token's context row is scaled by its weight, then the whole context rescaled to its
+  original mean (A1111's `EmphasisOriginal`), per prompt and window.
+
+A prompt with no syntax and at most 75 tokens encodes exactly as the encoder alone would.
+"""
+
+import re
+from dataclasses import dataclass, field
+from typing import Protocol, Sequence
+
+import torch
+
+ROUND, SQUARE = 1.1, 1 / 1.1
+COMMA_BACKTRACK = 20  # A1111's default "comma_padding_backtrack"
+BREAK = "BREAK"
+TOKEN = re.compile(r"\\\(|\\\)|\\\[|\\]|\\\\|\\|\(|\[|:\s*([+-]?[.\d]+)\s*\)|\)|]|[^\\()\[\]:]+|:")
+BREAK_WORD = re.compile(r"\s*\bBREAK\b\s*")
+
+
+class TextEncoder(Protocol):
+    """What weighted, chunked encoding needs of a text encoder (models/text.py's have it)."""
+
+    frame: "object"  # a models.text.TokenFrame: start, end, pad, length, capacity, rows()
+
+    def token_ids(self, text: str) -> list[int]: ...
+
+    def encode_tokens(self, tokens: torch.Tensor) -> torch.Tensor: ...
+
+
+def parse_attention(prompt: str) -> list[tuple[str, float]]:
+    """(text, weight) runs of a prompt, neighbours of equal weight merged; BREAK as (BREAK, -1)."""
+    runs: list[list] = []
+    round_open: list[int] = []
+    square_open: list[int] = []
+
+    def multiply(start: int, factor: float) -> None:
+        for run in runs[start:]:
+            run[1] *= factor
+
+    for match in TOKEN.finditer(prompt):
+        text, weight = match.group(0), match.group(1)
+        if text.startswith("\\"):
+            runs.append([text[1:], 1.0])
+        elif text == "(":
+            round_open.append(len(runs))
+        elif text == "[":
+            square_open.append(len(runs))
+        elif weight is not None and round_open:
+            multiply(round_open.pop(), float(weight))
+        elif text == ")" and round_open:
+            multiply(round_open.pop(), ROUND)
+        elif text == "]" and square_open:
+            multiply(square_open.pop(), SQUARE)
+        else:
+            for i, part in enumerate(BREAK_WORD.split(text)):
+                if i:
+                    runs.append([BREAK, -1.0])
+                runs.append([part, 1.0])
+    for start in round_open:
+        multiply(start, ROUND)
+    for start in square_open:
+        multiply(start, SQUARE)
+    merged: list[list] = []
+    for run in runs or [["", 1.0]]:
+        if merged and merged[-1][1] == run[1] and run[1] != -1:
+            merged[-1][0] += run[0]
+        else:
+            merged.append(run)
+    return [(text, weight) for text, weight in merged]
+
+
+@dataclass
+class Window:
+    """Up to `capacity` tokens of one prompt and their weights."""
+
+    ids: list[int] = field(default_factory=list)
+    weights: list[float] = field(default_factory=list)
+
+
+def windows(encoder: TextEncoder, prompt: str) -> list[Window]:
+    """The prompt's tokens in windows of the encoder's capacity (see the module docstring)."""
+    capacity = encoder.frame.capacity
+    comma = encoder.token_ids(",")
+    comma_id = comma[0] if len(comma) == 1 else None
+    done: list[Window] = []
+    current, last_comma = Window(), -1
+    for text, weight in parse_attention(prompt):
+        if weight == -1:  # BREAK
+            done.append(current)
+            current, last_comma = Window(), -1
+            continue
+        for token in encoder.token_ids(text):
+            if len(current.ids) == capacity:
+                cut = last_comma + 1 if 0 <= last_comma and len(current.ids) - last_comma <= COMMA_BACKTRACK else capacity
+                done.append(Window(current.ids[:cut], current.weights[:cut]))
+                current, last_comma = Window(current.ids[cut:], current.weights[cut:]), -1
+            if token == comma_id:
+                last_comma = len(current.ids)
+            current.ids.append(token)
+            current.weights.append(weight)
+    if current.ids or not done:
+        done.append(current)
+    return done
+
+
+def _encode_window(encoder: TextEncoder, window: Window) -> torch.Tensor:
+    z = encoder.encode_tokens(encoder.frame.rows([window.ids]))[0]
+    if all(weight == 1.0 for weight in window.weights):
+        return z
+    weights = torch.ones(len(z), dtype=z.dtype, device=z.device)
+    weights[1 : 1 + len(window.weights)] = torch.tensor(window.weights, dtype=z.dtype)
+    precise = torch.promote_types(z.dtype, torch.float32)  # half-precision means drift
+    original = z.to(precise).mean()
+    z = z * weights[:, None]
+    return z * (original / z.to(precise).mean()).to(z.dtype)
+
+
+def encode(encoder: TextEncoder, prompts: Sequence[str], chunks: int = 1) -> torch.Tensor:
+    """Contexts [B, n * frame length, D] of `prompts`, with n the most windows any prompt needs
+    (at least `chunks`); shorter prompts are padded with windows of the empty text, as A1111 does."""
+    per_prompt = [windows(encoder, prompt) for prompt in prompts]
+    count = max(chunks, *(len(w) for w in per_prompt))
+    empty = None
+    rows = []
+    for prompt_windows in per_prompt:
+        parts = [_encode_window(encoder, window) for window in prompt_windows]
+        if len(parts) < count:
+            empty = _encode_window(encoder, Window()) if empty is None else empty
+            parts += [empty] * (count - len(parts))
+        rows.append(torch.cat(parts))
+    return torch.stack(rows)
+
+
+def window_count(encoder: TextEncoder, prompt: str) -> int:
+    return len(windows(encoder, prompt))
+
+
+def supports(encoder: object) -> bool:
+    """Whether `encoder` exposes what weighted, chunked encoding needs (text encoders do; class embedders not)."""
+    return all(hasattr(encoder, name) for name in ("frame", "token_ids", "encode_tokens"))
