@@ -13,16 +13,19 @@ from typing import Annotated, Callable, Optional
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import (BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeElapsedColumn,
+                           TimeRemainingColumn)
 from rich.table import Table
+from rich.text import Text
 
-from . import __version__, catalog, images, jobs, memory, tasks
+from . import __version__, catalog, images, jobs, memory, previews, tasks
 from .devices import pick_device, pick_dtype
 from .errors import LatentgenError
 from .files import write_new
 from .ldm import LatentDiffusion
 from .loader import convert_checkpoint, file_sha256, list_models, load_model
-from .samplers import SAMPLERS
+from .samplers import SAMPLERS, resolve_sampler
+from .tiling import set_seamless
 from .train.cli import train_app
 
 CONTEXT = {"help_option_names": ["-h", "--help"]}
@@ -48,13 +51,14 @@ Device = Annotated[str, typer.Option("--device", help="auto, cuda, cuda:N, mps o
 Dtype = Annotated[str, typer.Option("--dtype", help="auto (fp16/bf16 on GPU, fp32 on CPU), fp32, fp16 or bf16.")]
 Out = Annotated[Optional[Path], typer.Option("--out", "-o", help="Output image file (.png, .jpg, .webp) or folder (default ./outputs).")]
 Overwrite = Annotated[bool, typer.Option("--overwrite", help="Replace existing files instead of numbering new ones.")]
-Seed = Annotated[int, typer.Option("--seed", help="Seed of the first image; image i uses seed + i.")]
+Seed = Annotated[Optional[int], typer.Option("--seed", help="Seed of the first image; image i uses seed + i; -1: a random one.")]
 Steps = Annotated[Optional[int], typer.Option("--steps", help=f"Sampling steps (default {tasks.DEFAULT_STEPS}).")]
-Sampler = Annotated[str, typer.Option("--sampler", help=f"One of: {', '.join(SAMPLERS)}.")]
-Eta = Annotated[float, typer.Option("--eta", help="DDIM eta (0 = deterministic).")]
+Sampler = Annotated[Optional[str], typer.Option("--sampler", help=f"One of: {', '.join(SAMPLERS)}; AUTOMATIC1111's names ('DPM++ 2M Karras', 'Euler a') and stable-diffusion.cpp's (dpm++2m) work too.")]
+Eta = Annotated[Optional[float], typer.Option("--eta", help="DDIM eta (0 = deterministic).")]
 Karras = Annotated[bool, typer.Option("--karras", help="Karras sigmas for the k-diffusion samplers.")]
-Guidance = Annotated[Optional[float], typer.Option("--scale", help="Classifier-free guidance scale (1 = off; default: the model's).")]
-Negative = Annotated[str, typer.Option("--negative", help="Negative prompt (the unconditional context) of text models.")]
+Guidance = Annotated[Optional[float], typer.Option("--scale", "--cfg-scale", help="Classifier-free guidance scale (1 = off; default: the model's).")]
+Negative = Annotated[str, typer.Option("--negative", "--negative-prompt", help="Negative prompt (the unconditional context) of text models; AUTOMATIC1111's (word:1.2) syntax works.")]
+Seamless = Annotated[bool, typer.Option("--seamless", help="Circular padding in the UNet and decoder: the image tiles without a seam (A1111 'Tiling').")]
 DeviceNoise = Annotated[bool, typer.Option("--device-noise", help="Draw noise on the device (faster, not reproducible across devices).")]
 MaxMemory = Annotated[Optional[str], typer.Option("--max-memory", help="Refuse to start if the estimated peak memory exceeds this (e.g. 8GB, 512MiB).")]
 
@@ -98,10 +102,18 @@ def user_errors(command: Callable) -> Callable:
     return wrapper
 
 
+class RateColumn(ProgressColumn):
+    """Items per second of a task (steps of an image, images of a run)."""
+
+    def render(self, task) -> Text:
+        return Text("" if not task.speed else f"{task.speed:.2f} it/s")
+
+
 def progress_bar() -> Progress:
+    """Per task: done / total, rate, time elapsed and left (ETA)."""
     return Progress(
-        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-        console=console, disable=Settings.quiet, transient=True,
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), RateColumn(), TimeElapsedColumn(),
+        TimeRemainingColumn(), console=console, disable=Settings.quiet, transient=True,
     )
 
 
@@ -122,40 +134,89 @@ def open_model(path: Path, config: Optional[Path], device: str, dtype: str,
     return tasks.prepare(model, device, dtype)
 
 
+def parameters_of(image: Path) -> str:
+    text = images.read_parameters(image)
+    if text is None:
+        raise LatentgenError(f"{image} has no generation parameters")
+    return text
+
+
+def pick_seed(seed: Optional[int]) -> int:
+    """0 by default; `-1` draws a random seed, which is printed (and recorded in the PNG like any seed)."""
+    if seed is None:
+        return 0
+    if seed != -1:
+        return seed
+    seed = jobs.random_seed()
+    say(f"seed {seed}")
+    return seed
+
+
 def sampling_options(sampler, steps, eta, karras, scale, seed, device_noise, model) -> tasks.Sampling:
+    name, named_karras = resolve_sampler(sampler or "ddim")
     return tasks.Sampling(
-        sampler=sampler, steps=tasks.DEFAULT_STEPS if steps is None else steps, eta=eta, karras=karras,
-        scale=scale if scale is not None else tasks.default_scale(model), seed=seed, on_device_noise=device_noise,
+        sampler=name, steps=tasks.DEFAULT_STEPS if steps is None else steps, eta=eta or 0.0,
+        karras=karras or named_karras,
+        scale=scale if scale is not None else tasks.default_scale(model), seed=pick_seed(seed),
+        on_device_noise=device_noise,
     )
 
 
 @app.command()
 @user_errors
 def txt2img(
-    prompt: Annotated[Optional[str], typer.Argument(help="What to draw.")] = None,
+    prompt: Annotated[Optional[str], typer.Argument(help="What to draw (AUTOMATIC1111's (word:1.2), [word], BREAK work).")] = None,
+    prompt_option: Annotated[Optional[str], typer.Option("--prompt", "-p", help="The prompt, as an option.")] = None,
     negative: Negative = "",
     prompts: Annotated[Optional[Path], typer.Option("--prompts", help="A text file with one prompt per line.")] = None,
     class_label: Annotated[Optional[list[int]], typer.Option("--class", help="Class id(s) for class-conditional models.")] = None,
     num: Annotated[int, typer.Option("--num", "-n", help="Images per prompt.")] = 1,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Images per forward pass.")] = 1,
-    height: Annotated[Optional[int], typer.Option("--height", help="Pixels (default: the model's native size).")] = None,
-    width: Annotated[Optional[int], typer.Option("--width", help="Pixels (default: the model's native size).")] = None,
-    steps: Steps = None, sampler: Sampler = "ddim", eta: Eta = 0.0, karras: Karras = False,
-    scale: Guidance = None, seed: Seed = 0, device_noise: DeviceNoise = False,
+    height: Annotated[Optional[int], typer.Option("--height", "-H", help="Pixels (default: the model's native size).")] = None,
+    width: Annotated[Optional[int], typer.Option("--width", "-W", help="Pixels (default: the model's native size).")] = None,
+    steps: Steps = None, sampler: Sampler = None, eta: Eta = None, karras: Karras = False,
+    scale: Guidance = None, seed: Seed = None, device_noise: DeviceNoise = False,
+    from_png: Annotated[Optional[Path], typer.Option("--from-png", help="Take prompt, negative prompt, sampler, steps, guidance, seed and size from an image's parameters (latentgen's, AUTOMATIC1111's, sd.cpp's); flags given too win.")] = None,
+    grid: Annotated[bool, typer.Option("--grid", help="Also write one grid image of the run.")] = False,
+    seamless: Seamless = False,
+    preview: Annotated[Optional[Path], typer.Option("--preview", help="Write the current x0 estimate to this PNG while sampling (cheap latent-to-RGB projection, or --taesd).")] = None,
+    preview_every: Annotated[int, typer.Option("--preview-every", help="Steps between previews.")] = 5,
+    taesd: Annotated[Optional[Path], typer.Option("--taesd", help="A TAESD decoder (madebyollin's taesd_decoder) for --preview.")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue a stopped run (same arguments) from its manifest.")] = False,
     max_memory: MaxMemory = None, ckpt: Ckpt = None, config: Config = None, prediction: Prediction = None, device: Device = "auto",
     dtype: Dtype = "auto", out: Out = None, overwrite: Overwrite = False,
 ) -> None:
     """Generate images from a text prompt (or class ids, or unconditionally)."""
+    if prompt is not None and prompt_option is not None:
+        raise LatentgenError("give the prompt once: as an argument or with -p/--prompt")
+    prompt = prompt if prompt is not None else prompt_option
+    recipe = jobs.from_parameters(parameters_of(from_png)) if from_png is not None else None
+    if recipe is not None:
+        prompt = recipe.prompt if prompt is None and prompts is None and not class_label else prompt
+        negative = negative or recipe.negative
+        class_label = class_label or ([recipe.label] if recipe.label is not None else None)
+        sampler, steps = sampler or recipe.sampling.sampler, steps or recipe.sampling.steps
+        karras, eta = karras or recipe.sampling.karras, recipe.sampling.eta if eta is None else eta
+        scale = recipe.sampling.scale if scale is None else scale
+        seed = recipe.sampling.seed if seed is None else seed
+        height, width = (height, width) if height or width or recipe.size is None else recipe.size
     if prompts is not None and prompt is not None:
         raise LatentgenError("give either a prompt or --prompts, not both")
     texts = jobs.read_prompts(prompts) if prompts is not None else [prompt or ""]
-    planned = jobs.plan_jobs(texts, class_label, num, seed)
+    jobs.plan_jobs(texts, class_label, num)  # argument mistakes before the model loads
     model = open_model(ckpt or catalog.default_model("txt2img"), config, device, dtype, prediction)
+    if recipe is not None and recipe.model_hash and not model.sha256.startswith(recipe.model_hash.lower()):
+        say(f"note: {from_png.name} was made by a model with hash {recipe.model_hash}; this is {model.sha256[:10]}")
     tasks.check_inputs(model, next((text for text in texts if text), ""), negative, class_label)
     options = sampling_options(sampler, steps, eta, karras, scale, seed, device_noise, model)
+    planned = jobs.plan_jobs(texts, class_label, num, options.seed)
     size = tasks.check_size(model, height, width)
     need = memory.check(model, min(batch_size, len(planned)), size, options.scale != 1, max_memory)
+    set_seamless(model.modules(), seamless)
+    if taesd is not None and preview is None:
+        raise LatentgenError("--taesd decodes --preview images: give --preview FILE too")
+    decoder = previews.load_taesd(taesd, model.spec.latent_channels) if taesd is not None else None
+    writer = previews.preview_writer(model, preview, preview_every, decoder) if preview is not None else None
     written = []
     with progress_bar() as bar:
         images_task = bar.add_task("images", total=len(planned))
@@ -171,12 +232,17 @@ def txt2img(
 
         jobs.run_txt2img(model, planned, out, negative, options, size, batch_size, resume, overwrite,
                          on_start=started, on_step=lambda i, n: bar.update(steps_task, completed=i, total=n),
-                         on_image=finished)
+                         on_image=finished, preview=writer)
     for path in written:
         say(f"wrote {path}")
+    if grid and written:
+        sheet = images.grid([images.load_image(path) for path in written])
+        first = images.read_parameters(written[0])
+        folder = out.parent if jobs.is_file_target(out) else (out or Path("outputs"))
+        say(f"wrote {images.save_image(sheet, folder / f'grid-{options.seed}.png', parameters=first)}")
     if resume and not written:
         say("nothing left to do: every image of this run is already written")
-    summary("txt2img", outputs=[str(p) for p in written], seed=seed, steps=options.steps, sampler=sampler,
+    summary("txt2img", outputs=[str(p) for p in written], seed=options.seed, steps=options.steps, sampler=options.sampler,
             scale=options.scale, model=model.name, model_hash=model.sha256[:10], memory_estimate=need.total)
 
 
@@ -189,8 +255,8 @@ def inpaint(
     negative: Negative = "",
     feather: Annotated[int, typer.Option("--feather", help="Pixels inside the hole over which the fill is blended.")] = 4,
     max_memory: MaxMemory = None,
-    steps: Steps = None, sampler: Sampler = "ddim", eta: Eta = 0.0, karras: Karras = False,
-    scale: Guidance = None, seed: Seed = 0, device_noise: DeviceNoise = False,
+    steps: Steps = None, sampler: Sampler = None, eta: Eta = None, karras: Karras = False,
+    scale: Guidance = None, seed: Seed = None, device_noise: DeviceNoise = False,
     ckpt: Ckpt = None, config: Config = None, prediction: Prediction = None, device: Device = "auto",
     dtype: Dtype = "auto", out: Out = None, overwrite: Overwrite = False,
 ) -> None:
@@ -206,10 +272,11 @@ def inpaint(
         task = bar.add_task("steps", total=options.steps)
         result = tasks.inpaint(model, picture, region, prompt, negative, options, feather,
                                progress=lambda i, n: bar.update(task, completed=i, total=n))
-    info = jobs.parameters_text(model, options, prompt, negative, tuple(picture.shape[-2:]), seed)
-    path = images.save_image(result, jobs.output_path(out, f"inpaint-{seed}"), parameters=info, overwrite=overwrite, check=True)
+    info = jobs.parameters_text(model, options, prompt, negative, tuple(picture.shape[-2:]), options.seed)
+    path = images.save_image(result, jobs.output_path(out, f"inpaint-{options.seed}"), parameters=info,
+                             overwrite=overwrite, check=True)
     say(f"wrote {path}")
-    summary("inpaint", outputs=[str(path)], seed=seed, steps=options.steps, model=model.name, model_hash=model.sha256[:10],
+    summary("inpaint", outputs=[str(path)], seed=options.seed, steps=options.steps, model=model.name, model_hash=model.sha256[:10],
             memory_estimate=need.total)
 
 
@@ -224,8 +291,8 @@ def upscale(
     noise_level: Annotated[Optional[int], typer.Option("--noise-level", help="Noise added to the low-res image by the SD 2 x4 upscaler, 0..350 (default 20); more noise, more invented detail.")] = None,
     tile: Annotated[int, typer.Option("--tile", help="Tile size in low-resolution pixels for large images.")] = 128,
     max_memory: MaxMemory = None,
-    steps: Steps = None, sampler: Sampler = "ddim", eta: Eta = 0.0, karras: Karras = False,
-    seed: Seed = 0, device_noise: DeviceNoise = False,
+    steps: Steps = None, sampler: Sampler = None, eta: Eta = None, karras: Karras = False,
+    seed: Seed = None, device_noise: DeviceNoise = False,
     ckpt: Ckpt = None, config: Config = None, prediction: Prediction = None, device: Device = "auto",
     dtype: Dtype = "auto", out: Out = None, overwrite: Overwrite = False,
 ) -> None:
@@ -243,8 +310,9 @@ def upscale(
                                progress=lambda i, n: bar.update(task, completed=i, total=n),
                                negative=negative, noise_level=noise_level)
     extra = {"Noise level": tasks.upscale_noise_level(model, noise_level)} if model.noise_augmentation else None
-    info = jobs.parameters_text(model, options, prompt, negative, tuple(result.shape[-2:]), seed, extra=extra)
-    path = images.save_image(result, jobs.output_path(out, f"upscale-{seed}"), parameters=info, overwrite=overwrite, check=True)
+    info = jobs.parameters_text(model, options, prompt, negative, tuple(result.shape[-2:]), options.seed, extra=extra)
+    path = images.save_image(result, jobs.output_path(out, f"upscale-{options.seed}"), parameters=info,
+                             overwrite=overwrite, check=True)
     say(f"wrote {path}")
     summary("upscale", outputs=[str(path)], size=list(result.shape[-2:]), model=model.name, model_hash=model.sha256[:10])
 
@@ -294,9 +362,7 @@ def reconstruct(
 @user_errors
 def info(image: Annotated[Path, typer.Argument(help="A PNG written by latentgen, AUTOMATIC1111 or stable-diffusion.cpp.")]) -> None:
     """Show the generation parameters stored in an image."""
-    text = images.read_parameters(image)
-    if text is None:
-        raise LatentgenError(f"{image} has no generation parameters")
+    text = parameters_of(image)
     if Settings.json:
         summary("info", file=str(image), **images.parse_parameters(text))
     else:

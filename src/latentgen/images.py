@@ -371,6 +371,19 @@ def side_by_side(images: Sequence[ImageLike], labels: Optional[Sequence[str]] = 
     return from_pil(sheet)
 
 
+def grid(images: Sequence[torch.Tensor], columns: Optional[int] = None, gap: int = 0) -> torch.Tensor:
+    """[1, 3, H, W] images of one size in rows of `columns` (default: as square as possible) on white."""
+    count = len(images)
+    columns = columns or max(1, round(count**0.5 + 0.499))
+    rows = -(-count // columns)
+    height, width = images[0].shape[-2:]
+    sheet = torch.ones(1, 3, rows * height + (rows - 1) * gap, columns * width + (columns - 1) * gap)
+    for i, image in enumerate(images):
+        top, left = (i // columns) * (height + gap), (i % columns) * (width + gap)
+        sheet[..., top:top + height, left:left + width] = image.reshape(1, 3, height, width)
+    return sheet
+
+
 def feather_mask(mask: torch.Tensor, radius: int) -> torch.Tensor:
     """Blend weight of the generated pixels: 1 on the mask, falling smoothly to 0 over `radius`
     pixels outside it (square distance), and exactly 0 beyond: pixels farther than `radius`

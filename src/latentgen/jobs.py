@@ -6,6 +6,7 @@ The CLI and Python callers share `run_txt2img`, so both get resumable runs.
 
 import hashlib
 import json
+import secrets
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Optional, Sequence, Union
@@ -13,8 +14,9 @@ from typing import Callable, Iterator, Optional, Sequence, Union
 from . import tasks
 from .errors import LatentgenError
 from .files import atomic_write
-from .images import WRITE_FORMATS, format_parameters, save_image
+from .images import WRITE_FORMATS, format_parameters, parse_parameters, save_image
 from .ldm import LatentDiffusion
+from .samplers import SAMPLERS, resolve_sampler
 from .tasks import Sampling
 
 MAX_IMAGES = 10000
@@ -100,19 +102,53 @@ def job_path(out: Optional[Path], job: Job, count: int) -> Path:
 def parameters_text(model: LatentDiffusion, options: Sampling, prompt: str, negative: str,
                     size: tuple[int, int], seed: int, label: Optional[int] = None,
                     extra: Optional[dict] = None) -> str:
-    """Generation parameters in the AUTOMATIC1111 / stable-diffusion.cpp `parameters` format;
-    `extra` adds task-specific fields (an upscaler's noise level)."""
+    """Generation parameters in the AUTOMATIC1111 `parameters` format, with its field and sampler
+    names, so its PNG Info, stable-diffusion.cpp and `from_parameters` read them back; `extra` adds
+    task-specific fields (an upscaler's noise level)."""
     fields = {
-        "Steps": options.steps, "Sampler": options.sampler + (" Karras" if options.karras else ""),
-        "CFG scale": options.scale, "Seed": seed, "Size": f"{size[1]}x{size[0]}",
-        "Model hash": model.sha256[:10], "Model": model.name,
+        "Steps": options.steps, "Sampler": SAMPLERS[options.sampler].title,
+        "Schedule type": "Karras" if options.karras else None, "CFG scale": options.scale, "Seed": seed,
+        "Size": f"{size[1]}x{size[0]}", "Model hash": model.sha256[:10], "Model": model.name,
+        "Eta DDIM": options.eta or None, "Class": label,
     }
-    if options.eta:
-        fields["Eta"] = options.eta
-    if label is not None:
-        fields["Class"] = label
     fields.update(extra or {})
     return format_parameters(prompt, negative, fields)
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """What `parameters_text` recorded about an image, read back (A1111's and sd.cpp's too)."""
+
+    prompt: str
+    negative: str
+    sampling: Sampling
+    size: Optional[tuple[int, int]]
+    label: Optional[int]
+    model_hash: str
+
+
+def from_parameters(text: str) -> Recipe:
+    """The recipe in a `parameters` text; a one-line error for a field latentgen cannot use."""
+    fields = parse_parameters(text)
+    try:
+        sampler, karras = resolve_sampler(fields.get("Sampler", "DDIM"))
+        karras = karras or fields.get("Schedule type", "").lower() == "karras"
+        size = None
+        if "Size" in fields:
+            width, height = (int(n) for n in fields["Size"].lower().split("x"))
+            size = (height, width)
+        sampling = Sampling(sampler=sampler, steps=int(fields.get("Steps", tasks.DEFAULT_STEPS)),
+                            eta=float(fields.get("Eta DDIM", 0)), karras=karras,
+                            scale=float(fields.get("CFG scale", 7.5)), seed=int(fields.get("Seed", 0)))
+        label = int(fields["Class"]) if "Class" in fields else None
+    except ValueError as error:
+        raise LatentgenError(f"unreadable generation parameters: {error}") from None
+    return Recipe(fields["prompt"], fields["negative_prompt"], sampling, size, label, fields.get("Model hash", ""))
+
+
+def random_seed() -> int:
+    """A seed for `--seed -1` (A1111's and sd.cpp's "random"), in A1111's range."""
+    return secrets.randbelow(2**32)
 
 
 # ---- the manifest ---------------------------------------------------------------------------
@@ -183,14 +219,15 @@ def run_txt2img(model: LatentDiffusion, jobs: Sequence[Job], out: Optional[Union
                 negative: str = "", options: Sampling = Sampling(), size: Optional[tuple[int, int]] = None,
                 batch_size: int = 1, resume: bool = False, overwrite: bool = False,
                 on_start: Optional[Callable[[int], None]] = None, on_step: Optional[StepProgress] = None,
-                on_image: Optional[ImageDone] = None) -> list[Path]:
+                on_image: Optional[ImageDone] = None, preview: tasks.Preview = None) -> list[Path]:
     """Make and write every job's image; the paths written, in job order (this call's images only).
 
     A folder `out` (or any run with `resume`) keeps a manifest of finished images, so that after a
     stopped run, the same call with `resume=True` makes only the missing ones, the same pixels as
     an uninterrupted run. Images are written atomically, with their parameters, never over an
     existing file unless `overwrite`. `on_start(count)` hears how many images are left to make,
-    `on_step(done, total)` each sampling step, `on_image(path)` each image written."""
+    `on_step(done, total)` each sampling step, `on_image(path)` each image written, `preview(done, total, x0)`
+    the current estimate."""
     out = Path(out) if out is not None else None
     size = tasks.check_size(model, *(size or (None, None)))
     folder = out.parent if is_file_target(out) else (out or Path("outputs"))
@@ -203,7 +240,7 @@ def run_txt2img(model: LatentDiffusion, jobs: Sequence[Job], out: Optional[Union
     for batch in batched(todo, batch_size):
         labels = [job.label for job in batch] if batch[0].label is not None else None
         images = tasks.txt2img(model, [job.prompt for job in batch], negative, options, size, labels,
-                               [job.seed for job in batch], progress=on_step)
+                               [job.seed for job in batch], progress=on_step, preview=preview)
         for job, image in zip(batch, images):
             info = parameters_text(model, options, job.prompt, negative, size, job.seed, job.label)
             path = save_image(image[None], job_path(out, job, len(jobs)), parameters=info,

@@ -45,6 +45,8 @@ class Sampler:
 
     run: Callable[..., Tensor]
     schedule: Callable[..., Schedule]
+    title: str
+    """The name AUTOMATIC1111 shows and writes in its PNG parameters ("DPM++ 2M")."""
     stochastic: bool = False
     eta: bool = False
     spacing: bool = False
@@ -135,7 +137,7 @@ def sample_ddpm(model: Model, x: Tensor, schedule: Schedule, parameterization: s
     return x
 
 
-SAMPLERS["ddpm"] = Sampler(run=sample_ddpm, schedule=ddpm_schedule, stochastic=True)
+SAMPLERS["ddpm"] = Sampler(run=sample_ddpm, schedule=ddpm_schedule, title="DDPM", stochastic=True)
 
 
 def sample_ddim(model: Model, x: Tensor, schedule: Schedule, parameterization: str = "eps", *,
@@ -155,7 +157,7 @@ def sample_ddim(model: Model, x: Tensor, schedule: Schedule, parameterization: s
     return x
 
 
-SAMPLERS["ddim"] = Sampler(run=sample_ddim, schedule=ddim_schedule, stochastic=True, eta=True, spacing=True)
+SAMPLERS["ddim"] = Sampler(run=sample_ddim, schedule=ddim_schedule, title="DDIM", stochastic=True, eta=True, spacing=True)
 
 
 def sample_plms(model: Model, x: Tensor, schedule: Schedule, parameterization: str = "eps", *,
@@ -193,7 +195,7 @@ def sample_plms(model: Model, x: Tensor, schedule: Schedule, parameterization: s
     return x
 
 
-SAMPLERS["plms"] = Sampler(run=sample_plms, schedule=ddim_schedule, spacing=True)
+SAMPLERS["plms"] = Sampler(run=sample_plms, schedule=ddim_schedule, title="PLMS", spacing=True)
 
 
 # ---- k-diffusion samplers, on x0 + sigma eps -------------------------------------------------
@@ -224,7 +226,7 @@ def sample_dpmpp_2m(model: Model, x: Tensor, schedule: Schedule, parameterizatio
     return x
 
 
-SAMPLERS["dpmpp_2m"] = Sampler(run=sample_dpmpp_2m, schedule=dpm_schedule, karras=True)
+SAMPLERS["dpmpp_2m"] = Sampler(run=sample_dpmpp_2m, schedule=dpm_schedule, title="DPM++ 2M", karras=True)
 
 
 def sample_euler(model: Model, x: Tensor, schedule: Schedule, parameterization: str = "eps", *,
@@ -239,7 +241,7 @@ def sample_euler(model: Model, x: Tensor, schedule: Schedule, parameterization: 
     return x
 
 
-SAMPLERS["euler"] = Sampler(run=sample_euler, schedule=euler_schedule, karras=True)
+SAMPLERS["euler"] = Sampler(run=sample_euler, schedule=euler_schedule, title="Euler", karras=True)
 
 
 def sample_euler_ancestral(model: Model, x: Tensor, schedule: Schedule, parameterization: str = "eps", *,
@@ -260,7 +262,24 @@ def sample_euler_ancestral(model: Model, x: Tensor, schedule: Schedule, paramete
     return x
 
 
-SAMPLERS["euler_a"] = Sampler(run=sample_euler_ancestral, schedule=euler_schedule, stochastic=True, karras=True)
+SAMPLERS["euler_a"] = Sampler(run=sample_euler_ancestral, schedule=euler_schedule, title="Euler a", stochastic=True, karras=True)
+
+
+def _plain(name: str) -> str:
+    return name.lower().replace("++", "pp").replace(" ", "").replace("_", "").replace("-", "")
+
+
+def resolve_sampler(name: str) -> tuple[str, bool]:
+    """(our sampler name, Karras sigmas) for a name as latentgen ("dpmpp_2m"), AUTOMATIC1111
+    ("DPM++ 2M Karras", "Euler a") or stable-diffusion.cpp ("dpm++2m", "euler_a") spell it."""
+    plain = _plain(name)
+    karras = plain.endswith("karras") and plain != "karras"
+    plain = plain.removesuffix("karras") if karras else plain
+    for key, entry in SAMPLERS.items():
+        if plain in (_plain(key), _plain(entry.title)):
+            return key, karras
+    raise LatentgenError(f"unknown sampler {name!r}; choose one of {', '.join(SAMPLERS)} "
+                         f"(or AUTOMATIC1111's {', '.join(repr(e.title) for e in SAMPLERS.values())})")
 
 
 def schedule_for(name: str, alphas_cumprod: Tensor, steps: int, spacing: str = "uniform",

@@ -26,6 +26,8 @@ DEFAULT_STEPS = 50
 MAX_SIDE = 8192
 Progress = Optional[Callable[[int, int], None]]
 """progress(done, total): steps of the image being sampled (tiles for upscale)."""
+Preview = Optional[Callable[[int, int, torch.Tensor], None]]
+"""preview(done, total, x0): after each step, the sampler's estimate of the final (scaled) latents."""
 
 
 @dataclass(frozen=True)
@@ -128,9 +130,16 @@ def _unconditional(model: LatentDiffusion, negative: str, batch: int, concat=Non
 
 
 def _sample(model: LatentDiffusion, cond: Conditioning, uncond: Optional[Conditioning], options: Sampling,
-            x_T: torch.Tensor, generators: Generators, progress: Progress, **masking) -> torch.Tensor:
+            x_T: torch.Tensor, generators: Generators, progress: Progress, preview: Preview = None,
+            **masking) -> torch.Tensor:
     denoiser = guided_model(model.unet, cond, uncond if options.scale != 1 else None, options.scale)
-    callback = None if progress is None else (lambda i, n, x, x0: progress(i + 1, n))
+
+    def callback(i: int, n: int, x: torch.Tensor, x0: torch.Tensor) -> None:
+        if progress is not None:
+            progress(i + 1, n)
+        if preview is not None:
+            preview(i + 1, n, x0)
+
     return sample(
         options.sampler, denoiser, x_T, model.alphas_cumprod, model.spec.parameterization, options.steps,
         eta=options.eta, karras=options.karras, callback=callback, generator=generators, **masking,
@@ -202,20 +211,21 @@ def decode(model: LatentDiffusion, z: torch.Tensor) -> torch.Tensor:
 
 
 def _txt2img_batch(model: LatentDiffusion, texts: list[str], labels: Optional[list[int]], seeds: list[int],
-                   negative: str, options: Sampling, size: tuple[int, int], progress: Progress) -> torch.Tensor:
+                   negative: str, options: Sampling, size: tuple[int, int], progress: Progress,
+                   preview: Preview) -> torch.Tensor:
     windows = _windows(model, [*texts, negative])
     cond = _condition(model, texts, labels, windows=windows)
     uncond = _unconditional(model, negative, len(seeds), windows=windows) if options.scale != 1 else None
     f = model.spec.factor
     x_T, generators = _noise(model, seeds, (size[0] // f, size[1] // f), options)
     with torch.no_grad():
-        z = _sample(model, cond, uncond, options, x_T, generators, progress)
+        z = _sample(model, cond, uncond, options, x_T, generators, progress, preview)
     return decode(model, z)
 
 
 def txt2img(model: LatentDiffusion, prompts: Sequence[str] = ("",), negative: str = "", options: Sampling = Sampling(),
             size: Optional[tuple[int, int]] = None, labels: Optional[Sequence[int]] = None,
-            seeds: Optional[Sequence[int]] = None, progress: Progress = None) -> torch.Tensor:
+            seeds: Optional[Sequence[int]] = None, progress: Progress = None, preview: Preview = None) -> torch.Tensor:
     """One image per prompt (or per class label), as a [N, 3, H, W] tensor in [-1, 1].
 
     `seeds` default to options.seed, options.seed + 1, ...; `size` (H, W) to the model's native
@@ -230,7 +240,8 @@ def txt2img(model: LatentDiffusion, prompts: Sequence[str] = ("",), negative: st
     if len(seeds) != count:
         raise LatentgenError(f"{len(seeds)} seeds for {count} images")
     try:
-        return _txt2img_batch(model, prompts, list(labels) if labels else None, seeds, negative, options, size, progress)
+        return _txt2img_batch(model, prompts, list(labels) if labels else None, seeds, negative, options, size,
+                              progress, preview)
     except torch.OutOfMemoryError:
         if count == 1:
             raise LatentgenError("out of device memory even at batch size 1: lower the size, "
@@ -241,7 +252,7 @@ def txt2img(model: LatentDiffusion, prompts: Sequence[str] = ("",), negative: st
     half = count // 2
     parts = [slice(0, half), slice(half, count)]
     return torch.cat([txt2img(model, prompts[part], negative, options, size, labels[part] if labels else None,
-                              seeds[part], progress) for part in parts])
+                              seeds[part], progress, preview) for part in parts])
 
 
 # ---- inpaint --------------------------------------------------------------------------------

@@ -5,11 +5,14 @@ A function `fn` maps a tile of the input to a tile of the output `factor` times 
 weighted mean of the tiles covering it, with weights that ramp linearly to (almost) zero
 at a tile's inner edges, so no seam shows. Where only one tile covers a pixel the result
 is that tile's exactly.
+
+`set_seamless` is the other kind of tiling: an image that repeats without a seam.
 """
 
-from typing import Callable
+from typing import Callable, Iterable
 
 import torch
+from torch import nn
 
 
 def tile_starts(length: int, tile: int, overlap: int) -> list[int]:
@@ -61,3 +64,12 @@ def map_tiled(
             out[:, :, oy : oy + th, ox : ox + tw] += piece * w
             weights[oy : oy + th, ox : ox + tw] += w
     return out / weights
+
+
+def set_seamless(modules: Iterable[nn.Module], on: bool = True) -> None:
+    """Circular padding in every padded convolution of `modules` (A1111's "Tiling", sd.cpp's
+    `--circular`): the image then continues across its borders and tiles without a seam."""
+    for module in modules:
+        for layer in module.modules():
+            if isinstance(layer, nn.Conv2d) and any(layer.padding):
+                layer.padding_mode = "circular" if on else "zeros"

@@ -3,18 +3,16 @@ makes a resumed run draw exactly what an uninterrupted one would, the rich progr
 the fp16 safetensors + config.json export that `load_model` reads like an official checkpoint."""
 
 import json
-import os
 import time
 from pathlib import Path
 from typing import Callable, Optional, Protocol
 
-import numpy as np
 import torch
-from PIL import Image
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from latentgen.errors import LatentgenError
 from latentgen.files import atomic_write
+from latentgen.images import grid, save_image
 
 CHECKPOINT = "checkpoint.pt"
 
@@ -76,18 +74,8 @@ def load_weights(module: torch.nn.Module, state: dict, mismatch: str) -> None:
 
 
 def save_grid(images: torch.Tensor, path: Path, columns: int = 4) -> Path:
-    """A grid PNG of [B, 3, H, W] images in [-1, 1]."""
-    from .data import to_uint8
-
-    pixels = to_uint8(images)
-    rows = -(-len(pixels) // columns)
-    height, width = pixels.shape[1:3]
-    grid = np.full((rows * height, columns * width, 3), 255, dtype=np.uint8)
-    for i, image in enumerate(pixels):
-        r, c = divmod(i, columns)
-        grid[r * height:(r + 1) * height, c * width:(c + 1) * width] = image
-    atomic_write(path, lambda temp: Image.fromarray(grid).save(temp, format="PNG"))
-    return path
+    """A grid PNG of [B, 3, H, W] images in [-1, 1], replacing the previous one."""
+    return save_image(grid(list(images[:, None]), columns), path, overwrite=True)
 
 
 def progress_bar(quiet: bool = False) -> Progress:
