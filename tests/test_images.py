@@ -3,7 +3,6 @@ A1111 parameters, padding and compositing; a byte-mutation fuzz of the reader.""
 
 import errno
 import io
-import json
 import logging
 import os
 import re
@@ -20,7 +19,7 @@ from hypothesis import HealthCheck, assume, event, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from latentgen import files, images
+from latentgen import files
 from latentgen.errors import LatentgenError
 from latentgen.images import (
     InvalidOutputError, composite, crop_padding, error_map, feather_mask, format_parameters, from_pil, load_image,

@@ -83,6 +83,10 @@ def test_every_readme_command_runs_as_written(workdir):
     assert len(list((workdir / "run").glob("*.png"))) == 2  # the --resume line added nothing
     assert (workdir / "filled.png").is_file() and (workdir / "r.png").is_file()
     assert (workdir / "model.safetensors").is_file()
+    original, again = (np.array(Image.open(workdir / name)) for name in ("outs/00000-42.png", "again.png"))
+    np.testing.assert_array_equal(original, again)
+    assert len(list((workdir / "hearts").glob("grid-*.png"))) == 1 and len(list((workdir / "hearts").glob("0*.png"))) == 4
+    assert Image.open(workdir / "tile.png").size == (256, 128) and (workdir / "preview.png").is_file()
 
 
 @pytest.mark.slow

@@ -11,14 +11,17 @@ The CLI is a thin layer over this API:
 __version__ = "0.1.0"
 
 from .errors import LatentgenError  # noqa: E402
-from .images import load_image, load_mask, save_image  # noqa: E402
-from .jobs import Job, parameters_text, plan_jobs, read_prompts, run_txt2img  # noqa: E402
+from .images import grid, load_image, load_mask, save_image  # noqa: E402
+from .jobs import Job, from_parameters, parameters_text, plan_jobs, read_prompts, run_txt2img  # noqa: E402
 from .ldm import LatentDiffusion, ModelSpec  # noqa: E402
 from .loader import list_models, load_model  # noqa: E402
+from .previews import preview_writer  # noqa: E402
 from .tasks import Reconstruction, Sampling, inpaint, prepare, reconstruct, txt2img, upscale  # noqa: E402
+from .tiling import set_seamless  # noqa: E402
 
 __all__ = [
-    "Job", "LatentDiffusion", "LatentgenError", "ModelSpec", "Reconstruction", "Sampling", "inpaint", "list_models",
-    "load_image", "load_mask", "load_model", "parameters_text", "plan_jobs", "prepare", "read_prompts",
-    "reconstruct", "run_txt2img", "save_image", "txt2img", "upscale",
+    "Job", "LatentDiffusion", "LatentgenError", "ModelSpec", "Reconstruction", "Sampling", "from_parameters", "grid",
+    "inpaint", "list_models", "load_image", "load_mask", "load_model", "parameters_text", "plan_jobs", "prepare",
+    "preview_writer", "read_prompts", "reconstruct", "run_txt2img", "save_image", "set_seamless", "txt2img",
+    "upscale",
 ]
