@@ -87,6 +87,7 @@ def test_every_readme_command_runs_as_written(workdir):
     np.testing.assert_array_equal(original, again)
     assert len(list((workdir / "hearts").glob("grid-*.png"))) == 1 and len(list((workdir / "hearts").glob("0*.png"))) == 4
     assert Image.open(workdir / "tile.png").size == (256, 128) and (workdir / "preview.png").is_file()
+    assert Image.open(workdir / "redrawn.png").size == (64, 64) and Image.open(workdir / "big.png").size == (256, 256)
 
 
 @pytest.mark.slow

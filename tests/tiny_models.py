@@ -88,8 +88,9 @@ def official_checkpoint(path: Path, kind: str, n_classes: int = 11) -> Path:
         unet, first, cond = UNetModel(**_unet_params(3, 3, context_dim=32)), VQModel(VQ_F4, n_embed=64, embed_dim=3), \
             ClassEmbedder(32, n_classes=n_classes)
     else:
-        unet, first, cond = UNetModel(**_unet_params(9, 4, context_dim=32)), AutoencoderKL(KL_F8, embed_dim=4), \
-            FrozenCLIPEmbedder(TINY_CLIP)
+        in_channels = 9 if kind == "sd-inpaint" else 4
+        unet, first, cond = UNetModel(**_unet_params(in_channels, 4, context_dim=32)), \
+            AutoencoderKL(KL_F8, embed_dim=4), FrozenCLIPEmbedder(TINY_CLIP)
     state = {f"model.diffusion_model.{k}": v for k, v in _randomise(unet, 4).items()}
     state.update({f"first_stage_model.{k}": v for k, v in _randomise(first, 5).items()})
     state.update({f"cond_stage_model.{k}": v for k, v in _randomise(cond, 6).items()})

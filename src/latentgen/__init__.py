@@ -16,12 +16,12 @@ from .jobs import Job, from_parameters, parameters_text, plan_jobs, read_prompts
 from .ldm import LatentDiffusion, ModelSpec  # noqa: E402
 from .loader import list_models, load_model  # noqa: E402
 from .previews import preview_writer  # noqa: E402
-from .tasks import Reconstruction, Sampling, inpaint, prepare, reconstruct, txt2img, upscale  # noqa: E402
+from .tasks import Hires, Reconstruction, Sampling, img2img, inpaint, prepare, reconstruct, txt2img, upscale  # noqa: E402
 from .tiling import set_seamless  # noqa: E402
 
 __all__ = [
-    "Job", "LatentDiffusion", "LatentgenError", "ModelSpec", "Reconstruction", "Sampling", "from_parameters", "grid",
-    "inpaint", "list_models", "load_image", "load_mask", "load_model", "parameters_text", "plan_jobs", "prepare",
+    "Hires", "Job", "LatentDiffusion", "LatentgenError", "ModelSpec", "Reconstruction", "Sampling", "from_parameters", "grid",
+    "img2img", "inpaint", "list_models", "load_image", "load_mask", "load_model", "parameters_text", "plan_jobs", "prepare",
     "preview_writer", "read_prompts", "reconstruct", "run_txt2img", "save_image", "set_seamless", "txt2img",
     "upscale",
 ]

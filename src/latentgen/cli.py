@@ -178,6 +178,10 @@ def txt2img(
     scale: Guidance = None, seed: Seed = None, device_noise: DeviceNoise = False,
     from_png: Annotated[Optional[Path], typer.Option("--from-png", help="Take prompt, negative prompt, sampler, steps, guidance, seed and size from an image's parameters (latentgen's, AUTOMATIC1111's, sd.cpp's); flags given too win.")] = None,
     grid: Annotated[bool, typer.Option("--grid", help="Also write one grid image of the run.")] = False,
+    hires_scale: Annotated[Optional[float], typer.Option("--hires-scale", help="Hires fix (A1111): sample at the size asked, enlarge by this, refine with img2img.")] = None,
+    hires_strength: Annotated[float, typer.Option("--hires-strength", help="Denoising strength of the hires pass.")] = 0.5,
+    hires_steps: Annotated[int, typer.Option("--hires-steps", help="Steps of the hires pass (0: as --steps).")] = 0,
+    hires_upscaler: Annotated[str, typer.Option("--hires-upscaler", help="latent (bilinear on the latent, A1111's default) or image (bicubic on the decoded image, then encoded).")] = "latent",
     seamless: Seamless = False,
     preview: Annotated[Optional[Path], typer.Option("--preview", help="Write the current x0 estimate to this PNG while sampling (cheap latent-to-RGB projection, or --taesd).")] = None,
     preview_every: Annotated[int, typer.Option("--preview-every", help="Steps between previews.")] = 5,
@@ -200,6 +204,9 @@ def txt2img(
         scale = recipe.sampling.scale if scale is None else scale
         seed = recipe.sampling.seed if seed is None else seed
         height, width = (height, width) if height or width or recipe.size is None else recipe.size
+        if hires_scale is None and recipe.hires is not None:
+            hires_scale, hires_strength = recipe.hires.scale, recipe.hires.strength
+            hires_steps, hires_upscaler = recipe.hires.steps, recipe.hires.upscaler
     if prompts is not None and prompt is not None:
         raise LatentgenError("give either a prompt or --prompts, not both")
     texts = jobs.read_prompts(prompts) if prompts is not None else [prompt or ""]
@@ -211,7 +218,9 @@ def txt2img(
     options = sampling_options(sampler, steps, eta, karras, scale, seed, device_noise, model)
     planned = jobs.plan_jobs(texts, class_label, num, options.seed)
     size = tasks.check_size(model, height, width)
-    need = memory.check(model, min(batch_size, len(planned)), size, options.scale != 1, max_memory)
+    hires = tasks.Hires(hires_scale, hires_strength, hires_steps, hires_upscaler) if hires_scale is not None else None
+    final = tasks.hires_size(model, size, hires) if hires is not None else size
+    need = memory.check(model, min(batch_size, len(planned)), final, options.scale != 1, max_memory)
     set_seamless(model.modules(), seamless)
     if taesd is not None and preview is None:
         raise LatentgenError("--taesd decodes --preview images: give --preview FILE too")
@@ -232,7 +241,7 @@ def txt2img(
 
         jobs.run_txt2img(model, planned, out, negative, options, size, batch_size, resume, overwrite,
                          on_start=started, on_step=lambda i, n: bar.update(steps_task, completed=i, total=n),
-                         on_image=finished, preview=writer)
+                         on_image=finished, preview=writer, hires=hires)
     for path in written:
         say(f"wrote {path}")
     if grid and written:
@@ -244,6 +253,41 @@ def txt2img(
         say("nothing left to do: every image of this run is already written")
     summary("txt2img", outputs=[str(p) for p in written], seed=options.seed, steps=options.steps, sampler=options.sampler,
             scale=options.scale, model=model.name, model_hash=model.sha256[:10], memory_estimate=need.total)
+
+
+@app.command()
+@user_errors
+def img2img(
+    image: Annotated[Path, typer.Argument(help="The image to start from.")],
+    prompt: Annotated[str, typer.Option("--prompt", "-p", help="What it should become (A1111 syntax).")] = "",
+    negative: Negative = "",
+    strength: Annotated[float, typer.Option("--strength", help="0 keeps the image (a first-stage round trip), 1 starts from noise.")] = 0.75,
+    mask: Annotated[Optional[Path], typer.Option("--mask", help="White = change, black = keep exactly.")] = None,
+    seamless: Seamless = False, max_memory: MaxMemory = None,
+    steps: Steps = None, sampler: Sampler = None, eta: Eta = None, karras: Karras = False,
+    scale: Guidance = None, seed: Seed = None, device_noise: DeviceNoise = False,
+    ckpt: Ckpt = None, config: Config = None, prediction: Prediction = None, device: Device = "auto",
+    dtype: Dtype = "auto", out: Out = None, overwrite: Overwrite = False,
+) -> None:
+    """Redraw IMAGE towards a prompt (SDEdit, as CompVis scripts/img2img.py)."""
+    picture = images.load_image(image)
+    region = images.load_mask(mask, picture.shape[-2:]) if mask is not None else None
+    model = open_model(ckpt or catalog.default_model("txt2img"), config, device, dtype, prediction)
+    tasks.check_inputs(model, prompt, negative)
+    options = sampling_options(sampler, steps, eta, karras, scale, seed, device_noise, model)
+    need = memory.check(model, 1, tuple(picture.shape[-2:]), options.scale != 1, max_memory)
+    set_seamless(model.modules(), seamless)
+    with progress_bar() as bar:
+        task = bar.add_task("steps", total=int(strength * options.steps))
+        result = tasks.img2img(model, picture, prompt, negative, options, strength, region,
+                               progress=lambda i, n: bar.update(task, completed=i, total=n))
+    info = jobs.parameters_text(model, options, prompt, negative, tuple(picture.shape[-2:]), options.seed,
+                                strength=strength)
+    path = images.save_image(result, jobs.output_path(out, f"img2img-{options.seed}"), parameters=info,
+                             overwrite=overwrite, check=True)
+    say(f"wrote {path}")
+    summary("img2img", outputs=[str(path)], seed=options.seed, strength=strength, model=model.name,
+            model_hash=model.sha256[:10], memory_estimate=need.total)
 
 
 @app.command()

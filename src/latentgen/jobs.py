@@ -17,7 +17,7 @@ from .files import atomic_write
 from .images import WRITE_FORMATS, format_parameters, parse_parameters, save_image
 from .ldm import LatentDiffusion
 from .samplers import SAMPLERS, resolve_sampler
-from .tasks import Sampling
+from .tasks import Hires, Sampling
 
 MAX_IMAGES = 10000
 
@@ -99,18 +99,27 @@ def job_path(out: Optional[Path], job: Job, count: int) -> Path:
 # ---- generation parameters ------------------------------------------------------------------
 
 
+HIRES_UPSCALERS = {"latent": "Latent", "image": "Bicubic"}
+
+
 def parameters_text(model: LatentDiffusion, options: Sampling, prompt: str, negative: str,
                     size: tuple[int, int], seed: int, label: Optional[int] = None,
-                    extra: Optional[dict] = None) -> str:
+                    extra: Optional[dict] = None, strength: Optional[float] = None,
+                    hires: Optional[Hires] = None) -> str:
     """Generation parameters in the AUTOMATIC1111 `parameters` format, with its field and sampler
     names, so its PNG Info, stable-diffusion.cpp and `from_parameters` read them back; `extra` adds
-    task-specific fields (an upscaler's noise level)."""
+    task-specific fields (an upscaler's noise level). `size` is the first pass's with `hires`, as in A1111."""
+    if hires is not None:
+        strength = hires.strength
     fields = {
         "Steps": options.steps, "Sampler": SAMPLERS[options.sampler].title,
         "Schedule type": "Karras" if options.karras else None, "CFG scale": options.scale, "Seed": seed,
         "Size": f"{size[1]}x{size[0]}", "Model hash": model.sha256[:10], "Model": model.name,
-        "Eta DDIM": options.eta or None, "Class": label,
+        "Eta DDIM": options.eta or None, "Class": label, "Denoising strength": strength,
     }
+    if hires is not None:
+        fields.update({"Hires upscale": hires.scale, "Hires steps": hires.steps or None,
+                       "Hires upscaler": HIRES_UPSCALERS[hires.upscaler]})
     fields.update(extra or {})
     return format_parameters(prompt, negative, fields)
 
@@ -125,6 +134,7 @@ class Recipe:
     size: Optional[tuple[int, int]]
     label: Optional[int]
     model_hash: str
+    hires: Optional[Hires] = None
 
 
 def from_parameters(text: str) -> Recipe:
@@ -141,9 +151,15 @@ def from_parameters(text: str) -> Recipe:
                             eta=float(fields.get("Eta DDIM", 0)), karras=karras,
                             scale=float(fields.get("CFG scale", 7.5)), seed=int(fields.get("Seed", 0)))
         label = int(fields["Class"]) if "Class" in fields else None
+        hires = None
+        if "Hires upscale" in fields:
+            upscaler = "latent" if fields.get("Hires upscaler", "Latent").lower().startswith("latent") else "image"
+            hires = Hires(float(fields["Hires upscale"]), float(fields.get("Denoising strength", 0.5)),
+                          int(fields.get("Hires steps", 0)), upscaler)
     except ValueError as error:
         raise LatentgenError(f"unreadable generation parameters: {error}") from None
-    return Recipe(fields["prompt"], fields["negative_prompt"], sampling, size, label, fields.get("Model hash", ""))
+    return Recipe(fields["prompt"], fields["negative_prompt"], sampling, size, label, fields.get("Model hash", ""),
+                  hires)
 
 
 def random_seed() -> int:
@@ -203,9 +219,11 @@ class Manifest:
         atomic_write(self.path, json.dumps(self.entries, indent=1))
 
 
-def fingerprint(model: LatentDiffusion, options: Sampling, size: tuple[int, int], negative: str, out: Optional[Path]) -> str:
+def fingerprint(model: LatentDiffusion, options: Sampling, size: tuple[int, int], negative: str, out: Optional[Path],
+                hires: Optional[Hires] = None) -> str:
     """A short hash of what makes a run's images what they are, and of where they go."""
-    settings = json.dumps([model.sha256, asdict(options), list(size), negative, str(out)])
+    settings = json.dumps([model.sha256, asdict(options), list(size), negative, str(out)]
+                          + ([asdict(hires)] if hires is not None else []))
     return hashlib.sha256(settings.encode()).hexdigest()[:10]
 
 
@@ -219,7 +237,8 @@ def run_txt2img(model: LatentDiffusion, jobs: Sequence[Job], out: Optional[Union
                 negative: str = "", options: Sampling = Sampling(), size: Optional[tuple[int, int]] = None,
                 batch_size: int = 1, resume: bool = False, overwrite: bool = False,
                 on_start: Optional[Callable[[int], None]] = None, on_step: Optional[StepProgress] = None,
-                on_image: Optional[ImageDone] = None, preview: tasks.Preview = None) -> list[Path]:
+                on_image: Optional[ImageDone] = None, preview: tasks.Preview = None,
+                hires: Optional[Hires] = None) -> list[Path]:
     """Make and write every job's image; the paths written, in job order (this call's images only).
 
     A folder `out` (or any run with `resume`) keeps a manifest of finished images, so that after a
@@ -232,7 +251,7 @@ def run_txt2img(model: LatentDiffusion, jobs: Sequence[Job], out: Optional[Union
     size = tasks.check_size(model, *(size or (None, None)))
     folder = out.parent if is_file_target(out) else (out or Path("outputs"))
     keep_manifest = resume or (out is not None and (len(jobs) > 1 or not is_file_target(out)))
-    manifest = Manifest.open(folder, fingerprint(model, options, size, negative, out), resume) if keep_manifest else None
+    manifest = Manifest.open(folder, fingerprint(model, options, size, negative, out, hires), resume) if keep_manifest else None
     todo = [job for job in jobs if manifest is None or not resume or not manifest.done(job)]
     if on_start is not None:
         on_start(len(todo))
@@ -240,9 +259,9 @@ def run_txt2img(model: LatentDiffusion, jobs: Sequence[Job], out: Optional[Union
     for batch in batched(todo, batch_size):
         labels = [job.label for job in batch] if batch[0].label is not None else None
         images = tasks.txt2img(model, [job.prompt for job in batch], negative, options, size, labels,
-                               [job.seed for job in batch], progress=on_step, preview=preview)
+                               [job.seed for job in batch], progress=on_step, preview=preview, hires=hires)
         for job, image in zip(batch, images):
-            info = parameters_text(model, options, job.prompt, negative, size, job.seed, job.label)
+            info = parameters_text(model, options, job.prompt, negative, size, job.seed, job.label, hires=hires)
             path = save_image(image[None], job_path(out, job, len(jobs)), parameters=info,
                               overwrite=overwrite or resume, check=True)
             written.append(path)

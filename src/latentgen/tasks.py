@@ -43,6 +43,21 @@ class Sampling:
     on_device_noise: bool = False
 
 
+@dataclass(frozen=True)
+class Hires:
+    """AUTOMATIC1111's hires fix: sample at the requested size, enlarge by `scale` (the latent
+    bilinearly, "latent", or the decoded image bicubically and encoded again, "image"), then refine
+    with img2img at `strength` over `steps` steps (0: the first pass's count)."""
+
+    scale: float = 2.0
+    strength: float = 0.5
+    steps: int = 0
+    upscaler: str = "latent"
+
+
+UPSCALERS = ("latent", "image")
+
+
 def prepare(model: LatentDiffusion, device: str = "auto", dtype: str = "auto") -> LatentDiffusion:
     """Move the model to the chosen device and dtype, once, and switch to inference mode."""
     target = pick_device(device)
@@ -210,9 +225,27 @@ def decode(model: LatentDiffusion, z: torch.Tensor) -> torch.Tensor:
 # ---- txt2img --------------------------------------------------------------------------------
 
 
+def hires_size(model: LatentDiffusion, size: tuple[int, int], hires: Hires) -> tuple[int, int]:
+    """The final size of a hires-fixed image: `size` times the scale, checked like any size."""
+    if hires.upscaler not in UPSCALERS:
+        raise LatentgenError(f"unknown hires upscaler {hires.upscaler!r}; choose {' or '.join(UPSCALERS)}")
+    if not 0 < hires.strength <= 1 or hires.scale <= 1:
+        raise LatentgenError(f"hires fix needs a scale above 1 and a strength in (0, 1], got {hires.scale}, "
+                             f"{hires.strength}")
+    return check_size(model, round(size[0] * hires.scale), round(size[1] * hires.scale))
+
+
+def _enlarge(model: LatentDiffusion, z: torch.Tensor, size: tuple[int, int], upscaler: str) -> torch.Tensor:
+    f = model.spec.factor
+    if upscaler == "latent":
+        return F.interpolate(z, size=(size[0] // f, size[1] // f), mode="bilinear")
+    image = F.interpolate(decode(model, z), size=size, mode="bicubic", antialias=True).clamp(-1, 1)
+    return encode(model, image).to(z)
+
+
 def _txt2img_batch(model: LatentDiffusion, texts: list[str], labels: Optional[list[int]], seeds: list[int],
                    negative: str, options: Sampling, size: tuple[int, int], progress: Progress,
-                   preview: Preview) -> torch.Tensor:
+                   preview: Preview, hires: Optional[Hires]) -> torch.Tensor:
     windows = _windows(model, [*texts, negative])
     cond = _condition(model, texts, labels, windows=windows)
     uncond = _unconditional(model, negative, len(seeds), windows=windows) if options.scale != 1 else None
@@ -220,16 +253,25 @@ def _txt2img_batch(model: LatentDiffusion, texts: list[str], labels: Optional[li
     x_T, generators = _noise(model, seeds, (size[0] // f, size[1] // f), options)
     with torch.no_grad():
         z = _sample(model, cond, uncond, options, x_T, generators, progress, preview)
+        if hires is not None:
+            large = hires_size(model, size, hires)
+            noise = torch.cat([normal((1, *z.shape[1:2], large[0] // f, large[1] // f), g, z.device, z.dtype)
+                               for g in generators])
+            second = replace(options, steps=hires.steps or options.steps)
+            z = _sample(model, cond, uncond, second, noise, generators, progress, preview,
+                        x0=_enlarge(model, z, large, hires.upscaler), strength=hires.strength)
     return decode(model, z)
 
 
 def txt2img(model: LatentDiffusion, prompts: Sequence[str] = ("",), negative: str = "", options: Sampling = Sampling(),
             size: Optional[tuple[int, int]] = None, labels: Optional[Sequence[int]] = None,
-            seeds: Optional[Sequence[int]] = None, progress: Progress = None, preview: Preview = None) -> torch.Tensor:
+            seeds: Optional[Sequence[int]] = None, progress: Progress = None, preview: Preview = None,
+            hires: Optional[Hires] = None) -> torch.Tensor:
     """One image per prompt (or per class label), as a [N, 3, H, W] tensor in [-1, 1].
 
     `seeds` default to options.seed, options.seed + 1, ...; `size` (H, W) to the model's native
-    size. Out of device memory, the batch is retried as two halves (the same images)."""
+    size (with `hires`, the first pass's). Out of device memory, the batch is retried as two
+    halves (the same images)."""
     _diffusion(model, "txt2img")
     count = len(labels) if labels else len(prompts)
     prompts = list(prompts) if not labels else [""] * count
@@ -241,7 +283,7 @@ def txt2img(model: LatentDiffusion, prompts: Sequence[str] = ("",), negative: st
         raise LatentgenError(f"{len(seeds)} seeds for {count} images")
     try:
         return _txt2img_batch(model, prompts, list(labels) if labels else None, seeds, negative, options, size,
-                              progress, preview)
+                              progress, preview, hires)
     except torch.OutOfMemoryError:
         if count == 1:
             raise LatentgenError("out of device memory even at batch size 1: lower the size, "
@@ -252,7 +294,46 @@ def txt2img(model: LatentDiffusion, prompts: Sequence[str] = ("",), negative: st
     half = count // 2
     parts = [slice(0, half), slice(half, count)]
     return torch.cat([txt2img(model, prompts[part], negative, options, size, labels[part] if labels else None,
-                              seeds[part], progress, preview) for part in parts])
+                              seeds[part], progress, preview, hires) for part in parts])
+
+
+# ---- img2img --------------------------------------------------------------------------------
+
+
+def img2img(model: LatentDiffusion, image: torch.Tensor, prompt: str = "", negative: str = "",
+            options: Sampling = Sampling(), strength: float = 0.75, mask: Optional[torch.Tensor] = None,
+            progress: Progress = None, preview: Preview = None) -> torch.Tensor:
+    """SDEdit (Meng et al. 2022) as CompVis `scripts/img2img.py`: the image's latent noised to the
+    step that `strength` selects, then denoised from there with any sampler. Strength 0 returns
+    the first-stage round trip, 1 starts from pure noise. With `mask` (1 = change) the rest is
+    kept by masked sampling and pasted back exactly. Any size: padded to the model's multiple,
+    cropped back."""
+    spec = _diffusion(model, "img2img")
+    if spec.concat is not None:
+        raise LatentgenError(f"{model.name} concatenates an image of its own ({spec.concat}): "
+                             "use inpaint or upscale with it")
+    if not 0 <= strength <= 1:
+        raise LatentgenError(f"strength must be between 0 and 1, got {strength}")
+    check_inputs(model, prompt, negative)
+    if mask is not None:
+        check_mask(mask)
+    if strength == 0:
+        return reconstruct(model, image).image
+    padded, pad = pad_to_multiple(image, spec.size_multiple)
+    x0 = encode(model, padded)
+    x_T, generators = _noise(model, [options.seed], tuple(x0.shape[-2:]), options)
+    windows = _windows(model, [prompt, negative])
+    masking = {}
+    if mask is not None:
+        small = F.interpolate(pad_to_multiple(mask, spec.size_multiple)[0], size=x0.shape[-2:], mode="nearest")
+        masking["mask"] = 1 - small.to(x0)
+    with torch.no_grad():
+        cond = _condition(model, [prompt], None, windows=windows)
+        uncond = _unconditional(model, negative, 1, windows=windows) if options.scale != 1 else None
+        z = _sample(model, cond, uncond, options, x_T, generators, progress, preview, x0=x0, strength=strength,
+                    **masking)
+        result = crop_padding(decode(model, z), pad)
+    return result if mask is None else fill_hole(image, result, mask, 0)
 
 
 # ---- inpaint --------------------------------------------------------------------------------
