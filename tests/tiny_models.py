@@ -69,7 +69,7 @@ def diffusion_model(folder: Path, task: str) -> Path:
     return _save(folder, state, config)
 
 
-TINY_CLIP = {"vocab_size": 49408, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+TINY_CLIP = {"vocab_size": 49408, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
              "num_attention_heads": 2, "max_position_embeddings": 77}
 
 

@@ -3,7 +3,7 @@
 import os
 import sys
 from pathlib import Path
-from typing import Union
+from typing import Optional, Union
 
 from .errors import LatentgenError
 
@@ -83,3 +83,20 @@ def discover() -> list[Path]:
             elif entry.is_file() and entry.suffix in CHECKPOINT_SUFFIXES:
                 found.append(entry)
     return found
+
+
+def lora_dirs(extra: Optional[Path] = None) -> list[Path]:
+    """Where `<lora:name:weight>` tags look: `--lora-dir`, then `$LATENTGEN_LORA` (os.pathsep-separated)."""
+    found = [extra] if extra is not None else []
+    found += [Path(p) for p in os.environ.get("LATENTGEN_LORA", "").split(os.pathsep) if p]
+    return [d for d in found if d.is_dir()]
+
+
+def find_lora(name: str, folders: list[Path]) -> Path:
+    """The file a prompt's `<lora:name>` means: name + a checkpoint suffix in the first folder that has it."""
+    for folder in folders:
+        for suffix in CHECKPOINT_SUFFIXES:
+            if (folder / f"{name}{suffix}").is_file():
+                return folder / f"{name}{suffix}"
+    searched = ", ".join(str(d) for d in folders) or "no folder: give --lora-dir or set $LATENTGEN_LORA"
+    raise LatentgenError(f"<lora:{name}> not found (searched: {searched})")

@@ -18,7 +18,8 @@ from rich.progress import (BarColumn, MofNCompleteColumn, Progress, ProgressColu
 from rich.table import Table
 from rich.text import Text
 
-from . import __version__, catalog, images, jobs, memory, previews, tasks
+from . import __version__, addons, catalog, images, jobs, memory, previews, tasks
+from . import prompts as prompt_syntax
 from .devices import pick_device, pick_dtype
 from .errors import LatentgenError
 from .files import write_new
@@ -58,6 +59,10 @@ Eta = Annotated[Optional[float], typer.Option("--eta", help="DDIM eta (0 = deter
 Karras = Annotated[bool, typer.Option("--karras", help="Karras sigmas for the k-diffusion samplers.")]
 Guidance = Annotated[Optional[float], typer.Option("--scale", "--cfg-scale", help="Classifier-free guidance scale (1 = off; default: the model's).")]
 Negative = Annotated[str, typer.Option("--negative", "--negative-prompt", help="Negative prompt (the unconditional context) of text models; AUTOMATIC1111's (word:1.2) syntax works.")]
+Loras = Annotated[Optional[list[str]], typer.Option("--lora", help="A LoRA file (kohya/A1111 or diffusers/PEFT) to merge, as FILE or FILE:WEIGHT; repeatable.")]
+LoraDir = Annotated[Optional[Path], typer.Option("--lora-dir", help="Folder where a prompt's <lora:name:weight> tags are found (also $LATENTGEN_LORA).")]
+Vae = Annotated[Optional[Path], typer.Option("--vae", help="Another first stage with the same latents (e.g. SD's ft-MSE VAE).")]
+ClipSkip = Annotated[Optional[int], typer.Option("--clip-skip", help="CLIP layers to skip from the end, as A1111: 1 = last (default), 2 = penultimate.")]
 Seamless = Annotated[bool, typer.Option("--seamless", help="Circular padding in the UNet and decoder: the image tiles without a seam (A1111 'Tiling').")]
 DeviceNoise = Annotated[bool, typer.Option("--device-noise", help="Draw noise on the device (faster, not reproducible across devices).")]
 MaxMemory = Annotated[Optional[str], typer.Option("--max-memory", help="Refuse to start if the estimated peak memory exceeds this (e.g. 8GB, 512MiB).")]
@@ -134,6 +139,33 @@ def open_model(path: Path, config: Optional[Path], device: str, dtype: str,
     return tasks.prepare(model, device, dtype)
 
 
+def lora_argument(value: str) -> tuple[Path, float]:
+    """FILE or FILE:WEIGHT."""
+    path, _, weight = value.rpartition(":")
+    try:
+        return (Path(path), float(weight)) if path else (Path(value), 1.0)
+    except ValueError:
+        return Path(value), 1.0
+
+
+def apply_addons(model: LatentDiffusion, texts: list[str], loras: Optional[list[str]], lora_dir: Optional[Path],
+                 vae: Optional[Path], clip_skip: Optional[int]) -> None:
+    """--lora files and the prompts' <lora:name:weight> tags merged, --vae swapped in, --clip-skip set."""
+    files = [lora_argument(value) for value in loras or []]
+    for text in texts:
+        for kind, name, weight in prompt_syntax.extra_networks(text)[1]:
+            if kind != "lora":
+                raise LatentgenError(f"<{kind}:{name}>: only <lora:...> tags are supported")
+            entry = (catalog.find_lora(name, catalog.lora_dirs(lora_dir)), weight)
+            if entry not in files:
+                files.append(entry)
+    addons.add_loras(model, files)
+    if vae is not None:
+        addons.swap_vae(model, vae)
+    if clip_skip is not None:
+        addons.set_clip_skip(model, clip_skip)
+
+
 def parameters_of(image: Path) -> str:
     text = images.read_parameters(image)
     if text is None:
@@ -182,7 +214,7 @@ def txt2img(
     hires_strength: Annotated[float, typer.Option("--hires-strength", help="Denoising strength of the hires pass.")] = 0.5,
     hires_steps: Annotated[int, typer.Option("--hires-steps", help="Steps of the hires pass (0: as --steps).")] = 0,
     hires_upscaler: Annotated[str, typer.Option("--hires-upscaler", help="latent (bilinear on the latent, A1111's default) or image (bicubic on the decoded image, then encoded).")] = "latent",
-    seamless: Seamless = False,
+    seamless: Seamless = False, lora: Loras = None, lora_dir: LoraDir = None, vae: Vae = None, clip_skip: ClipSkip = None,
     preview: Annotated[Optional[Path], typer.Option("--preview", help="Write the current x0 estimate to this PNG while sampling (cheap latent-to-RGB projection, or --taesd).")] = None,
     preview_every: Annotated[int, typer.Option("--preview-every", help="Steps between previews.")] = 5,
     taesd: Annotated[Optional[Path], typer.Option("--taesd", help="A TAESD decoder (madebyollin's taesd_decoder) for --preview.")] = None,
@@ -215,6 +247,7 @@ def txt2img(
     if recipe is not None and recipe.model_hash and not model.sha256.startswith(recipe.model_hash.lower()):
         say(f"note: {from_png.name} was made by a model with hash {recipe.model_hash}; this is {model.sha256[:10]}")
     tasks.check_inputs(model, next((text for text in texts if text), ""), negative, class_label)
+    apply_addons(model, [*texts, negative], lora, lora_dir, vae, clip_skip)
     options = sampling_options(sampler, steps, eta, karras, scale, seed, device_noise, model)
     planned = jobs.plan_jobs(texts, class_label, num, options.seed)
     size = tasks.check_size(model, height, width)
@@ -264,6 +297,7 @@ def img2img(
     strength: Annotated[float, typer.Option("--strength", help="0 keeps the image (a first-stage round trip), 1 starts from noise.")] = 0.75,
     mask: Annotated[Optional[Path], typer.Option("--mask", help="White = change, black = keep exactly.")] = None,
     seamless: Seamless = False, max_memory: MaxMemory = None,
+    lora: Loras = None, lora_dir: LoraDir = None, vae: Vae = None, clip_skip: ClipSkip = None,
     steps: Steps = None, sampler: Sampler = None, eta: Eta = None, karras: Karras = False,
     scale: Guidance = None, seed: Seed = None, device_noise: DeviceNoise = False,
     ckpt: Ckpt = None, config: Config = None, prediction: Prediction = None, device: Device = "auto",
@@ -274,6 +308,7 @@ def img2img(
     region = images.load_mask(mask, picture.shape[-2:]) if mask is not None else None
     model = open_model(ckpt or catalog.default_model("txt2img"), config, device, dtype, prediction)
     tasks.check_inputs(model, prompt, negative)
+    apply_addons(model, [prompt, negative], lora, lora_dir, vae, clip_skip)
     options = sampling_options(sampler, steps, eta, karras, scale, seed, device_noise, model)
     need = memory.check(model, 1, tuple(picture.shape[-2:]), options.scale != 1, max_memory)
     set_seamless(model.modules(), seamless)
@@ -298,7 +333,8 @@ def inpaint(
     prompt: Annotated[str, typer.Option("--prompt", "-p", help="Text for text-conditional models.")] = "",
     negative: Negative = "",
     feather: Annotated[int, typer.Option("--feather", help="Pixels inside the hole over which the fill is blended.")] = 4,
-    max_memory: MaxMemory = None,
+    max_memory: MaxMemory = None, lora: Loras = None, lora_dir: LoraDir = None, vae: Vae = None,
+    clip_skip: ClipSkip = None,
     steps: Steps = None, sampler: Sampler = None, eta: Eta = None, karras: Karras = False,
     scale: Guidance = None, seed: Seed = None, device_noise: DeviceNoise = False,
     ckpt: Ckpt = None, config: Config = None, prediction: Prediction = None, device: Device = "auto",
@@ -310,6 +346,7 @@ def inpaint(
     tasks.check_mask(region)
     model = open_model(ckpt or catalog.default_model("inpaint"), config, device, dtype, prediction)
     tasks.check_inputs(model, prompt, negative)
+    apply_addons(model, [prompt, negative], lora, lora_dir, vae, clip_skip)
     options = sampling_options(sampler, steps, eta, karras, scale, seed, device_noise, model)
     need = memory.check(model, 1, tuple(picture.shape[-2:]), options.scale != 1, max_memory)
     with progress_bar() as bar:
@@ -334,7 +371,8 @@ def upscale(
     scale: Annotated[Optional[float], typer.Option("--scale", help="Classifier-free guidance scale of text-conditional upscalers (default 9 for the SD 2 x4 upscaler; 1 = off).")] = None,
     noise_level: Annotated[Optional[int], typer.Option("--noise-level", help="Noise added to the low-res image by the SD 2 x4 upscaler, 0..350 (default 20); more noise, more invented detail.")] = None,
     tile: Annotated[int, typer.Option("--tile", help="Tile size in low-resolution pixels for large images.")] = 128,
-    max_memory: MaxMemory = None,
+    max_memory: MaxMemory = None, lora: Loras = None, lora_dir: LoraDir = None, vae: Vae = None,
+    clip_skip: ClipSkip = None,
     steps: Steps = None, sampler: Sampler = None, eta: Eta = None, karras: Karras = False,
     seed: Seed = None, device_noise: DeviceNoise = False,
     ckpt: Ckpt = None, config: Config = None, prediction: Prediction = None, device: Device = "auto",
@@ -344,6 +382,7 @@ def upscale(
     picture = images.load_image(image)
     model = open_model(ckpt or catalog.default_model("upscale"), config, device, dtype, prediction)
     tasks.check_inputs(model, prompt, negative)
+    apply_addons(model, [prompt, negative], lora, lora_dir, vae, clip_skip)
     guidance = scale if scale is not None else tasks.upscale_guidance(model)
     options = sampling_options(sampler, steps, eta, karras, guidance, seed, device_noise, model)
     f = model.spec.factor

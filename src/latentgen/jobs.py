@@ -120,6 +120,7 @@ def parameters_text(model: LatentDiffusion, options: Sampling, prompt: str, nega
     if hires is not None:
         fields.update({"Hires upscale": hires.scale, "Hires steps": hires.steps or None,
                        "Hires upscaler": HIRES_UPSCALERS[hires.upscaler]})
+    fields.update(model.infotext)
     fields.update(extra or {})
     return format_parameters(prompt, negative, fields)
 

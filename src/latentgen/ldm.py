@@ -104,6 +104,8 @@ class LatentDiffusion:
     name: str = ""
     sha256: str = ""
     noise_augmentation: Optional[NoiseAugmentation] = None
+    infotext: dict = field(default_factory=dict)
+    """AUTOMATIC1111 fields of what was added after loading (LoRA hashes, VAE, clip skip; addons.py)."""
 
     @property
     def family(self) -> str:

@@ -19,11 +19,25 @@ from typing import Protocol, Sequence
 
 import torch
 
+from .errors import LatentgenError
+
 ROUND, SQUARE = 1.1, 1 / 1.1
 COMMA_BACKTRACK = 20  # A1111's default "comma_padding_backtrack"
 BREAK = "BREAK"
 TOKEN = re.compile(r"\\\(|\\\)|\\\[|\\]|\\\\|\\|\(|\[|:\s*([+-]?[.\d]+)\s*\)|\)|]|[^\\()\[\]:]+|:")
 BREAK_WORD = re.compile(r"\s*\bBREAK\b\s*")
+EXTRA_NETWORK = re.compile(r"<(\w+):([^>:]+)(?::([^>]*))?>")  # A1111's <lora:name:weight>
+
+
+def extra_networks(prompt: str) -> tuple[str, list[tuple[str, str, float]]]:
+    """(the prompt without its `<kind:name[:weight]>` tags, [(kind, name, weight)]), as A1111 reads them."""
+    found = []
+    for kind, name, weight in EXTRA_NETWORK.findall(prompt):
+        try:
+            found.append((kind, name, float(weight) if weight else 1.0))
+        except ValueError:
+            raise LatentgenError(f"<{kind}:{name}:{weight}>: the weight must be a number") from None
+    return EXTRA_NETWORK.sub("", prompt), found
 
 
 class TextEncoder(Protocol):
@@ -37,7 +51,9 @@ class TextEncoder(Protocol):
 
 
 def parse_attention(prompt: str) -> list[tuple[str, float]]:
-    """(text, weight) runs of a prompt, neighbours of equal weight merged; BREAK as (BREAK, -1)."""
+    """(text, weight) runs of a prompt, neighbours of equal weight merged; BREAK as (BREAK, -1).
+    `<lora:...>` tags are not text: they are dropped here (see `extra_networks`)."""
+    prompt = extra_networks(prompt)[0]
     runs: list[list] = []
     round_open: list[int] = []
     square_open: list[int] = []

@@ -237,6 +237,8 @@ class FrozenCLIPEmbedder(nn.Module):
         self.transformer.text_model = CLIPTextTransformer(**sizes)
         self.max_length, self.layer, self.layer_idx = max_length, layer, layer_idx
         self.context_dim = sizes["hidden_size"]
+        self.layers = sizes["num_hidden_layers"]
+        self.clip_skip = 1  # AUTOMATIC1111's: 1 the last layer, 2 the penultimate (final norm applied) ...
         self.requires_grad_(False)
 
     @property
@@ -259,7 +261,7 @@ class FrozenCLIPEmbedder(nn.Module):
         states = text_model.hidden_states(tokens)
         if self.layer == "hidden":
             return states[self.layer_idx]
-        z = text_model.final_layer_norm(states[-1])
+        z = text_model.final_layer_norm(states[-self.clip_skip])
         if self.layer == "pooled":
             return z[torch.arange(len(z), device=z.device), tokens.argmax(-1)][:, None]  # the end token has the top id
         return z
@@ -326,6 +328,8 @@ class FrozenOpenCLIPEmbedder(nn.Module):
             raise ValueError(f"layer must be 'last' or 'penultimate', not {layer!r}")
         self.model = OpenCLIPTextTower(vocab_size, max_length, width, layers, heads, embed_dim)
         self.layer, self.max_length, self.context_dim = layer, max_length, width
+        self.layers = layers - (layer == "penultimate")  # the blocks the model was trained to read
+        self.clip_skip = 1  # AUTOMATIC1111's meaning, counted from `layer`: 2 skips one more block
         self.requires_grad_(False)
 
     @property
@@ -346,8 +350,7 @@ class FrozenOpenCLIPEmbedder(nn.Module):
         tokens = tokens.to(_device_of(self))
         model = self.model
         x = model.token_embedding(tokens) + model.positional_embedding[: tokens.shape[1]]
-        blocks = model.transformer.resblocks
-        for block in blocks[: len(blocks) - 1] if self.layer == "penultimate" else blocks:
+        for block in model.transformer.resblocks[: self.layers - (self.clip_skip - 1)]:
             x = block(x)
         return model.ln_final(x)
 

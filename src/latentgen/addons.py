@@ -1,0 +1,179 @@
+"""What users add to a loaded model: LoRA files merged into its weights, another first stage
+(`--vae`), and CLIP skip. Each changes the loaded modules in place; CompVis names stay intact.
+
+LoRA files come in two layouts, both read here:
+- kohya / AUTOMATIC1111: `lora_unet_<path>.lora_down.weight`, `.lora_up.weight`, `.alpha`, with
+  `<path>` the diffusers module path (or, in some files, the CompVis one) with `_` for `.`, and
+  `lora_te_<path>` for the text encoder; LoCon files add the convolutions;
+- diffusers / PEFT: `unet.<path>.lora_A.weight` / `.lora_B.weight` (and `text_encoder.`).
+The merge is W += weight * alpha / rank * up @ down, as both tools fuse them.
+"""
+
+import re
+from dataclasses import replace
+from pathlib import Path
+from typing import Optional, Union
+
+import torch
+from torch import nn
+
+from .errors import LatentgenError
+from .ldm import LatentDiffusion, UNetLayout
+from .loader import file_sha256, load_model, load_state_dict
+from .models.text import FrozenCLIPEmbedder, FrozenOpenCLIPEmbedder
+from .models.unet import Upsample
+
+RESNET_PARTS = {"in_layers.0": "norm1", "in_layers.2": "conv1", "emb_layers.1": "time_emb_proj",
+                "out_layers.0": "norm2", "out_layers.3": "conv2", "skip_connection": "conv_shortcut"}
+TOP_LEVEL = {"time_embed.0": "time_embedding.linear_1", "time_embed.2": "time_embedding.linear_2",
+             "input_blocks.0.0": "conv_in", "out.0": "conv_norm_out", "out.2": "conv_out"}
+
+
+def _resnet(prefix: str, rest: str) -> str:
+    for ours, theirs in RESNET_PARTS.items():
+        if rest == ours or rest.startswith(ours + "."):
+            return f"{prefix}.{theirs}{rest[len(ours):]}"
+    return f"{prefix}.{rest}"
+
+
+def diffusers_unet_path(path: str, layout: UNetLayout, upsampler: bool = False) -> Optional[str]:
+    """The diffusers `UNet2DConditionModel` path of a module of our (CompVis) UNet, or None."""
+    for ours, theirs in TOP_LEVEL.items():
+        if path == ours or path.startswith(ours + "."):
+            return theirs + path[len(ours):]
+    blocks = layout.num_res_blocks + 1
+    match = re.fullmatch(r"(input_blocks|middle_block|output_blocks)\.(\d+)(?:\.(\d+))?(?:\.(.+))?", path)
+    if match is None:
+        return None
+    kind, index, part, rest = match.group(1), int(match.group(2)), match.group(3), match.group(4) or ""
+    part = int(part) if part is not None else None
+    if kind == "middle_block":
+        name = ["mid_block.resnets.0", "mid_block.attentions.0", "mid_block.resnets.1"][index]
+        rest = ".".join(p for p in (str(part) if part is not None else "", rest) if p)
+        return _resnet(name, rest) if index != 1 else f"{name}.{rest}".rstrip(".")
+    if part is None:
+        return None
+    if kind == "input_blocks":
+        level, j = divmod(index - 1, blocks)
+        if j == layout.num_res_blocks:
+            return f"down_blocks.{level}.downsamplers.0.conv" + rest.removeprefix("op")
+        name = f"down_blocks.{level}.resnets.{j}" if part == 0 else f"down_blocks.{level}.attentions.{j}"
+    else:
+        level, j = divmod(index, blocks)
+        if upsampler:
+            return f"up_blocks.{level}.upsamplers.0.conv" + rest.removeprefix("conv")
+        name = f"up_blocks.{level}.resnets.{j}" if part == 0 else f"up_blocks.{level}.attentions.{j}"
+    return _resnet(name, rest) if part == 0 else f"{name}.{rest}".rstrip(".")
+
+
+def _targets(model: LatentDiffusion) -> dict[str, nn.Module]:
+    """Every name a LoRA file may use for a Linear or Conv2d of the model -> that module."""
+    targets: dict[str, nn.Module] = {}
+    if model.unet is not None:
+        upsamplers = {name for name, module in model.unet.named_modules() if isinstance(module, Upsample)}
+        for name, module in model.unet.named_modules():
+            if not isinstance(module, (nn.Linear, nn.Conv2d)):
+                continue
+            parent = name.rsplit(".", 1)[0]
+            theirs = diffusers_unet_path(name, model.spec.unet, upsampler=parent in upsamplers)
+            for path in {name, theirs} - {None}:
+                targets["lora_unet_" + path.replace(".", "_")] = module
+                targets["unet." + path] = module
+    if isinstance(model.cond_stage, FrozenCLIPEmbedder):
+        for name, module in model.cond_stage.named_modules():
+            if isinstance(module, nn.Linear) and name.startswith("transformer."):
+                path = name.removeprefix("transformer.")
+                for variant in (path, path.removeprefix("text_model.")):  # transformers 5 dropped that level
+                    targets["lora_te_" + variant.replace(".", "_")] = module
+                    targets["text_encoder." + variant] = module
+    return targets
+
+
+def read_lora(path: Union[str, Path]) -> dict[str, tuple[torch.Tensor, torch.Tensor, Optional[float]]]:
+    """{module name as the file writes it: (up, down, alpha)} of a LoRA file in either layout."""
+    state = load_state_dict(path)
+    pairs: dict[str, dict] = {}
+    for key, tensor in state.items():
+        for suffix, part in ((".lora_up.weight", "up"), (".lora_down.weight", "down"), (".lora_B.weight", "up"),
+                             (".lora_A.weight", "down"), (".lora.up.weight", "up"), (".lora.down.weight", "down"),
+                             (".alpha", "alpha")):
+            if key.endswith(suffix):
+                pairs.setdefault(key[: -len(suffix)], {})[part] = tensor
+                break
+        else:
+            raise LatentgenError(f"{path} is not a LoRA file: unexpected key {key!r}")
+    lora = {}
+    for name, parts in sorted(pairs.items()):
+        if "up" not in parts or "down" not in parts:
+            raise LatentgenError(f"{path}: LoRA module {name!r} lacks its {'up' if 'up' not in parts else 'down'} weights")
+        alpha = float(parts["alpha"]) if "alpha" in parts else None
+        lora[name] = (parts["up"], parts["down"], alpha)
+    if not lora:
+        raise LatentgenError(f"{path} holds no LoRA weights")
+    return lora
+
+
+def _delta(up: torch.Tensor, down: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """up @ down in the shape of the weight it adds to (Linear, 1x1 or kxk convolution)."""
+    product = up.flatten(1).double() @ down.flatten(1).double()
+    return product.reshape(shape) if product.numel() == shape.numel() else product
+
+
+def merge_lora(model: LatentDiffusion, path: Union[str, Path], weight: float = 1.0) -> str:
+    """Add a LoRA to the model's weights (UNet, and the text encoder for CLIP models); the file's
+    12-digit sha256, AUTOMATIC1111's "Lora hashes" entry. A name the model lacks or a wrong shape is
+    refused before any weight changes."""
+    lora = read_lora(path)
+    targets = _targets(model)
+    plans = []
+    for name, (up, down, alpha) in lora.items():
+        module = targets.get(name)
+        if module is None:
+            hint = " (OpenCLIP text encoders take no LoRA yet)" if name.startswith(("lora_te", "text_encoder")) \
+                and isinstance(model.cond_stage, FrozenOpenCLIPEmbedder) else ""
+            raise LatentgenError(f"{Path(path).name} names a module {model.name} lacks: {name!r}{hint}")
+        delta = _delta(up, down, module.weight.shape)
+        if delta.shape != module.weight.shape:
+            raise LatentgenError(f"{Path(path).name}: {name!r} gives {list(delta.shape)}, the model's weight is "
+                                 f"{list(module.weight.shape)}")
+        rank = down.shape[0]
+        plans.append((module, delta * (weight * (alpha if alpha is not None else rank) / rank)))
+    with torch.no_grad():
+        for module, delta in plans:
+            module.weight += delta.to(module.weight)
+    return file_sha256(path)[:12]
+
+
+def add_loras(model: LatentDiffusion, loras: list[tuple[Path, float]]) -> None:
+    """Merge each (file, weight) and record them as AUTOMATIC1111 does (`Lora hashes: "name: hash, ..."`)."""
+    entries = [f"{Path(path).stem}: {merge_lora(model, path, weight)}" for path, weight in loras]
+    if entries:
+        model.infotext["Lora hashes"] = ", ".join(entries)
+
+
+def set_clip_skip(model: LatentDiffusion, skip: int) -> None:
+    """AUTOMATIC1111's CLIP skip: 1 reads the text encoder's last layer (as trained), 2 the one
+    before, ... (the final layer norm applied); for SD 2.x counted from its penultimate layer."""
+    stage = model.cond_stage
+    if not isinstance(stage, (FrozenCLIPEmbedder, FrozenOpenCLIPEmbedder)):
+        raise LatentgenError(f"{model.name} has no CLIP text encoder: clip skip does not apply")
+    if not 1 <= skip <= stage.layers:
+        raise LatentgenError(f"clip skip must be between 1 and {stage.layers}, got {skip}")
+    stage.clip_skip = skip
+    model.infotext["Clip skip"] = skip if skip > 1 else None
+
+
+def swap_vae(model: LatentDiffusion, path: Union[str, Path]) -> str:
+    """Decode and encode with another first stage (an official VAE such as SD's ft-MSE, a bundled
+    autoencoder, or a full checkpoint's first stage); it must share the latent channels and factor.
+    Returns its 10-digit hash (A1111's "VAE hash")."""
+    other = load_model(path)
+    mine, theirs = model.spec, other.spec
+    if (theirs.latent_channels, theirs.factor) != (mine.latent_channels, mine.factor):
+        raise LatentgenError(f"{Path(path).name} has {theirs.latent_channels} latent channels at f={theirs.factor}; "
+                             f"{model.name} needs {mine.latent_channels} at f={mine.factor}")
+    reference = next(model.first_stage.parameters())
+    model.first_stage = other.first_stage.to(reference.device, reference.dtype).eval()
+    model.spec = replace(mine, decoder_width=theirs.decoder_width)
+    model.infotext.update({"VAE hash": other.sha256[:10], "VAE": Path(path).name})
+    return other.sha256[:10]

@@ -1,0 +1,205 @@
+"""LoRA (kohya/A1111 and diffusers/PEFT files) against diffusers' load_lora_weights + fuse_lora,
+the refusals, `<lora:name:weight>` tags, --vae and --clip-skip."""
+
+import copy
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+from typer.testing import CliRunner
+
+from latentgen import addons, images, tasks
+from latentgen.cli import app
+from latentgen.errors import LatentgenError
+from latentgen.loader import load_model
+from latentgen.reference import first_stage_to_diffusers, transformer_unet_to_diffusers
+
+sys.path.insert(0, str(Path(__file__).parent))
+import tiny_models  # noqa: E402
+
+runner = CliRunner()
+RANK = 4
+
+
+@pytest.fixture
+def sd(tmp_path):
+    path = tiny_models.official_checkpoint(tmp_path / "tiny-sd.safetensors", "sd")
+    config = tiny_models.tiny_clip_config(tmp_path / "tiny-sd.yaml")
+    return path, config
+
+
+def load(sd):
+    return tasks.prepare(load_model(sd[0], config=sd[1]), "cpu", "fp32")
+
+
+def kohya_lora(model, generator: torch.Generator, text: bool = True, convs: bool = False) -> dict:
+    """Random kohya-format LoRA weights in diffusers naming for every attention projection of the
+    UNet (LoCon: also the ResBlock convolutions) and, with `text`, the CLIP layers' projections."""
+    unet = transformer_unet_to_diffusers(model.unet, model.params["unet_config"]["params"])
+    state = {}
+    modules = [("lora_unet_", name, module) for name, module in unet.named_modules()
+               if isinstance(module, torch.nn.Linear) and ".attn" in name
+               or (convs and isinstance(module, torch.nn.Conv2d) and "resnets" in name)]
+    if text:
+        modules += [("lora_te_text_model_", name.removeprefix("transformer.text_model."), module)
+                    for name, module in model.cond_stage.named_modules()
+                    if isinstance(module, torch.nn.Linear) and "self_attn" in name]
+    for prefix, name, module in modules:
+        key = prefix + name.replace(".", "_")
+        out_features, in_features = module.weight.shape[:2]
+        kernel = module.weight.shape[2:]
+        state[f"{key}.lora_down.weight"] = torch.randn(RANK, in_features, *kernel, generator=generator) * 0.1
+        state[f"{key}.lora_up.weight"] = torch.randn(out_features, RANK, *(1,) * len(kernel), generator=generator) * 0.1
+        state[f"{key}.alpha"] = torch.tensor(2.0)
+    return state
+
+
+def diffusers_pipeline(model):
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    vae = first_stage_to_diffusers(model.first_stage, model.params["first_stage_config"]["params"])
+    unet = transformer_unet_to_diffusers(model.unet, model.params["unet_config"]["params"])
+    text = CLIPTextModel(CLIPTextConfig(**tiny_models.TINY_CLIP, hidden_act="quick_gelu")).eval()
+    state = {k.removeprefix("transformer."): v for k, v in model.cond_stage.state_dict().items()}
+    if not any(k.startswith("text_model.") for k in text.state_dict()):
+        state = {k.removeprefix("text_model."): v for k, v in state.items()}
+    text.load_state_dict(state, strict=False)
+    return StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=None, unet=unet, scheduler=DDIMScheduler(),
+                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+
+
+def outputs(unet_call, text_call, generator_seed: int = 0):
+    g = torch.Generator().manual_seed(generator_seed)
+    x, context = torch.randn(1, 4, 8, 8, generator=g), torch.randn(1, 77, 32, generator=g)
+    tokens = torch.randint(0, 49407, (1, 77), generator=g)
+    with torch.no_grad():
+        return unet_call(x, torch.tensor([500.0]), context), text_call(tokens)
+
+
+@pytest.mark.slow
+def test_kohya_lora_matches_diffusers_fuse_lora(sd, tmp_path):
+    pytest.importorskip("peft")
+    model = load(sd)
+    lora = kohya_lora(model, torch.Generator().manual_seed(1), convs=True)  # LoCon too
+    save_file(lora, str(tmp_path / "style.safetensors"))
+    pipe = diffusers_pipeline(copy.deepcopy(model))  # the conversion shares tensors with the model it reads
+    pipe.load_lora_weights({k: v.clone() for k, v in lora.items()})
+    pipe.fuse_lora(lora_scale=0.8)
+    theirs = outputs(lambda x, t, c: pipe.unet(x, t, encoder_hidden_states=c).sample,
+                     lambda ids: pipe.text_encoder(ids).last_hidden_state)
+    before = outputs(lambda x, t, c: model.unet(x, t, context=c), lambda ids: model.cond_stage.encode_tokens(ids))
+    addons.add_loras(model, [(tmp_path / "style.safetensors", 0.8)])
+    ours = outputs(lambda x, t, c: model.unet(x, t, context=c), lambda ids: model.cond_stage.encode_tokens(ids))
+    for mine, reference, old in zip(ours, theirs, before):
+        scale = reference.abs().max()
+        assert (mine - reference).abs().max() / scale <= 1e-4
+        assert (old - reference).abs().max() / scale > 1e-2  # the LoRA did change the model
+    assert model.infotext["Lora hashes"].startswith("style: ") and len(model.infotext["Lora hashes"]) == 19
+
+
+def test_peft_and_locon_files_merge_as_up_times_down(sd, tmp_path):
+    model = load(sd)
+    target = model.unet.input_blocks[1][0].in_layers[2]  # a ResBlock conv: LoCon
+    attention = model.unet.input_blocks[3][1].transformer_blocks[0].attn1.to_q  # level 1: the one with attention
+    g = torch.Generator().manual_seed(2)
+    down, up = torch.randn(2, target.in_channels, 3, 3, generator=g), torch.randn(target.out_channels, 2, 1, 1, generator=g)
+    a, b = torch.randn(3, attention.in_features, generator=g), torch.randn(attention.out_features, 3, generator=g)
+    save_file({"lora_unet_down_blocks_0_resnets_0_conv1.lora_down.weight": down,
+               "lora_unet_down_blocks_0_resnets_0_conv1.lora_up.weight": up,
+               "lora_unet_down_blocks_0_resnets_0_conv1.alpha": torch.tensor(1.0)}, str(tmp_path / "locon.safetensors"))
+    save_file({"unet.down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q.lora_A.weight": a,
+               "unet.down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q.lora_B.weight": b},
+              str(tmp_path / "peft.safetensors"))
+    conv_before, q_before = target.weight.clone(), attention.weight.clone()
+    addons.add_loras(model, [(tmp_path / "locon.safetensors", 1.0), (tmp_path / "peft.safetensors", 0.5)])
+    expected_conv = conv_before + 0.5 * (up.flatten(1) @ down.flatten(1)).reshape(conv_before.shape)  # alpha 1 / rank 2
+    torch.testing.assert_close(target.weight, expected_conv, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(attention.weight, q_before + 0.5 * b @ a, rtol=1e-5, atol=1e-6)  # PEFT: alpha = rank
+
+
+def test_bad_lora_files_are_refused_with_nothing_changed(sd, tmp_path):
+    model = load(sd)
+    before = {k: v.clone() for k, v in model.unet.state_dict().items()}
+    good = {"lora_unet_down_blocks_1_attentions_0_proj_in.lora_down.weight": torch.ones(2, 64),
+            "lora_unet_down_blocks_1_attentions_0_proj_in.lora_up.weight": torch.ones(64, 2)}
+    cases = {
+        "missing module": {**good, "lora_unet_down_blocks_9_attentions_0_proj_in.lora_down.weight": torch.ones(2, 64),
+                           "lora_unet_down_blocks_9_attentions_0_proj_in.lora_up.weight": torch.ones(64, 2)},
+        "wrong shape": {"lora_unet_down_blocks_1_attentions_0_proj_in.lora_down.weight": torch.ones(2, 63),
+                        "lora_unet_down_blocks_1_attentions_0_proj_in.lora_up.weight": torch.ones(64, 2)},
+        "not a lora": {"model.diffusion_model.out.2.weight": torch.ones(1)},
+    }
+    messages = {"missing module": "down_blocks_9", "wrong shape": "gives", "not a lora": "not a LoRA"}
+    for name, state in cases.items():
+        save_file(state, str(tmp_path / f"{name}.safetensors"))
+        with pytest.raises(LatentgenError, match=messages[name]):
+            addons.merge_lora(model, tmp_path / f"{name}.safetensors")
+    (tmp_path / "truncated.safetensors").write_bytes((tmp_path / "wrong shape.safetensors").read_bytes()[:40])
+    with pytest.raises(LatentgenError):
+        addons.merge_lora(model, tmp_path / "truncated.safetensors")
+    for key, value in model.unet.state_dict().items():
+        assert torch.equal(value, before[key]), key
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    torch.save({"lora_unet_x.lora_down.weight": Evil()}, tmp_path / "evil.pt")
+    result = runner.invoke(app, ["txt2img", "x", "--ckpt", str(sd[0]), "--config", str(sd[1]), "--steps", "1",
+                                 "--lora", str(tmp_path / "evil.pt"), "--out", str(tmp_path / "x.png")])
+    assert result.exit_code == 1 and "refused" in result.output and not marker.exists()
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_lora_tags_in_prompts_and_cli_flags(sd, tmp_path):
+    model = load(sd)
+    (tmp_path / "loras").mkdir()
+    save_file(kohya_lora(model, torch.Generator().manual_seed(3), text=False), str(tmp_path / "loras" / "style.safetensors"))
+    common = ["txt2img", "--ckpt", str(sd[0]), "--config", str(sd[1]), "--steps", "2", "--seed", "1"]
+    tagged = runner.invoke(app, [*common, "a cat <lora:style:0.7>", "--lora-dir", str(tmp_path / "loras"),
+                                 "--out", str(tmp_path / "tag.png")])
+    flagged = runner.invoke(app, [*common, "a cat", "--lora", f"{tmp_path / 'loras' / 'style.safetensors'}:0.7",
+                                  "--out", str(tmp_path / "flag.png")])
+    plain = runner.invoke(app, [*common, "a cat", "--out", str(tmp_path / "plain.png")])
+    assert tagged.exit_code == flagged.exit_code == plain.exit_code == 0, tagged.output
+    pixels = {name: np.array(images.to_pil(images.load_image(tmp_path / f"{name}.png"))) for name in ("tag", "flag", "plain")}
+    np.testing.assert_array_equal(pixels["tag"], pixels["flag"])  # the tag is dropped from the text itself
+    assert not np.array_equal(pixels["tag"], pixels["plain"])
+    info = images.read_parameters(tmp_path / "tag.png")
+    assert "<lora:style:0.7>" in info and 'Lora hashes: "style: ' in info
+    missing = runner.invoke(app, [*common, "a cat <lora:nothere>", "--out", str(tmp_path / "m.png")])
+    assert missing.exit_code == 1 and "<lora:nothere> not found" in missing.output
+
+
+def test_vae_swap_and_clip_skip(sd, tmp_path):
+    model = load(sd)
+    tiny_models.autoencoder(tmp_path / "other-kl", "kl")
+    tiny_models.autoencoder(tmp_path / "vq", "vq")
+    z = torch.randn(1, 4, 8, 8)
+    before = tasks.decode(model, z)
+    addons.swap_vae(model, tmp_path / "other-kl")
+    after = tasks.decode(model, z)
+    assert not torch.equal(before, after) and model.infotext["VAE"] == "other-kl"
+    with pytest.raises(LatentgenError, match="3 latent channels at f=4"):
+        addons.swap_vae(model, tmp_path / "vq")
+    tokens = model.cond_stage.tokenize(["a cat"])
+    last = model.cond_stage.encode_tokens(tokens)
+    addons.set_clip_skip(model, 2)
+    penultimate = model.cond_stage.encode_tokens(tokens)
+    text_model = model.cond_stage.transformer.text_model
+    torch.testing.assert_close(penultimate, text_model.final_layer_norm(text_model.hidden_states(tokens)[-2]))
+    assert not torch.equal(last, penultimate) and model.infotext["Clip skip"] == 2
+    with pytest.raises(LatentgenError, match="clip skip must be between"):
+        addons.set_clip_skip(model, 9)
+    result = runner.invoke(app, ["txt2img", "a cat", "--ckpt", str(sd[0]), "--config", str(sd[1]), "--steps", "1",
+                                 "--clip-skip", "2", "--vae", str(tmp_path / "other-kl"), "--out", str(tmp_path / "v.png")])
+    assert result.exit_code == 0, result.output
+    info = images.read_parameters(tmp_path / "v.png")
+    assert "Clip skip: 2" in info and "VAE: other-kl" in info and "VAE hash: " in info
+    bundled = runner.invoke(app, ["txt2img", "a cat", "--steps", "1", "--clip-skip", "2", "--out", str(tmp_path / "b.png")])
+    assert bundled.exit_code == 1 and "no CLIP text encoder" in bundled.output
