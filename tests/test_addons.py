@@ -203,3 +203,49 @@ def test_vae_swap_and_clip_skip(sd, tmp_path):
     assert "Clip skip: 2" in info and "VAE: other-kl" in info and "VAE hash: " in info
     bundled = runner.invoke(app, ["txt2img", "a cat", "--steps", "1", "--clip-skip", "2", "--out", str(tmp_path / "b.png")])
     assert bundled.exit_code == 1 and "no CLIP text encoder" in bundled.output
+
+
+# ---- textual inversion --------------------------------------------------------------------------
+
+
+def test_embeddings_in_a1111_formats_stand_for_their_vectors(sd, tmp_path):
+    model = load(sd)
+    stage = model.cond_stage
+    token_table = stage.transformer.text_model.embeddings.token_embedding.weight
+    dog, red = (token_table[stage.token_ids(word)[0]].clone() for word in ("dog", "red"))
+    folder = tmp_path / "embeddings"
+    folder.mkdir()
+    torch.save({"string_to_token": {"*": 265}, "string_to_param": {"*": torch.stack([red, dog])}, "name": "reddog",
+                "step": 500}, folder / "reddog.pt")  # AUTOMATIC1111's .pt
+    save_file({"emb_params": dog[None]}, str(folder / "doggo.safetensors"))
+    save_file({"clip_l": dog[None], "clip_g": torch.zeros(1, 64)}, str(folder / "pair.safetensors"))  # the 32-wide one
+    files = addons.load_embeddings(model, folder)
+    assert sorted(files) == ["doggo", "pair", "reddog"]
+    from latentgen import prompts
+
+    for text, same in (("a doggo on grass", "a dog on grass"), ("a reddog, pair", "a red dog, dog")):
+        torch.testing.assert_close(prompts.encode(stage, [text]), prompts.encode(stage, [same]), rtol=0, atol=1e-6)
+    addons.record_embeddings(model, files, ["a doggo"])
+    assert model.infotext["TI hashes"].startswith("doggo: ") and "reddog" not in model.infotext["TI hashes"]
+
+
+def test_bad_embedding_files_are_refused(sd, tmp_path):
+    model = load(sd)
+    folder = tmp_path / "bad"
+    folder.mkdir()
+    save_file({"emb_params": torch.zeros(2, 768)}, str(folder / "sd-other.safetensors"))
+    with pytest.raises(LatentgenError, match="not a textual-inversion embedding for a 32-wide"):
+        addons.load_embeddings(model, folder)
+    (folder / "sd-other.safetensors").unlink()
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    torch.save({"string_to_param": {"*": Evil()}}, folder / "evil.pt")
+    with pytest.raises(LatentgenError, match="refused"):
+        addons.load_embeddings(model, folder)
+    assert not marker.exists()
+    result = runner.invoke(app, ["txt2img", "x", "--steps", "1", "--embeddings", str(folder), "--out", str(tmp_path / "x.png")])
+    assert result.exit_code == 1 and "no CLIP text encoder" in result.output and not (tmp_path / "x.png").exists()

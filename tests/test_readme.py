@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from safetensors.torch import save_file
 from typer.testing import CliRunner
 
 from latentgen.cli import app
@@ -66,6 +67,15 @@ def workdir(tmp_path, monkeypatch):
     from safetensors.torch import load_file
     torch.save({"state_dict": load_file(str(sr / "model.safetensors"))}, tmp_path / "bsr_sr.ckpt")
     shutil.copy(sr / "config.json", tmp_path / "bsr_sr.yaml")
+    sd = tiny_models.official_checkpoint(tmp_path / "v1-5-pruned-emaonly.safetensors", "sd")
+    tiny_models.tiny_clip_config(tmp_path / "v1-5-pruned-emaonly.yaml")
+    (tmp_path / "loras").mkdir()
+    tiny_models.lora_for(sd, tmp_path / "style.safetensors")
+    shutil.copy(tmp_path / "style.safetensors", tmp_path / "loras" / "style.safetensors")
+    (tmp_path / "embeddings").mkdir()
+    save_file({"emb_params": torch.randn(2, 32) * 0.02}, str(tmp_path / "embeddings" / "doggo.safetensors"))
+    vae = tiny_models.autoencoder(tmp_path / "kl-folder", "kl")
+    shutil.copy(vae / "model.safetensors", tmp_path / "vae-ft-mse-840000-ema-pruned.safetensors")
     monkeypatch.chdir(tmp_path)
     return tmp_path
 

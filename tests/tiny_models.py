@@ -107,3 +107,23 @@ def tiny_clip_config(path: Path) -> Path:
     path.write_text(json.dumps({"cond_stage_config": {
         "target": "ldm.modules.encoders.modules.FrozenCLIPEmbedder", "params": {"config": TINY_CLIP}}}))
     return path
+
+
+def lora_for(checkpoint: Path, path: Path, rank: int = 2) -> Path:
+    """A random kohya-format LoRA for the "sd" official checkpoint: its first transformer's q
+    projection (diffusers naming) and a CLIP layer's q projection."""
+    from safetensors.torch import load_file
+
+    state = load_file(str(checkpoint))
+    targets = {"lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_q":
+               state["model.diffusion_model.input_blocks.3.1.transformer_blocks.0.attn1.to_q.weight"].shape,
+               "lora_te_text_model_encoder_layers_0_self_attn_q_proj":
+               state["cond_stage_model.transformer.text_model.encoder.layers.0.self_attn.q_proj.weight"].shape}
+    generator = torch.Generator().manual_seed(9)
+    lora = {}
+    for name, (out_features, in_features) in targets.items():
+        lora[f"{name}.lora_down.weight"] = torch.randn(rank, in_features, generator=generator) * 0.1
+        lora[f"{name}.lora_up.weight"] = torch.randn(out_features, rank, generator=generator) * 0.1
+        lora[f"{name}.alpha"] = torch.tensor(float(rank))
+    save_file(lora, str(path))
+    return path

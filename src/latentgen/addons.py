@@ -19,7 +19,7 @@ from torch import nn
 
 from .errors import LatentgenError
 from .ldm import LatentDiffusion, UNetLayout
-from .loader import file_sha256, load_model, load_state_dict
+from .loader import file_sha256, load_model, load_state_dict, read_tensors
 from .models.text import FrozenCLIPEmbedder, FrozenOpenCLIPEmbedder
 from .models.unet import Upsample
 
@@ -149,6 +149,46 @@ def add_loras(model: LatentDiffusion, loras: list[tuple[Path, float]]) -> None:
     entries = [f"{Path(path).stem}: {merge_lora(model, path, weight)}" for path, weight in loras]
     if entries:
         model.infotext["Lora hashes"] = ", ".join(entries)
+
+
+EMBEDDING_SUFFIXES = (".pt", ".bin", ".safetensors")
+
+
+def read_embedding(path: Union[str, Path], width: int) -> torch.Tensor:
+    """The [n, width] vectors of a textual-inversion file: AUTOMATIC1111's .pt (`string_to_param`)
+    or .safetensors (`emb_params`, or `clip_l` / `clip_h` / `clip_g`, the one of this width), or
+    diffusers' {token: vector}."""
+    content = read_tensors(path)
+    if isinstance(content, dict) and isinstance(content.get("string_to_param"), dict):
+        content = content["string_to_param"]
+    candidates = [v for v in (content.values() if isinstance(content, dict) else [content])
+                  if isinstance(v, torch.Tensor) and v.is_floating_point()]
+    fitting = [v.reshape(-1, width) for v in candidates if v.shape[-1] == width]
+    if len(fitting) != 1:
+        widths = sorted({int(v.shape[-1]) for v in candidates}) or "none"
+        raise LatentgenError(f"{Path(path).name} is not a textual-inversion embedding for a {width}-wide text "
+                             f"encoder (vector widths found: {widths})")
+    return fitting[0].detach().float()
+
+
+def load_embeddings(model: LatentDiffusion, folder: Union[str, Path]) -> dict[str, Path]:
+    """Make every embedding file in `folder` usable in prompts by its file name; {name: file}."""
+    stage = model.cond_stage
+    if not isinstance(stage, (FrozenCLIPEmbedder, FrozenOpenCLIPEmbedder)):
+        raise LatentgenError(f"{model.name} has no CLIP text encoder: textual-inversion embeddings do not apply")
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise LatentgenError(f"embeddings folder {folder} does not exist")
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in EMBEDDING_SUFFIXES)
+    stage.embeddings = {p.stem: read_embedding(p, stage.context_dim) for p in files}
+    return {p.stem: p for p in files}
+
+
+def record_embeddings(model: LatentDiffusion, files: dict[str, Path], texts: list[str]) -> None:
+    """AUTOMATIC1111's `TI hashes: "name: hash, ..."` for the embeddings the prompts use."""
+    used = [name for name in files if any(re.search(rf"(?<![\w-]){re.escape(name)}(?![\w-])", t) for t in texts)]
+    if used:
+        model.infotext["TI hashes"] = ", ".join(f"{name}: {file_sha256(files[name])[:12]}" for name in used)
 
 
 def set_clip_skip(model: LatentDiffusion, skip: int) -> None:

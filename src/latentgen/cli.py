@@ -62,6 +62,7 @@ Negative = Annotated[str, typer.Option("--negative", "--negative-prompt", help="
 Loras = Annotated[Optional[list[str]], typer.Option("--lora", help="A LoRA file (kohya/A1111 or diffusers/PEFT) to merge, as FILE or FILE:WEIGHT; repeatable.")]
 LoraDir = Annotated[Optional[Path], typer.Option("--lora-dir", help="Folder where a prompt's <lora:name:weight> tags are found (also $LATENTGEN_LORA).")]
 Vae = Annotated[Optional[Path], typer.Option("--vae", help="Another first stage with the same latents (e.g. SD's ft-MSE VAE).")]
+Embeddings = Annotated[Optional[Path], typer.Option("--embeddings", help="Folder of textual-inversion embeddings (A1111 .pt/.safetensors), used in prompts by file name.")]
 ClipSkip = Annotated[Optional[int], typer.Option("--clip-skip", help="CLIP layers to skip from the end, as A1111: 1 = last (default), 2 = penultimate.")]
 Seamless = Annotated[bool, typer.Option("--seamless", help="Circular padding in the UNet and decoder: the image tiles without a seam (A1111 'Tiling').")]
 DeviceNoise = Annotated[bool, typer.Option("--device-noise", help="Draw noise on the device (faster, not reproducible across devices).")]
@@ -149,8 +150,9 @@ def lora_argument(value: str) -> tuple[Path, float]:
 
 
 def apply_addons(model: LatentDiffusion, texts: list[str], loras: Optional[list[str]], lora_dir: Optional[Path],
-                 vae: Optional[Path], clip_skip: Optional[int]) -> None:
-    """--lora files and the prompts' <lora:name:weight> tags merged, --vae swapped in, --clip-skip set."""
+                 vae: Optional[Path], clip_skip: Optional[int], embeddings: Optional[Path] = None) -> None:
+    """--lora files and the prompts' <lora:name:weight> tags merged, --vae swapped in, --clip-skip
+    set, --embeddings made usable in prompts."""
     files = [lora_argument(value) for value in loras or []]
     for text in texts:
         for kind, name, weight in prompt_syntax.extra_networks(text)[1]:
@@ -164,6 +166,8 @@ def apply_addons(model: LatentDiffusion, texts: list[str], loras: Optional[list[
         addons.swap_vae(model, vae)
     if clip_skip is not None:
         addons.set_clip_skip(model, clip_skip)
+    if embeddings is not None:
+        addons.record_embeddings(model, addons.load_embeddings(model, embeddings), texts)
 
 
 def parameters_of(image: Path) -> str:
@@ -215,6 +219,7 @@ def txt2img(
     hires_steps: Annotated[int, typer.Option("--hires-steps", help="Steps of the hires pass (0: as --steps).")] = 0,
     hires_upscaler: Annotated[str, typer.Option("--hires-upscaler", help="latent (bilinear on the latent, A1111's default) or image (bicubic on the decoded image, then encoded).")] = "latent",
     seamless: Seamless = False, lora: Loras = None, lora_dir: LoraDir = None, vae: Vae = None, clip_skip: ClipSkip = None,
+    embeddings: Embeddings = None,
     preview: Annotated[Optional[Path], typer.Option("--preview", help="Write the current x0 estimate to this PNG while sampling (cheap latent-to-RGB projection, or --taesd).")] = None,
     preview_every: Annotated[int, typer.Option("--preview-every", help="Steps between previews.")] = 5,
     taesd: Annotated[Optional[Path], typer.Option("--taesd", help="A TAESD decoder (madebyollin's taesd_decoder) for --preview.")] = None,
@@ -247,7 +252,7 @@ def txt2img(
     if recipe is not None and recipe.model_hash and not model.sha256.startswith(recipe.model_hash.lower()):
         say(f"note: {from_png.name} was made by a model with hash {recipe.model_hash}; this is {model.sha256[:10]}")
     tasks.check_inputs(model, next((text for text in texts if text), ""), negative, class_label)
-    apply_addons(model, [*texts, negative], lora, lora_dir, vae, clip_skip)
+    apply_addons(model, [*texts, negative], lora, lora_dir, vae, clip_skip, embeddings)
     options = sampling_options(sampler, steps, eta, karras, scale, seed, device_noise, model)
     planned = jobs.plan_jobs(texts, class_label, num, options.seed)
     size = tasks.check_size(model, height, width)
@@ -298,6 +303,7 @@ def img2img(
     mask: Annotated[Optional[Path], typer.Option("--mask", help="White = change, black = keep exactly.")] = None,
     seamless: Seamless = False, max_memory: MaxMemory = None,
     lora: Loras = None, lora_dir: LoraDir = None, vae: Vae = None, clip_skip: ClipSkip = None,
+    embeddings: Embeddings = None,
     steps: Steps = None, sampler: Sampler = None, eta: Eta = None, karras: Karras = False,
     scale: Guidance = None, seed: Seed = None, device_noise: DeviceNoise = False,
     ckpt: Ckpt = None, config: Config = None, prediction: Prediction = None, device: Device = "auto",
@@ -308,7 +314,7 @@ def img2img(
     region = images.load_mask(mask, picture.shape[-2:]) if mask is not None else None
     model = open_model(ckpt or catalog.default_model("txt2img"), config, device, dtype, prediction)
     tasks.check_inputs(model, prompt, negative)
-    apply_addons(model, [prompt, negative], lora, lora_dir, vae, clip_skip)
+    apply_addons(model, [prompt, negative], lora, lora_dir, vae, clip_skip, embeddings)
     options = sampling_options(sampler, steps, eta, karras, scale, seed, device_noise, model)
     need = memory.check(model, 1, tuple(picture.shape[-2:]), options.scale != 1, max_memory)
     set_seamless(model.modules(), seamless)
@@ -334,7 +340,7 @@ def inpaint(
     negative: Negative = "",
     feather: Annotated[int, typer.Option("--feather", help="Pixels inside the hole over which the fill is blended.")] = 4,
     max_memory: MaxMemory = None, lora: Loras = None, lora_dir: LoraDir = None, vae: Vae = None,
-    clip_skip: ClipSkip = None,
+    clip_skip: ClipSkip = None, embeddings: Embeddings = None,
     steps: Steps = None, sampler: Sampler = None, eta: Eta = None, karras: Karras = False,
     scale: Guidance = None, seed: Seed = None, device_noise: DeviceNoise = False,
     ckpt: Ckpt = None, config: Config = None, prediction: Prediction = None, device: Device = "auto",
@@ -346,7 +352,7 @@ def inpaint(
     tasks.check_mask(region)
     model = open_model(ckpt or catalog.default_model("inpaint"), config, device, dtype, prediction)
     tasks.check_inputs(model, prompt, negative)
-    apply_addons(model, [prompt, negative], lora, lora_dir, vae, clip_skip)
+    apply_addons(model, [prompt, negative], lora, lora_dir, vae, clip_skip, embeddings)
     options = sampling_options(sampler, steps, eta, karras, scale, seed, device_noise, model)
     need = memory.check(model, 1, tuple(picture.shape[-2:]), options.scale != 1, max_memory)
     with progress_bar() as bar:
@@ -372,7 +378,7 @@ def upscale(
     noise_level: Annotated[Optional[int], typer.Option("--noise-level", help="Noise added to the low-res image by the SD 2 x4 upscaler, 0..350 (default 20); more noise, more invented detail.")] = None,
     tile: Annotated[int, typer.Option("--tile", help="Tile size in low-resolution pixels for large images.")] = 128,
     max_memory: MaxMemory = None, lora: Loras = None, lora_dir: LoraDir = None, vae: Vae = None,
-    clip_skip: ClipSkip = None,
+    clip_skip: ClipSkip = None, embeddings: Embeddings = None,
     steps: Steps = None, sampler: Sampler = None, eta: Eta = None, karras: Karras = False,
     seed: Seed = None, device_noise: DeviceNoise = False,
     ckpt: Ckpt = None, config: Config = None, prediction: Prediction = None, device: Device = "auto",
@@ -382,7 +388,7 @@ def upscale(
     picture = images.load_image(image)
     model = open_model(ckpt or catalog.default_model("upscale"), config, device, dtype, prediction)
     tasks.check_inputs(model, prompt, negative)
-    apply_addons(model, [prompt, negative], lora, lora_dir, vae, clip_skip)
+    apply_addons(model, [prompt, negative], lora, lora_dir, vae, clip_skip, embeddings)
     guidance = scale if scale is not None else tasks.upscale_guidance(model)
     options = sampling_options(sampler, steps, eta, karras, guidance, seed, device_noise, model)
     f = model.spec.factor

@@ -239,6 +239,18 @@ def read_checkpoint(path: PathLike) -> tuple[dict[str, torch.Tensor], dict[str, 
     raise LatentgenError(f"{path}: unknown checkpoint type {suffix!r}; use .safetensors or .ckpt/.pt/.pth/.bin")
 
 
+def read_tensors(path: PathLike) -> Any:
+    """A .safetensors file's tensors, or a zip pickle's object as it is (nested dicts of tensors,
+    strings and numbers, as A1111's embedding files hold), read without executing code."""
+    path = Path(path)
+    require_file(path, "checkpoint")
+    if _foreign_format(path):
+        raise LatentgenError(f"{path} is {_foreign_format(path)}, not a checkpoint")
+    if path.suffix.lower() == ".safetensors":
+        return _read_safetensors(path)[0]
+    return _read_pickle(path)
+
+
 def load_state_dict(path: PathLike) -> dict[str, torch.Tensor]:
     """All tensors of a `.safetensors` or zip-pickle checkpoint, on the CPU; never runs code from it."""
     return read_checkpoint(path)[0]

@@ -9,13 +9,15 @@
   `BREAK` starts a new window.
 - Each token's context row is scaled by its weight, then the whole context rescaled to its
   original mean (A1111's `EmphasisOriginal`), per prompt and window.
+- A textual-inversion embedding's name (the encoder's `embeddings`, addons.load_embeddings) stands
+  for its n vectors, which replace n token embeddings and never straddle two windows.
 
 A prompt with no syntax and at most 75 tokens encodes exactly as the encoder alone would.
 """
 
 import re
 from dataclasses import dataclass, field
-from typing import Protocol, Sequence
+from typing import Optional, Protocol, Sequence
 
 import torch
 
@@ -96,10 +98,34 @@ def parse_attention(prompt: str) -> list[tuple[str, float]]:
 
 @dataclass
 class Window:
-    """Up to `capacity` tokens of one prompt and their weights."""
+    """Up to `capacity` tokens of one prompt and their weights; `vectors` replace the input
+    embeddings of some of them (textual inversion: position in `ids` -> vector)."""
 
     ids: list[int] = field(default_factory=list)
     weights: list[float] = field(default_factory=list)
+    vectors: dict[int, torch.Tensor] = field(default_factory=dict)
+
+    def cut(self, at: int) -> tuple["Window", "Window"]:
+        head = {i: v for i, v in self.vectors.items() if i < at}
+        tail = {i - at: v for i, v in self.vectors.items() if i >= at}
+        return Window(self.ids[:at], self.weights[:at], head), Window(self.ids[at:], self.weights[at:], tail)
+
+
+def _pieces(encoder: TextEncoder, text: str) -> list[tuple[list[int], Optional[torch.Tensor]]]:
+    """The text's tokens, one piece per word run, with a textual-inversion embedding's name as one
+    piece of its n vectors (`encoder.embeddings`: name -> [n, D], set by addons.load_embeddings)."""
+    embeddings = getattr(encoder, "embeddings", None) or {}
+    if not embeddings:
+        return [(encoder.token_ids(text), None)]
+    names = "|".join(re.escape(name) for name in sorted(embeddings, key=len, reverse=True))
+    pieces = []
+    for i, part in enumerate(re.split(rf"(?<![\w-])({names})(?![\w-])", text)):
+        if i % 2:
+            vectors = embeddings[part]
+            pieces.append(([encoder.frame.end] * len(vectors), vectors))
+        elif part:
+            pieces.append((encoder.token_ids(part), None))
+    return pieces
 
 
 def windows(encoder: TextEncoder, prompt: str) -> list[Window]:
@@ -114,22 +140,38 @@ def windows(encoder: TextEncoder, prompt: str) -> list[Window]:
             done.append(current)
             current, last_comma = Window(), -1
             continue
-        for token in encoder.token_ids(text):
-            if len(current.ids) == capacity:
-                cut = last_comma + 1 if 0 <= last_comma and len(current.ids) - last_comma <= COMMA_BACKTRACK else capacity
-                done.append(Window(current.ids[:cut], current.weights[:cut]))
-                current, last_comma = Window(current.ids[cut:], current.weights[cut:]), -1
-            if token == comma_id:
-                last_comma = len(current.ids)
-            current.ids.append(token)
-            current.weights.append(weight)
+        for ids, vectors in _pieces(encoder, text):
+            if vectors is not None:  # an embedding stays in one window
+                if len(vectors) > capacity:
+                    raise LatentgenError(f"an embedding of {len(vectors)} vectors does not fit a {capacity}-token window")
+                if len(current.ids) + len(vectors) > capacity:
+                    done.append(current)
+                    current, last_comma = Window(), -1
+                current.vectors.update({len(current.ids) + i: vector for i, vector in enumerate(vectors)})
+                current.ids.extend(ids)
+                current.weights.extend([weight] * len(ids))
+                continue
+            for token in ids:
+                if len(current.ids) == capacity:
+                    full = 0 <= last_comma and len(current.ids) - last_comma <= COMMA_BACKTRACK
+                    head, current = current.cut(last_comma + 1 if full else capacity)
+                    done.append(head)
+                    last_comma = -1
+                if token == comma_id:
+                    last_comma = len(current.ids)
+                current.ids.append(token)
+                current.weights.append(weight)
     if current.ids or not done:
         done.append(current)
     return done
 
 
 def _encode_window(encoder: TextEncoder, window: Window) -> torch.Tensor:
-    z = encoder.encode_tokens(encoder.frame.rows([window.ids]))[0]
+    rows = encoder.frame.rows([window.ids])
+    if window.vectors:  # after the start token
+        z = encoder.encode_tokens(rows, [{1 + i: v for i, v in window.vectors.items()}])[0]
+    else:
+        z = encoder.encode_tokens(rows)[0]
     if all(weight == 1.0 for weight in window.weights):
         return z
     weights = torch.ones(len(z), dtype=z.dtype, device=z.device)

@@ -125,6 +125,21 @@ class TokenFrame:
         return torch.tensor([self.row(ids) for ids in id_lists], dtype=torch.long)
 
 
+Vectors = list[dict[int, torch.Tensor]]
+"""Per batch row, {position: input embedding} to use instead of the token's (textual inversion)."""
+
+
+def with_vectors(embedded: torch.Tensor, vectors: Optional[Vectors]) -> torch.Tensor:
+    """Token embeddings [B, L, D] with `vectors` put in their places."""
+    if not vectors or not any(vectors):
+        return embedded
+    embedded = embedded.clone()
+    for row, replacements in enumerate(vectors):
+        for position, vector in replacements.items():
+            embedded[row, position] = vector.to(embedded)
+    return embedded
+
+
 def clip_frame(pad_id: int, length: int = CONTEXT_LENGTH) -> TokenFrame:
     """CLIP's frame; SD 1.x pads with the end token 49407, open_clip with 0."""
     vocab = clip_vocabulary()[0]
@@ -207,10 +222,11 @@ class CLIPTextTransformer(nn.Module):
             for _ in range(num_hidden_layers))
         self.final_layer_norm = nn.LayerNorm(hidden_size, eps=layer_norm_eps)
 
-    def hidden_states(self, tokens: torch.Tensor) -> list[torch.Tensor]:
-        """The embeddings, then each layer's output (transformers' `hidden_states`)."""
+    def hidden_states(self, tokens: torch.Tensor, vectors: Optional["Vectors"] = None) -> list[torch.Tensor]:
+        """The embeddings, then each layer's output (transformers' `hidden_states`); `vectors` replace
+        the token embeddings at their positions (textual inversion)."""
         positions = torch.arange(tokens.shape[1], device=tokens.device)
-        x = self.embeddings.token_embedding(tokens) + self.embeddings.position_embedding(positions)
+        x = with_vectors(self.embeddings.token_embedding(tokens), vectors) + self.embeddings.position_embedding(positions)
         states = [x]
         for layer in self.encoder.layers:
             states.append(layer(states[-1]))
@@ -239,6 +255,7 @@ class FrozenCLIPEmbedder(nn.Module):
         self.context_dim = sizes["hidden_size"]
         self.layers = sizes["num_hidden_layers"]
         self.clip_skip = 1  # AUTOMATIC1111's: 1 the last layer, 2 the penultimate (final norm applied) ...
+        self.embeddings: dict[str, torch.Tensor] = {}  # textual inversion: name -> [n, D] (addons.py)
         self.requires_grad_(False)
 
     @property
@@ -254,11 +271,11 @@ class FrozenCLIPEmbedder(nn.Module):
     def forward(self, texts: Texts) -> torch.Tensor:
         return self.encode_tokens(self.tokenize(texts))
 
-    def encode_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+    def encode_tokens(self, tokens: torch.Tensor, vectors: Optional["Vectors"] = None) -> torch.Tensor:
         """Framed token rows [B, max_length] -> the context [B, max_length, D]."""
         tokens = tokens.to(_device_of(self))
         text_model = self.transformer.text_model
-        states = text_model.hidden_states(tokens)
+        states = text_model.hidden_states(tokens, vectors)
         if self.layer == "hidden":
             return states[self.layer_idx]
         z = text_model.final_layer_norm(states[-self.clip_skip])
@@ -330,6 +347,7 @@ class FrozenOpenCLIPEmbedder(nn.Module):
         self.layer, self.max_length, self.context_dim = layer, max_length, width
         self.layers = layers - (layer == "penultimate")  # the blocks the model was trained to read
         self.clip_skip = 1  # AUTOMATIC1111's meaning, counted from `layer`: 2 skips one more block
+        self.embeddings: dict[str, torch.Tensor] = {}  # textual inversion: name -> [n, D] (addons.py)
         self.requires_grad_(False)
 
     @property
@@ -345,11 +363,11 @@ class FrozenOpenCLIPEmbedder(nn.Module):
     def forward(self, texts: Texts) -> torch.Tensor:
         return self.encode_tokens(self.tokenize(texts))
 
-    def encode_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+    def encode_tokens(self, tokens: torch.Tensor, vectors: Optional["Vectors"] = None) -> torch.Tensor:
         """Framed token rows [B, max_length] -> the context [B, max_length, D]."""
         tokens = tokens.to(_device_of(self))
         model = self.model
-        x = model.token_embedding(tokens) + model.positional_embedding[: tokens.shape[1]]
+        x = with_vectors(model.token_embedding(tokens), vectors) + model.positional_embedding[: tokens.shape[1]]
         for block in model.transformer.resblocks[: self.layers - (self.clip_skip - 1)]:
             x = block(x)
         return model.ln_final(x)
