@@ -249,3 +249,36 @@ def test_bad_embedding_files_are_refused(sd, tmp_path):
     assert not marker.exists()
     result = runner.invoke(app, ["txt2img", "x", "--steps", "1", "--embeddings", str(folder), "--out", str(tmp_path / "x.png")])
     assert result.exit_code == 1 and "no CLIP text encoder" in result.output and not (tmp_path / "x.png").exists()
+
+
+def test_lora_on_the_openclip_text_encoder_matches_its_split_projections(tmp_path):
+    """SD 2.x: a kohya LoRA names diffusers' split q/k/v projections of the CLIPTextModel that
+    diffusers converts OpenCLIP into; merged into our packed in_proj rows, the text encoder must
+    give what that CLIPTextModel gives with the same LoRA fused into its Linear layers."""
+    from test_text import diffusers_openclip, randomize
+
+    from latentgen.ldm import LatentDiffusion, ModelSpec
+    from latentgen.models.text import FrozenOpenCLIPEmbedder
+
+    ours = randomize(FrozenOpenCLIPEmbedder(width=64, layers=3, heads=4, embed_dim=32))
+    theirs = diffusers_openclip(copy.deepcopy(ours), layers=3)
+    model = LatentDiffusion(None, torch.nn.Identity(), ours, ModelSpec("sd2", 8, 4, 128), torch.zeros(1000))
+    g = torch.Generator().manual_seed(4)
+    lora, fused = {}, {}
+    for name, module in theirs.named_modules():
+        if isinstance(module, torch.nn.Linear) and ".layers." in name:
+            key = "lora_te_" + ("text_model." + name.removeprefix("text_model.")).replace(".", "_")
+            down, up = torch.randn(2, module.in_features, generator=g) * 0.1, torch.randn(module.out_features, 2, generator=g) * 0.1
+            lora.update({f"{key}.lora_down.weight": down, f"{key}.lora_up.weight": up, f"{key}.alpha": torch.tensor(1.0)})
+            fused[module] = 0.5 * up @ down
+    assert len(fused) == 3 * 6
+    with torch.no_grad():
+        for module, delta in fused.items():
+            module.weight += delta
+    save_file(lora, str(tmp_path / "sd2-lora.safetensors"))
+    addons.merge_lora(model, tmp_path / "sd2-lora.safetensors")
+    tokens = ours.tokenize(["a cat", "a photo of a red heart"])
+    with torch.no_grad():
+        mine = ours.encode_tokens(tokens)
+        reference = theirs.final_layer_norm(theirs(input_ids=tokens, output_hidden_states=True).hidden_states[-2])
+    assert (mine - reference).abs().max() / reference.abs().max() <= 1e-4

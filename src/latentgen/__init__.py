@@ -10,6 +10,7 @@ The CLI is a thin layer over this API:
 
 __version__ = "0.1.0"
 
+from .addons import add_loras, load_embeddings, merge_lora, set_clip_skip, swap_vae  # noqa: E402
 from .errors import LatentgenError  # noqa: E402
 from .images import grid, load_image, load_mask, save_image  # noqa: E402
 from .jobs import Job, from_parameters, parameters_text, plan_jobs, read_prompts, run_txt2img  # noqa: E402
@@ -20,7 +21,7 @@ from .tasks import Hires, Reconstruction, Sampling, img2img, inpaint, prepare, r
 from .tiling import set_seamless  # noqa: E402
 
 __all__ = [
-    "Hires", "Job", "LatentDiffusion", "LatentgenError", "ModelSpec", "Reconstruction", "Sampling", "from_parameters", "grid",
+    "add_loras", "load_embeddings", "merge_lora", "set_clip_skip", "swap_vae", "Hires", "Job", "LatentDiffusion", "LatentgenError", "ModelSpec", "Reconstruction", "Sampling", "from_parameters", "grid",
     "img2img", "inpaint", "list_models", "load_image", "load_mask", "load_model", "parameters_text", "plan_jobs", "prepare",
     "preview_writer", "read_prompts", "reconstruct", "run_txt2img", "save_image", "set_seamless", "txt2img",
     "upscale",

@@ -66,9 +66,39 @@ def diffusers_unet_path(path: str, layout: UNetLayout, upsampler: bool = False) 
     return _resnet(name, rest) if part == 0 else f"{name}.{rest}".rstrip(".")
 
 
-def _targets(model: LatentDiffusion) -> dict[str, nn.Module]:
-    """Every name a LoRA file may use for a Linear or Conv2d of the model -> that module."""
-    targets: dict[str, nn.Module] = {}
+Target = tuple[nn.Parameter, slice]
+"""A weight a LoRA adds to, and its rows (all of them, or q, k or v of a packed projection)."""
+ALL = slice(None)
+
+
+def _text_names(path: str) -> list[str]:
+    """The names LoRA files give a text-encoder layer (transformers path `text_model.encoder...`)."""
+    names = []
+    for variant in (path, path.removeprefix("text_model.")):  # transformers 5 dropped that level
+        names += ["lora_te_" + variant.replace(".", "_"), "text_encoder." + variant]
+    return names
+
+
+def _openclip_targets(stage: FrozenOpenCLIPEmbedder) -> dict[str, Target]:
+    """OpenCLIP's layers under the CLIPTextModel names diffusers converts them to (and LoRA files use):
+    q/k/v are row blocks of the packed `in_proj_weight`."""
+    targets: dict[str, Target] = {}
+    for i, block in enumerate(stage.model.transformer.resblocks):
+        width = block.attn.out_proj.in_features
+        parts = {"self_attn.q_proj": (block.attn.in_proj_weight, slice(0, width)),
+                 "self_attn.k_proj": (block.attn.in_proj_weight, slice(width, 2 * width)),
+                 "self_attn.v_proj": (block.attn.in_proj_weight, slice(2 * width, 3 * width)),
+                 "self_attn.out_proj": (block.attn.out_proj.weight, ALL),
+                 "mlp.fc1": (block.mlp.c_fc.weight, ALL), "mlp.fc2": (block.mlp.c_proj.weight, ALL)}
+        for part, target in parts.items():
+            for name in _text_names(f"text_model.encoder.layers.{i}.{part}"):
+                targets[name] = target
+    return targets
+
+
+def _targets(model: LatentDiffusion) -> dict[str, Target]:
+    """Every name a LoRA file may use for a weight of the model -> that weight (and its rows)."""
+    targets: dict[str, Target] = {}
     if model.unet is not None:
         upsamplers = {name for name, module in model.unet.named_modules() if isinstance(module, Upsample)}
         for name, module in model.unet.named_modules():
@@ -77,15 +107,15 @@ def _targets(model: LatentDiffusion) -> dict[str, nn.Module]:
             parent = name.rsplit(".", 1)[0]
             theirs = diffusers_unet_path(name, model.spec.unet, upsampler=parent in upsamplers)
             for path in {name, theirs} - {None}:
-                targets["lora_unet_" + path.replace(".", "_")] = module
-                targets["unet." + path] = module
+                targets["lora_unet_" + path.replace(".", "_")] = (module.weight, ALL)
+                targets["unet." + path] = (module.weight, ALL)
     if isinstance(model.cond_stage, FrozenCLIPEmbedder):
         for name, module in model.cond_stage.named_modules():
             if isinstance(module, nn.Linear) and name.startswith("transformer."):
-                path = name.removeprefix("transformer.")
-                for variant in (path, path.removeprefix("text_model.")):  # transformers 5 dropped that level
-                    targets["lora_te_" + variant.replace(".", "_")] = module
-                    targets["text_encoder." + variant] = module
+                for alias in _text_names(name.removeprefix("transformer.")):
+                    targets[alias] = (module.weight, ALL)
+    if isinstance(model.cond_stage, FrozenOpenCLIPEmbedder):
+        targets.update(_openclip_targets(model.cond_stage))
     return targets
 
 
@@ -120,27 +150,26 @@ def _delta(up: torch.Tensor, down: torch.Tensor, shape: torch.Size) -> torch.Ten
 
 
 def merge_lora(model: LatentDiffusion, path: Union[str, Path], weight: float = 1.0) -> str:
-    """Add a LoRA to the model's weights (UNet, and the text encoder for CLIP models); the file's
+    """Add a LoRA to the model's weights (UNet, and the CLIP or OpenCLIP text encoder); the file's
     12-digit sha256, AUTOMATIC1111's "Lora hashes" entry. A name the model lacks or a wrong shape is
     refused before any weight changes."""
     lora = read_lora(path)
     targets = _targets(model)
     plans = []
     for name, (up, down, alpha) in lora.items():
-        module = targets.get(name)
-        if module is None:
-            hint = " (OpenCLIP text encoders take no LoRA yet)" if name.startswith(("lora_te", "text_encoder")) \
-                and isinstance(model.cond_stage, FrozenOpenCLIPEmbedder) else ""
-            raise LatentgenError(f"{Path(path).name} names a module {model.name} lacks: {name!r}{hint}")
-        delta = _delta(up, down, module.weight.shape)
-        if delta.shape != module.weight.shape:
+        if name not in targets:
+            raise LatentgenError(f"{Path(path).name} names a module {model.name} lacks: {name!r}")
+        parameter, rows = targets[name]
+        shape = parameter[rows].shape
+        delta = _delta(up, down, shape)
+        if delta.shape != shape:
             raise LatentgenError(f"{Path(path).name}: {name!r} gives {list(delta.shape)}, the model's weight is "
-                                 f"{list(module.weight.shape)}")
+                                 f"{list(shape)}")
         rank = down.shape[0]
-        plans.append((module, delta * (weight * (alpha if alpha is not None else rank) / rank)))
+        plans.append((parameter, rows, delta * (weight * (alpha if alpha is not None else rank) / rank)))
     with torch.no_grad():
-        for module, delta in plans:
-            module.weight += delta.to(module.weight)
+        for parameter, rows, delta in plans:
+            parameter[rows] += delta.to(parameter)
     return file_sha256(path)[:12]
 
 
