@@ -69,11 +69,13 @@ def diffusers_scheduler(name: str, parameterization: str, karras: bool):
                                                      use_karras_sigmas=karras, **common)
     if name == "euler":
         return diffusers.EulerDiscreteScheduler(use_karras_sigmas=karras, **common)
+    if name == "lcm":
+        return diffusers.LCMScheduler(**common)
     return diffusers.EulerAncestralDiscreteScheduler(**common)
 
 
 CASES = [("ddim", 20, False), ("ddim_eta1", 20, False), ("plms", 20, False), ("dpmpp_2m", 15, False),
-         ("euler", 15, False), ("euler", 15, True), ("euler_a", 15, False)]
+         ("euler", 15, False), ("euler", 15, True), ("euler_a", 15, False), ("lcm", 4, False), ("lcm", 8, False)]
 
 
 @pytest.mark.parametrize("parameterization", ["eps", "v"])
@@ -95,7 +97,7 @@ def test_trajectory_matches_diffusers(case, steps, karras, parameterization):
     # DPM-Solver (variance preserving) holds divided by sqrt(sigma_max^2 + 1).
     start = {"dpmpp_2m": x_T * sigma_max / math.sqrt(sigma_max**2 + 1), "euler": x_T * sigma_max,
              "euler_a": x_T * sigma_max}.get(name, x_T)
-    options = {"generator": torch.Generator().manual_seed(7)} if name in ("ddim", "euler_a") else {}
+    options = {"generator": torch.Generator().manual_seed(7)} if name in ("ddim", "euler_a", "lcm") else {}
     if name == "ddim":
         options["eta"] = eta
     theirs = run_diffusers(scheduler, gaussian_model(reference), start, steps, **options)
@@ -312,7 +314,8 @@ def test_the_entry_is_all_sample_knows_of_its_sampler(name):
 
 def test_a_new_sampler_is_its_function_and_its_entry(monkeypatch):
     """An entry alone makes a sampler: DDIM on the DDPM levels, with the entry's options and checks."""
-    monkeypatch.setitem(SAMPLERS, "ddim_ddpm", Sampler(run=sample_ddim, schedule=ddpm_schedule, stochastic=True, eta=True))
+    monkeypatch.setitem(SAMPLERS, "ddim_ddpm", Sampler(run=sample_ddim, schedule=ddpm_schedule, title="DDIM on DDPM levels",
+                                                              stochastic=True, eta=True))
     model, x_T = gaussian_model("eps"), make_noise(SHAPE, seed=51)
     ours = sample("ddim_ddpm", model, x_T, ALPHAS_CUMPROD, "eps", 10, eta=1.0, generator=torch.Generator().manual_seed(3))
     by_hand = sample_ddim(model, x_T, ddpm_schedule(ALPHAS_CUMPROD, 10), eta=1.0, generator=torch.Generator().manual_seed(3))

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from .errors import LatentgenError
-from .schedules import Schedule, ddim_schedule, ddpm_schedule, dpm_schedule, euler_schedule
+from .schedules import Schedule, ddim_schedule, ddpm_schedule, dpm_schedule, euler_schedule, lcm_schedule
 
 Model = Callable[[Tensor, Tensor], Tensor]
 Callback = Callable[[int, int, Tensor, Tensor], None]
@@ -263,6 +263,31 @@ def sample_euler_ancestral(model: Model, x: Tensor, schedule: Schedule, paramete
 
 
 SAMPLERS["euler_a"] = Sampler(run=sample_euler_ancestral, schedule=euler_schedule, title="Euler a", stochastic=True, karras=True)
+
+
+LCM_SIGMA_DATA, LCM_TIMESTEP_SCALING = 0.5, 10.0
+
+
+def sample_lcm(model: Model, x: Tensor, schedule: Schedule, parameterization: str = "eps", *,
+               generator: Generators = None, callback: Callback = _silent, blend: Blend = _unchanged) -> Tensor:
+    """Latent Consistency Model sampling (Luo et al. 2023), for LCM-distilled models and LCM-LoRA:
+    each step maps x_t to the consistency function's x0 (the boundary-conditioned mix of the model's
+    x0 and x_t), then, but after the last, noises it afresh to the next level."""
+    alphas = schedule.alphas_cumprod
+    for i, t in enumerate(schedule.timesteps):
+        x = blend(x, i)
+        _, x0 = _eps_and_x0(_call(model, x, t), x, alphas[i], parameterization)
+        scaled = t * LCM_TIMESTEP_SCALING
+        c_skip = LCM_SIGMA_DATA**2 / (scaled**2 + LCM_SIGMA_DATA**2)
+        c_out = scaled / (scaled**2 + LCM_SIGMA_DATA**2) ** 0.5
+        denoised = c_out * x0 + c_skip * x
+        a_next = alphas[i + 1]
+        x = denoised if i == len(schedule) - 1 else a_next**0.5 * denoised + (1 - a_next) ** 0.5 * _randn_like(x, generator)
+        callback(i, len(schedule), x, denoised)
+    return x
+
+
+SAMPLERS["lcm"] = Sampler(run=sample_lcm, schedule=lcm_schedule, title="LCM", stochastic=True)
 
 
 def _plain(name: str) -> str:

@@ -118,6 +118,19 @@ def ddpm_schedule(alphas_cumprod: torch.Tensor, steps: int) -> Schedule:
     return Schedule(tuple(map(float, ts.tolist())), tuple(sigmas), variance_preserving=True)
 
 
+def lcm_schedule(alphas_cumprod: torch.Tensor, steps: int, original_steps: int = 50) -> Schedule:
+    """Latent Consistency Model levels (Luo et al. 2023; diffusers' LCMScheduler): `steps` of the
+    distillation's `original_steps` timesteps (19, 39, ..., 999 for 50 of 1000), evenly picked from
+    the noisiest, ending noise-free."""
+    if not 1 <= steps <= original_steps:
+        raise LatentgenError(f"LCM takes 1 to {original_steps} steps, got {steps}")
+    k = len(alphas_cumprod) // original_steps
+    origin = list(range(original_steps * k - 1, -1, -k))
+    ts = [origin[i * original_steps // steps] for i in range(steps)]
+    sigmas = sigmas_of(alphas_cumprod)[ts].tolist() + [0.0]
+    return Schedule(tuple(map(float, ts)), tuple(sigmas), variance_preserving=True)
+
+
 def interpolate_sigma(t: torch.Tensor, alphas_cumprod: torch.Tensor) -> torch.Tensor:
     """Sigma at fractional timesteps, linear between training timesteps (diffusers' np.interp)."""
     table = sigmas_of(alphas_cumprod)
