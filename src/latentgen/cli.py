@@ -18,7 +18,7 @@ from rich.progress import (BarColumn, MofNCompleteColumn, Progress, ProgressColu
 from rich.table import Table
 from rich.text import Text
 
-from . import __version__, addons, catalog, images, jobs, memory, previews, tasks
+from . import __version__, addons, catalog, distributed, images, jobs, memory, previews, tasks
 from . import prompts as prompt_syntax
 from .devices import pick_device, pick_dtype
 from .errors import LatentgenError
@@ -98,7 +98,9 @@ def user_errors(command: Callable) -> Callable:
         except LatentgenError as error:
             if Settings.debug:
                 raise
-            console.print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True, markup=True)
+            rank = distributed.current()
+            where = f" (rank {rank.rank} of {rank.world})" if rank.world > 1 else ""
+            console.print(f"[bold red]error{where}:[/] {error}", highlight=False, soft_wrap=True, markup=True)
             raise typer.Exit(1)
         except KeyboardInterrupt:
             console.print("[bold red]interrupted[/]: finished images are complete; nothing partial was written",
@@ -228,6 +230,13 @@ def txt2img(
     dtype: Dtype = "auto", out: Out = None, overwrite: Overwrite = False,
 ) -> None:
     """Generate images from a text prompt (or class ids, or unconditionally)."""
+    rank = distributed.current()
+    if rank.world > 1:
+        if grid:
+            raise LatentgenError("--grid is not supported under torchrun yet: make the grid in a single process")
+        Settings.quiet = Settings.quiet or not rank.main  # rank 0 speaks for the job
+        device = rank.device(device)
+        distributed.start(rank)
     if prompt is not None and prompt_option is not None:
         raise LatentgenError("give the prompt once: as an argument or with -p/--prompt")
     prompt = prompt if prompt is not None else prompt_option
@@ -270,7 +279,9 @@ def txt2img(
         steps_task = bar.add_task("steps", total=options.steps)
 
         def started(count: int) -> None:
-            bar.update(images_task, completed=len(planned) - count)
+            share = len(rank.share(planned))
+            bar.update(images_task, total=share, completed=share - count,
+                       description="images" if rank.world == 1 else f"images (rank 0's share of {rank.world})")
 
         def finished(path: Path) -> None:
             written.append(path)
@@ -279,7 +290,8 @@ def txt2img(
 
         jobs.run_txt2img(model, planned, out, negative, options, size, batch_size, resume, overwrite,
                          on_start=started, on_step=lambda i, n: bar.update(steps_task, completed=i, total=n),
-                         on_image=finished, preview=writer, hires=hires)
+                         on_image=finished, preview=writer, hires=hires, rank=rank)
+    distributed.finish(rank)
     for path in written:
         say(f"wrote {path}")
     if grid and written:

@@ -13,6 +13,7 @@ from typing import Callable, Iterator, Optional, Sequence, Union
 
 from . import tasks
 from .errors import LatentgenError
+from .distributed import Rank, wait_for_all
 from .files import atomic_write
 from .images import WRITE_FORMATS, format_parameters, parse_parameters, save_image
 from .ldm import LatentDiffusion
@@ -171,39 +172,58 @@ def random_seed() -> int:
 # ---- the manifest ---------------------------------------------------------------------------
 
 
+def _read_entries(path: Path) -> dict[str, str]:
+    try:
+        entries = json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        raise LatentgenError(f"cannot read {path}: {error}") from None
+    if not isinstance(entries, dict):
+        raise LatentgenError(f"{path} is not a latentgen manifest")
+    return entries
+
+
 class Manifest:
     """A folder's record of finished images, so `resume` redoes nothing and loses nothing.
 
     Entries are keyed by the run's settings (model, sampling, size, negative prompt) and the job,
-    so several runs can share a folder: a new run adds its entries to the ones there."""
+    so several runs can share a folder: a new run adds its entries to the ones there. Under
+    torchrun each rank writes a file of its own (`latentgen-manifest.rankN.json`) and rank 0 folds
+    them into the one manifest when all are done; reading takes them all, so a run stopped with
+    any number of ranks resumes with any other."""
 
     NAME = "latentgen-manifest.json"
+    SHARDS = "latentgen-manifest.rank*.json"
 
     def __init__(self, path: Path, entries: dict[str, str], fingerprint: str):
         self.path, self.entries, self.fingerprint = path, entries, fingerprint
 
     @classmethod
-    def open(cls, folder: Path, fingerprint: str, resume: bool) -> "Manifest":
-        """Resuming also removes the temporary files a killed run left behind (the atomic writes'
-        hidden `.NAME.*.tmp`); the caller then writes the unfinished images over their own names,
-        replacing any placeholder or unrecorded file."""
-        path = folder / cls.NAME
+    def read(cls, folder: Path) -> dict[str, str]:
+        """The entries of the folder's manifest and of any rank's, together."""
         entries: dict[str, str] = {}
-        if path.is_file():
-            try:
-                entries = json.loads(path.read_text())
-            except (OSError, ValueError) as error:
-                raise LatentgenError(f"cannot read {path}: {error}") from None
-            if not isinstance(entries, dict):
-                raise LatentgenError(f"{path} is not a latentgen manifest")
-        elif resume:
-            raise LatentgenError(f"nothing to resume: no manifest at {path} (start the run without resume first)")
-        if resume:
-            for stale in path.parent.glob(".*.tmp"):
-                stale.unlink(missing_ok=True)
-        manifest = cls(path, entries, fingerprint)
+        for path in [folder / cls.NAME, *sorted(folder.glob(cls.SHARDS))]:
+            if path.is_file():
+                entries.update(_read_entries(path))
+        return entries
+
+    @classmethod
+    def open(cls, folder: Path, fingerprint: str, resume: bool, rank: Rank = Rank()) -> "Manifest":
+        """The manifest this process writes. Resuming needs one there already."""
+        entries = cls.read(folder)
+        if resume and not (folder / cls.NAME).is_file() and not list(folder.glob(cls.SHARDS)):
+            raise LatentgenError(f"nothing to resume: no manifest at {folder / cls.NAME} "
+                                 "(start the run without resume first)")
+        name = cls.NAME if rank.world == 1 else f"latentgen-manifest.rank{rank.rank}.json"
+        manifest = cls(folder / name, entries, fingerprint)
         manifest.save()  # before any image is reserved, so a run killed at once can be resumed
         return manifest
+
+    @classmethod
+    def fold(cls, folder: Path) -> None:
+        """Rank 0, once every rank is done: the ranks' files into the one manifest."""
+        atomic_write(folder / cls.NAME, json.dumps(cls.read(folder), indent=1))
+        for shard in folder.glob(cls.SHARDS):
+            shard.unlink()
 
     def key(self, job: Job) -> str:
         return f"{self.fingerprint}:{job.index}:{job.seed}:{job.label}:{job.prompt}"
@@ -218,6 +238,13 @@ class Manifest:
 
     def save(self) -> None:
         atomic_write(self.path, json.dumps(self.entries, indent=1))
+
+
+def clear_stale(folder: Path) -> None:
+    """Remove the temporary files a killed run left behind (the atomic writes' hidden `.NAME.*.tmp`);
+    a resumed run then writes its unfinished images over their own names, replacing any placeholder."""
+    for stale in folder.glob(".*.tmp"):
+        stale.unlink(missing_ok=True)
 
 
 def fingerprint(model: LatentDiffusion, options: Sampling, size: tuple[int, int], negative: str, out: Optional[Path],
@@ -239,7 +266,7 @@ def run_txt2img(model: LatentDiffusion, jobs: Sequence[Job], out: Optional[Union
                 batch_size: int = 1, resume: bool = False, overwrite: bool = False,
                 on_start: Optional[Callable[[int], None]] = None, on_step: Optional[StepProgress] = None,
                 on_image: Optional[ImageDone] = None, preview: tasks.Preview = None,
-                hires: Optional[Hires] = None) -> list[Path]:
+                hires: Optional[Hires] = None, rank: Rank = Rank()) -> list[Path]:
     """Make and write every job's image; the paths written, in job order (this call's images only).
 
     A folder `out` (or any run with `resume`) keeps a manifest of finished images, so that after a
@@ -247,13 +274,18 @@ def run_txt2img(model: LatentDiffusion, jobs: Sequence[Job], out: Optional[Union
     an uninterrupted run. Images are written atomically, with their parameters, never over an
     existing file unless `overwrite`. `on_start(count)` hears how many images are left to make,
     `on_step(done, total)` each sampling step, `on_image(path)` each image written, `preview(done, total, x0)`
-    the current estimate."""
+    the current estimate. Under torchrun (`rank`), this process makes its share of the jobs
+    (distributed.py) and the files are those of a single process."""
     out = Path(out) if out is not None else None
     size = tasks.check_size(model, *(size or (None, None)))
     folder = out.parent if is_file_target(out) else (out or Path("outputs"))
-    keep_manifest = resume or (out is not None and (len(jobs) > 1 or not is_file_target(out)))
-    manifest = Manifest.open(folder, fingerprint(model, options, size, negative, out, hires), resume) if keep_manifest else None
-    todo = [job for job in jobs if manifest is None or not resume or not manifest.done(job)]
+    keep_manifest = resume or rank.world > 1 or (out is not None and (len(jobs) > 1 or not is_file_target(out)))
+    if resume and rank.main:
+        clear_stale(folder)
+    wait_for_all(rank)  # no rank writes before the stale files are gone
+    manifest = Manifest.open(folder, fingerprint(model, options, size, negative, out, hires), resume, rank) \
+        if keep_manifest else None
+    todo = [job for job in rank.share(jobs) if manifest is None or not resume or not manifest.done(job)]
     if on_start is not None:
         on_start(len(todo))
     written = []
@@ -270,4 +302,7 @@ def run_txt2img(model: LatentDiffusion, jobs: Sequence[Job], out: Optional[Union
                 manifest.record(job, path)
             if on_image is not None:
                 on_image(path)
+    wait_for_all(rank)
+    if rank.world > 1 and rank.main:
+        Manifest.fold(folder)
     return written
