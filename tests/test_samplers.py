@@ -384,3 +384,13 @@ def test_half_precision_model_with_a_float32_sampler_state():
     full = sample("ddim", model, x_T.float(), ALPHAS_CUMPROD, "eps", 20, x0=x0, strength=0.9)
     assert seen == {torch.bfloat16} and half.dtype == torch.bfloat16
     assert relative_error(half.float(), full) < 0.006
+
+
+def test_sampling_options_take_automatic1111_and_sdcpp_names():
+    from latentgen.tasks import Sampling
+
+    assert (Sampling(sampler="DPM++ 2M Karras").sampler, Sampling(sampler="DPM++ 2M Karras").karras) == ("dpmpp_2m", True)
+    assert Sampling(sampler="Euler a") == Sampling(sampler="euler_a") == Sampling(sampler="euler-a")
+    assert Sampling(sampler="dpm++2m", karras=True) == Sampling(sampler="dpmpp_2m", karras=True)
+    with pytest.raises(LatentgenError, match="unknown sampler"):
+        Sampling(sampler="heun")

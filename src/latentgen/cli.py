@@ -25,7 +25,7 @@ from .errors import LatentgenError
 from .files import write_new
 from .ldm import LatentDiffusion
 from .loader import convert_checkpoint, file_sha256, list_models, load_model
-from .samplers import SAMPLERS, resolve_sampler
+from .samplers import SAMPLERS
 from .tiling import set_seamless
 from .train.cli import train_app
 
@@ -191,10 +191,8 @@ def pick_seed(seed: Optional[int]) -> int:
 
 
 def sampling_options(sampler, steps, eta, karras, scale, seed, device_noise, model) -> tasks.Sampling:
-    name, named_karras = resolve_sampler(sampler or "ddim")
     return tasks.Sampling(
-        sampler=name, steps=tasks.DEFAULT_STEPS if steps is None else steps, eta=eta or 0.0,
-        karras=karras or named_karras,
+        sampler=sampler or "ddim", steps=tasks.DEFAULT_STEPS if steps is None else steps, eta=eta or 0.0, karras=karras,
         scale=scale if scale is not None else tasks.default_scale(model), seed=pick_seed(seed),
         on_device_noise=device_noise,
     )

@@ -19,7 +19,7 @@ from .guidance import Conditioning, guided_model
 from .images import crop_padding, fill_hole, pad_to_multiple
 from .ldm import LOW_RES_IMAGE, MASK_THEN_MASKED_IMAGE, MASKED_IMAGE_THEN_MASK, LatentDiffusion, ModelSpec
 from .models.text import ClassEmbedder
-from .samplers import Generators, normal, sample, seeded_generator
+from .samplers import Generators, normal, resolve_sampler, sample, seeded_generator
 from .tiling import map_tiled
 
 DEFAULT_STEPS = 50
@@ -32,7 +32,9 @@ Preview = Optional[Callable[[int, int, torch.Tensor], None]]
 
 @dataclass(frozen=True)
 class Sampling:
-    """How to sample: sampler, steps, guidance `scale` and `seed` (the first image's; image i uses seed + i)."""
+    """How to sample: sampler, steps, guidance `scale` and `seed` (the first image's; image i uses
+    seed + i). The sampler may be named as AUTOMATIC1111 or stable-diffusion.cpp name it
+    ("DPM++ 2M Karras", "dpm++2m"); it is stored under our name, Karras in `karras`."""
 
     sampler: str = "ddim"
     steps: int = DEFAULT_STEPS
@@ -41,6 +43,11 @@ class Sampling:
     scale: float = 1.0
     seed: int = 0
     on_device_noise: bool = False
+
+    def __post_init__(self) -> None:
+        name, karras = resolve_sampler(self.sampler)
+        object.__setattr__(self, "sampler", name)
+        object.__setattr__(self, "karras", self.karras or karras)
 
 
 @dataclass(frozen=True)
