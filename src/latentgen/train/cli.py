@@ -236,7 +236,9 @@ def evaluate(
     hole = " (hole)" if task_of(loaded) == "inpaint" else ""
     columns = {"psnr": f"PSNR{hole} dB", "ssim": "SSIM", "baseline_psnr": f"baseline PSNR{hole} dB",
                "baseline_ssim": "baseline SSIM", "gradient_ratio": "gradient energy / truth",
-               "baseline_gradient_ratio": "baseline gradient / truth"}
+               "baseline_gradient_ratio": "baseline gradient / truth", "chroma_error": "a*b* error (8x8)",
+               "baseline_chroma_error": "baseline a*b* error", "green": "green px", "baseline_green": "baseline green px",
+               "original_green": "original green px"}
     shown = [key for key in columns if key in means["all"]]
     size = f"{crop} px crops" if crop > 0 else "whole images"
     table = Table("dataset", "images", *(columns[key] for key in shown), title=f"{model.name}: {task_of(loaded)}, {size}")
@@ -244,6 +246,10 @@ def evaluate(
         table.add_row(name, str(row["images"]), *(f"{row[key]:.2f}" if "psnr" in key else f"{row[key]:.4f}"
                                                   for key in shown))
     Console().print(table)
+    for score in scores:
+        if score.green is not None and score.image == "pepper.png":
+            console.print(f"{score.dataset}/{score.image}: green-dominant pixels {score.original_green:.1%} -> "
+                          f"{score.green:.1%} (bicubic {score.baseline_green:.1%}), a*b* error {score.chroma_error:.2f}")
     report = {"model": str(model), "task": task_of(loaded), "crop": crop, "steps": steps, "seed": seed, "means": means,
               "images": [asdict(s) for s in scores]}
     if emoji and task_of(loaded) == "autoencoder":

@@ -84,6 +84,14 @@ def export_folder(folder: Path, tensors: dict[str, torch.Tensor], config: dict) 
     return folder
 
 
+def append_log(folder: Path, entry: dict) -> None:
+    """One JSON line per checkpoint in `folder`/log.jsonl: the means of the logged values since the last
+    one (the model cards' training-log tables; `minutes` counts from this process's start)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / "log.jsonl", "a") as log:
+        log.write(json.dumps(entry) + "\n")
+
+
 def load_weights(module: torch.nn.Module, state: dict, mismatch: str) -> None:
     """`module` given `state` (strict), or the one-line error `mismatch` with the first mismatch named."""
     try:
@@ -136,6 +144,8 @@ def train_loop(trainer: Trainer, steps: int, run_dir: Path, checkpoint_every: in
     stop early once that much wall time has passed (checkpointed, so a rerun continues)."""
     deadline = time.monotonic() + max_minutes * 60 if max_minutes > 0 else float("inf")
     rate = 0.0
+    window: dict[str, list[float]] = {}
+    started_at = time.monotonic()
     with progress_bar(quiet) as progress:
         task = progress.add_task(description, total=steps, completed=trainer.step, loss=0.0, rate=0.0)
         while trainer.step < steps:
@@ -147,8 +157,13 @@ def train_loop(trainer: Trainer, steps: int, run_dir: Path, checkpoint_every: in
             if on_step is not None:
                 on_step(trainer.step, logs)
             out_of_time = time.monotonic() > deadline
+            for key, value in logs.items():
+                window.setdefault(key, []).append(float(value))
             if trainer.step % checkpoint_every == 0 or trainer.step == steps or out_of_time:
                 save_checkpoint(run_dir, trainer.state())
+                append_log(run_dir, {"step": trainer.step, "minutes": round((time.monotonic() - started_at) / 60, 2),
+                                     "it_s": round(rate, 3), **{k: sum(v) / len(v) for k, v in window.items()}})
+                window = {}
             if sample_every and trainer.step % sample_every == 0:
                 save_grid(trainer.samples(), run_dir / "samples" / f"step-{trainer.step:06d}.png")
             if out_of_time:
