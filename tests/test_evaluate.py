@@ -174,7 +174,7 @@ def test_txt2img_models_are_scored_on_colour_prompts(tmp_path):
 def test_cli_prints_table_and_writes_json(tmp_path, photos):
     folder = tiny_models.autoencoder(tmp_path / "kl", "kl")
     result = CliRunner().invoke(app, ["train", "evaluate", str(folder), "--data", str(photos), "--datasets", "set14",
-                                      "--crop", "32", "--json", str(tmp_path / "scores.json")])
+                                      "--crop", "32", "--json", str(tmp_path / "scores.json")], env={"COLUMNS": "240"})
     assert result.exit_code == 0, result.output
     assert "set14" in result.output and "baseline PSNR" in result.output
     written = json.loads((tmp_path / "scores.json").read_text())

@@ -44,6 +44,7 @@ OPENCLIP_TARGET = "ldm.modules.encoders.modules.FrozenOpenCLIPEmbedder"
 BERT_TARGET = "ldm.modules.encoders.modules.BERTEmbedder"
 CLASS_TARGET = "ldm.modules.encoders.modules.ClassEmbedder"
 MINILM_TARGET = "latentgen.models.text.MiniLMEmbedder"
+DC_TARGET = "latentgen.models.dcae.AutoencoderDC"
 IDENTITY_TARGET = "torch.nn.Identity"
 NOISE_AUGMENTATION_TARGET = "ldm.modules.diffusionmodules.upscaling.ImageConcatWithNoiseAugmentation"
 X4_UPSCALER = "sd2-x4-upscaler"
@@ -82,7 +83,8 @@ def has_prefix(shapes: Shapes, prefix: str) -> bool:
 
 
 def is_standalone_autoencoder(shapes: Shapes) -> bool:
-    return "encoder.conv_in.weight" in shapes and "decoder.conv_out.weight" in shapes
+    compvis = "encoder.conv_in.weight" in shapes and "decoder.conv_out.weight" in shapes
+    return compvis or is_dc_autoencoder(shapes)
 
 
 # ---- UNet -----------------------------------------------------------------------------------
@@ -210,6 +212,8 @@ def official_head_layout(unet: dict, cond_target: Optional[str]) -> dict:
 
 def detect_first_stage(shapes: Shapes) -> dict:
     """`first_stage_config` ({target, params: {embed_dim, [n_embed], ddconfig}}) of an autoencoder."""
+    if is_dc_autoencoder(shapes):
+        return detect_dc_autoencoder(shapes)
     required = ("encoder.conv_in.weight", "encoder.conv_out.weight", "decoder.conv_in.weight",
                 "decoder.conv_out.weight", "post_quant_conv.weight")
     missing = [key for key in required if key not in shapes]
@@ -240,6 +244,52 @@ def detect_first_stage(shapes: Shapes) -> dict:
         params["n_embed"] = shapes["quantize.embedding.weight"][0]
         return {"target": VQ_TARGET, "params": {**params, "ddconfig": ddconfig}}
     return {"target": KL_TARGET, "params": {**params, "ddconfig": ddconfig}}
+
+
+def is_dc_autoencoder(shapes: Shapes) -> bool:
+    """diffusers `AutoencoderDC` keys (DC-AE): `encoder.down_blocks.*` and `decoder.up_blocks.*`."""
+    return has_prefix(shapes, "encoder.down_blocks.") and has_prefix(shapes, "decoder.up_blocks.")
+
+
+def _dc_stages(shapes: Shapes, prefix: str) -> tuple[list[int], list[int], list[str]]:
+    """(width, ResBlock count, norm type) per stage of `prefix` (`encoder.down_blocks.` / `decoder.up_blocks.`).
+    A stage without layers stores no keys: it takes the next stage's width (it is never built)."""
+    stages = max(indices(shapes, prefix)) + 1
+    widths, layers, norms = [0] * stages, [0] * stages, ["rms_norm"] * stages
+    for i in range(stages):
+        blocks = [j for j in indices(shapes, f"{prefix}{i}.") if f"{prefix}{i}.{j}.conv1.weight" in shapes]
+        layers[i] = len(blocks)
+        if blocks:
+            widths[i] = shapes[f"{prefix}{i}.{blocks[0]}.conv1.weight"][0]
+            if f"{prefix}{i}.{blocks[0]}.norm.running_mean" in shapes:
+                norms[i] = "batch_norm"
+    for i in reversed(range(stages)):
+        widths[i] = widths[i] or widths[min(i + 1, stages - 1)]
+    return widths, layers, norms
+
+
+def detect_dc_autoencoder(shapes: Shapes) -> dict:
+    """`first_stage_config` ({target: DC_TARGET, params: diffusers AutoencoderDC config}) of a DC-AE.
+    Shapes do not tell the activations or shortcuts: diffusers' defaults are assumed (config.json overrides)."""
+    attention = next((key for key in shapes if ".attn." in key or ".conv_out.conv_inverted." in key), None)
+    if attention is not None:
+        raise LatentgenError(f"DC-AE with EfficientViT attention stages ({attention!r}) is not supported: "
+                             "only ResBlock stages are")
+    enc_widths, enc_layers, _ = _dc_stages(shapes, "encoder.down_blocks.")
+    dec_widths, dec_layers, dec_norms = _dc_stages(shapes, "decoder.up_blocks.")
+    conv_in = shapes.get("encoder.conv_in.weight") or shapes["encoder.conv_in.conv.weight"]
+    downs = [key for key in shapes if key.startswith("encoder.down_blocks.") and key.endswith(".conv.weight")]
+    unshuffle = all(4 * shapes[key][0] in enc_widths for key in downs)
+    ups = [key for key in shapes if key.startswith("decoder.up_blocks.") and key.endswith(".conv.weight")]
+    shuffle = all(shapes[key][0] % 4 == 0 and shapes[key][0] // 4 in dec_widths for key in ups)
+    params = {"in_channels": conv_in[1], "latent_channels": shapes["encoder.conv_out.weight"][0],
+              "encoder_block_types": "ResBlock", "decoder_block_types": "ResBlock",
+              "encoder_block_out_channels": enc_widths, "decoder_block_out_channels": dec_widths,
+              "encoder_layers_per_block": enc_layers, "decoder_layers_per_block": dec_layers,
+              "downsample_block_type": "pixel_unshuffle" if unshuffle else "conv",
+              "upsample_block_type": "pixel_shuffle" if shuffle else "interpolate",
+              "decoder_norm_types": dec_norms if len(set(dec_norms)) > 1 else dec_norms[0]}
+    return {"target": DC_TARGET, "params": params}
 
 
 # ---- cond stage -----------------------------------------------------------------------------
@@ -461,6 +511,8 @@ def family_of(params: Mapping[str, Any]) -> str:
     """A short name for what the model does: sd1, sd2(-inpaint), sd2-x4-upscaler, ldm-txt2img, ldm-class,
     ldm-sr, ldm-inpaint, ldm-uncond, or autoencoder-kl / autoencoder-vq for a lone first stage."""
     if not params.get("unet_config"):
+        if target_name(params["first_stage_config"]) == "AutoencoderDC":
+            return "autoencoder-dc"
         vq = target_name(params["first_stage_config"]) in ("VQModel", "VQModelInterface")
         return "autoencoder-vq" if vq else "autoencoder-kl"
     if params.get("low_scale_config"):
@@ -487,14 +539,28 @@ def family_of(params: Mapping[str, Any]) -> str:
 TEXT_ENCODERS = ("FrozenCLIPEmbedder", "FrozenOpenCLIPEmbedder", "BERTEmbedder", "MiniLMEmbedder")
 
 
+def _is_dc(first_stage_config: Mapping[str, Any]) -> bool:
+    return target_name(first_stage_config) == "AutoencoderDC"
+
+
 def first_stage_factor(first_stage_config: Mapping[str, Any]) -> int:
-    """Downsampling factor f of a first stage: one halving per resolution level after the first."""
-    return 2 ** (len(first_stage_config["params"]["ddconfig"]["ch_mult"]) - 1)
+    """Downsampling factor f of a first stage: one halving per resolution level (stage) after the first."""
+    params = first_stage_config["params"]
+    levels = params["encoder_block_out_channels"] if _is_dc(first_stage_config) else params["ddconfig"]["ch_mult"]
+    return 2 ** (len(levels) - 1)
+
+
+def _latent_channels(first_stage_config: Mapping[str, Any]) -> int:
+    params = first_stage_config["params"]
+    return params["latent_channels"] if _is_dc(first_stage_config) else params["embed_dim"]
 
 
 def _decoder_width(first_stage_config: Mapping[str, Any]) -> int:
-    ddconfig = first_stage_config["params"]["ddconfig"]
-    return ddconfig["ch"] * max(ddconfig["ch_mult"][:2])
+    """Channels of the decoder's full-resolution features (what a decode's memory grows with)."""
+    params = first_stage_config["params"]
+    if _is_dc(first_stage_config):
+        return params["decoder_block_out_channels"][0]
+    return params["ddconfig"]["ch"] * max(params["ddconfig"]["ch_mult"][:2])
 
 
 def _concat_layout(unet: Mapping[str, Any], latent_channels: int, conditioning_key: Optional[str]) -> Optional[str]:
@@ -511,7 +577,7 @@ def model_spec(params: Mapping[str, Any]) -> ModelSpec:
     first_stage = params["first_stage_config"]
     common = {
         "family": family_of(params), "factor": first_stage_factor(first_stage),
-        "latent_channels": first_stage["params"]["embed_dim"], "decoder_width": _decoder_width(first_stage),
+        "latent_channels": _latent_channels(first_stage), "decoder_width": _decoder_width(first_stage),
         "scale_factor": float(params.get("scale_factor", 1.0)),
     }
     if not params.get("unet_config"):

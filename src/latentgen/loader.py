@@ -376,7 +376,7 @@ def read_config(config: Union[PathLike, dict]) -> dict:
     if not isinstance(model, dict):
         raise LatentgenError(f"config {config}: `model` is not a mapping")
     params = dict(model.get("params", model) if "target" in model else model)
-    if detect.target_name(model) in ("AutoencoderKL", "VQModel", "VQModelInterface"):
+    if detect.target_name(model) in ("AutoencoderKL", "VQModel", "VQModelInterface", "AutoencoderDC"):
         params = {"first_stage_config": {"target": model["target"], "params": params}}
     shorthand = params.pop("cond_stage", None)
     if shorthand is not None:
@@ -531,6 +531,10 @@ def _unet_factory(params: dict):
 def _first_stage_factory(config: dict):
     from .models.autoencoder import AutoencoderKL, VQModel
 
+    if detect.target_name(config) == "AutoencoderDC":
+        from .models.dcae import AutoencoderDC
+
+        return lambda: AutoencoderDC(**_constructor_kwargs(AutoencoderDC, config.get("params", {})))
     cls = VQModel if detect.target_name(config) in ("VQModel", "VQModelInterface") else AutoencoderKL
     return lambda: cls(**_constructor_kwargs(cls, config.get("params", {})))
 

@@ -95,3 +95,40 @@ def gradient_energy(x: torch.Tensor) -> float:
     super-resolved image over its bicubic upsampling) says which has more high-frequency detail."""
     x = x.detach().to(torch.float64)
     return float(x.diff(dim=-1).square().mean() + x.diff(dim=-2).square().mean())
+
+
+# ---- colour: hue kept ------------------------------------------------------------------------
+
+# sRGB (D65) linear RGB -> XYZ, and the D65 white point.
+_RGB_TO_XYZ = ((0.4124564, 0.3575761, 0.1804375), (0.2126729, 0.7151522, 0.0721750), (0.0193339, 0.1191920, 0.9503041))
+_D65 = (0.95047, 1.0, 1.08883)
+
+
+def srgb_to_lab(x: torch.Tensor, value_range: tuple[float, float] = (-1.0, 1.0)) -> torch.Tensor:
+    """CIELAB (D65) of [B, 3, H, W] sRGB images, float64: L* in [0, 100], a*/b* roughly [-128, 127]."""
+    rgb = _unit(x, value_range, quantize=True, y_channel=False)
+    linear = torch.where(rgb <= 0.04045, rgb / 12.92, ((rgb + 0.055) / 1.055) ** 2.4)
+    xyz = torch.einsum("ij,bjhw->bihw", torch.tensor(_RGB_TO_XYZ, dtype=rgb.dtype), linear)
+    xyz = xyz / torch.tensor(_D65, dtype=rgb.dtype).view(1, 3, 1, 1)
+    delta = 6 / 29
+    f = torch.where(xyz > delta**3, xyz.clamp_min(1e-12) ** (1 / 3), xyz / (3 * delta**2) + 4 / 29)
+    return torch.stack([116 * f[:, 1] - 16, 500 * (f[:, 0] - f[:, 1]), 200 * (f[:, 1] - f[:, 2])], dim=1)
+
+
+def chroma_error(a: torch.Tensor, b: torch.Tensor, block: int = 8,
+                 value_range: tuple[float, float] = (-1.0, 1.0)) -> float:
+    """Mean CIELAB a*b* distance, sqrt(da*^2 + db*^2), between the `block` x `block` means of two
+    images: the hue and colourfulness of regions, blind to lost detail and to lightness. Under
+    about 2-3 a colour shift is hard to see; green turned grey scores 10 or more."""
+    if a.shape != b.shape:
+        raise ValueError(f"images differ in shape: {tuple(a.shape)} vs {tuple(b.shape)}")
+    means = [F.avg_pool2d(srgb_to_lab(t, value_range)[:, 1:], block) for t in (a, b)]
+    return float((means[0] - means[1]).square().sum(1).sqrt().mean())
+
+
+def green_share(x: torch.Tensor, margin: float = 8 / 255, value_range: tuple[float, float] = (-1.0, 1.0)) -> float:
+    """Share of pixels whose green exceeds both red and blue by `margin` (8-bit levels / 255):
+    what a round trip that loses the green-magenta axis takes to zero."""
+    rgb = _unit(x, value_range, quantize=True, y_channel=False)
+    r, g, b = rgb[:, 0], rgb[:, 1], rgb[:, 2]
+    return float(((g - r > margin) & (g - b > margin)).double().mean())

@@ -1,5 +1,6 @@
 """Stage 1: train a KL- or VQ-regularised autoencoder (any f) on photo crops, then export it as a
 standalone first-stage checkpoint (`encoder.*`, `decoder.*`, `quant_conv.*` ... + config.json).
+Kind "dc" (a residual DC-AE in diffusers' AutoencoderDC layout) has its own recipe in `dc.py`.
 
 Each step updates the autoencoder on L1 + SSIM + FFT + (KL or VQ) + the adaptively weighted
 PatchGAN loss once `disc_start` is reached, then the discriminator on the hinge loss.
@@ -59,12 +60,32 @@ class AutoencoderConfig:
     sample_every: int = 0
     max_minutes: float = 0.0
     device: str = "auto"
+    # kind "dc" only (see dc.py): stage widths and ResBlocks per stage, f = 2 ** (len(widths) - 1)
+    widths: tuple[int, ...] = (32, 32, 128)
+    encoder_layers: tuple[int, ...] = (0, 1, 3)
+    decoder_layers: tuple[int, ...] = (0, 1, 3)
+    decoder_act: str = "silu"
+    warmup: int = 200
+    min_lr: float = 0.02
+    grad_clip: float = 1.0
+    weight_decay: float = 0.0
+    precision: str = "bf16"
+    channels_last: bool = False
 
     def ddconfig(self) -> dict:
         return {"double_z": self.kind == "kl", "z_channels": self.z_channels, "resolution": self.resolution,
                 "in_channels": 3, "out_ch": 3, "ch": self.ch, "ch_mult": list(self.ch_mult),
                 "num_res_blocks": self.num_res_blocks, "attn_resolutions": list(self.attn_resolutions),
                 "dropout": 0.0}
+
+    def dc_params(self) -> dict:
+        from .dc import dc_params
+
+        return dc_params(self.widths, self.encoder_layers, self.decoder_layers, self.z_channels, self.decoder_act)
+
+    @property
+    def factor(self) -> int:
+        return 2 ** (len(self.widths if self.kind == "dc" else self.ch_mult) - 1)
 
     def first_stage_config(self) -> dict:
         """The official YAML's `first_stage_config` (also the standalone model's `model`)."""
@@ -79,7 +100,11 @@ def build_autoencoder(config: AutoencoderConfig) -> torch.nn.Module:
         return AutoencoderKL(config.ddconfig(), config.z_channels)
     if config.kind == "vq":
         return VQModel(config.ddconfig(), config.n_embed, config.z_channels)
-    raise LatentgenError(f"unknown autoencoder kind {config.kind!r}: choose kl or vq")
+    if config.kind == "dc":
+        from latentgen.models.dcae import AutoencoderDC
+
+        return AutoencoderDC(**config.dc_params())
+    raise LatentgenError(f"unknown autoencoder kind {config.kind!r}: choose kl, vq or dc")
 
 
 @dataclass
@@ -230,7 +255,12 @@ def train_autoencoder(config: AutoencoderConfig, data: ImageBatches, run_dir: Pa
     """Train to `config.steps` (continuing `run_dir`'s checkpoint when `resume`, else starting from
     `init_from` when given), checkpoint every `checkpoint_every` steps and at the end, then export
     to `export_dir` (default `run_dir`/export)."""
-    trainer = Trainer.create(config, data, emoji, init_from)
+    if config.kind == "dc":
+        from .dc import DCTrainer
+
+        trainer = DCTrainer.create(config, data, emoji, init_from)
+    else:
+        trainer = Trainer.create(config, data, emoji, init_from)
     state = runs.load_checkpoint(run_dir) if resume else None
     if state is not None:
         trainer.load(state)
@@ -238,6 +268,6 @@ def train_autoencoder(config: AutoencoderConfig, data: ImageBatches, run_dir: Pa
         trainer.init_codebook()
     trainer.model.train()
     runs.train_loop(trainer, config.steps, run_dir, config.checkpoint_every, config.sample_every,
-                    f"{config.kind}-f{2 ** (len(config.ch_mult) - 1)}", quiet, on_step, config.max_minutes)
+                    f"{config.kind}-f{config.factor}", quiet, on_step, config.max_minutes)
     trainer.export(export_dir or run_dir / "export")
     return trainer

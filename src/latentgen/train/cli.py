@@ -76,7 +76,7 @@ def prepare_emoji(
 @train_app.command("autoencoder")
 def autoencoder(
     run: Path = typer.Option(..., help="run folder: checkpoint.pt, samples/, export/"),
-    kind: str = typer.Option("kl", help="kl or vq"),
+    kind: str = typer.Option("kl", help="kl, vq, or dc (residual DC-AE, diffusers AutoencoderDC layout; MSE recipe)"),
     ch: int = typer.Option(32, help="base channel count"),
     ch_mult: str = typer.Option("1,2,4,4", help="channel multipliers; f = 2^(levels - 1)"),
     num_res_blocks: int = typer.Option(1),
@@ -104,8 +104,21 @@ def autoencoder(
     device: str = typer.Option("auto"),
     resume: bool = typer.Option(True, help="continue from the run folder's checkpoint"),
     export_to: Optional[Path] = typer.Option(None, help="export folder (default RUN/export)"),
+    ssim_weight: Optional[float] = typer.Option(None, help="weight of 1 - SSIM (default: 0.2 for kl/vq, 0 for dc)"),
+    fft_weight: Optional[float] = typer.Option(None, help="weight of the FFT-magnitude L1 (default: 0.1 for kl/vq, 0 for dc)"),
+    widths: str = typer.Option("32,32,128", help="dc: width of each stage; f = 2^(stages - 1)"),
+    encoder_layers: str = typer.Option("0,1,3", help="dc: encoder ResBlocks per stage (0 in stage 1: no full-resolution blocks)"),
+    decoder_layers: str = typer.Option("0,1,3", help="dc: decoder ResBlocks per stage"),
+    warmup: int = typer.Option(200, help="dc: linear learning-rate warm-up steps, then cosine decay to --steps"),
+    min_lr: float = typer.Option(0.02, help="dc: final learning rate as a fraction of --lr"),
+    grad_clip: float = typer.Option(1.0, help="dc: gradient-norm clip (0: off)"),
+    weight_decay: float = typer.Option(0.0, help="dc: AdamW weight decay of the conv weights"),
+    precision: str = typer.Option("fp32", help="dc: fp32, or bf16 autocast (fp32 master weights; also on CPU, where it "
+                                               "needs avx512_bf16 to pay off)"),
+    channels_last: bool = typer.Option(False, help="dc: channels-last memory format"),
 ) -> None:
-    """Stage 1: a KL or VQ autoencoder on photo crops (L1 + SSIM + FFT + KL/VQ + PatchGAN)."""
+    """Stage 1: a KL or VQ autoencoder on photo crops (L1 + SSIM + FFT + KL/VQ + PatchGAN), or a
+    residual DC-AE (kind dc: MSE, warm-up + cosine LR, gradient clipping)."""
     from latentgen.loader import load_model
 
     from .autoencoder import AutoencoderConfig, load_emoji_crops, load_photos, train_autoencoder
@@ -115,7 +128,14 @@ def autoencoder(
         n_embed=n_embed, crop=crop, batch=batch, lr=lr, steps=steps, kl_weight=kl_weight, disc_start=disc_start,
         disc_weight=disc_weight, decoder_only=decoder_only, emoji_fraction=emoji_fraction, seed=seed,
         checkpoint_every=checkpoint_every, sample_every=sample_every, max_minutes=max_minutes, device=device,
+        widths=_numbers(widths), encoder_layers=_numbers(encoder_layers), decoder_layers=_numbers(decoder_layers),
+        warmup=warmup, min_lr=min_lr, grad_clip=grad_clip, weight_decay=weight_decay, precision=precision,
+        channels_last=channels_last,
+        ssim_weight=(0.0 if kind == "dc" else 0.2) if ssim_weight is None else ssim_weight,
+        fft_weight=(0.0 if kind == "dc" else 0.1) if fft_weight is None else fft_weight,
     )
+    if precision not in ("fp32", "bf16"):
+        raise LatentgenError(f"--precision {precision!r}: choose fp32 or bf16")
     emoji = load_emoji_crops(data, emoji_size, crop) if emoji_fraction > 0 else None
     start = load_model(init_from).first_stage if init_from else None
     trainer = train_autoencoder(config, load_photos(photos, crop), run, resume, export_dir=export_to, emoji=emoji,
@@ -217,7 +237,9 @@ def evaluate(
     hole = " (hole)" if task_of(loaded) == "inpaint" else ""
     columns = {"psnr": f"PSNR{hole} dB", "ssim": "SSIM", "baseline_psnr": f"baseline PSNR{hole} dB",
                "baseline_ssim": "baseline SSIM", "gradient_ratio": "gradient energy / truth",
-               "baseline_gradient_ratio": "baseline gradient / truth"}
+               "baseline_gradient_ratio": "baseline gradient / truth", "chroma_error": "a*b* error (8x8)",
+               "baseline_chroma_error": "baseline a*b* error", "green": "green px", "baseline_green": "baseline green px",
+               "original_green": "original green px"}
     shown = [key for key in columns if key in means["all"]]
     size = f"{crop} px crops" if crop > 0 else "whole images"
     table = Table("dataset", "images", *(columns[key] for key in shown), title=f"{model.name}: {task_of(loaded)}, {size}")
@@ -225,6 +247,10 @@ def evaluate(
         table.add_row(name, str(row["images"]), *(f"{row[key]:.2f}" if "psnr" in key else f"{row[key]:.4f}"
                                                   for key in shown))
     Console().print(table)
+    for score in scores:
+        if score.green is not None and score.image == "pepper.png":
+            console.print(f"{score.dataset}/{score.image}: green-dominant pixels {score.original_green:.1%} -> "
+                          f"{score.green:.1%} (bicubic {score.baseline_green:.1%}), a*b* error {score.chroma_error:.2f}")
     report = {"model": str(model), "task": task_of(loaded), "crop": crop, "steps": steps, "seed": seed, "means": means,
               "images": [asdict(s) for s in scores]}
     if emoji and task_of(loaded) == "autoencoder":

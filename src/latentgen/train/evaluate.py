@@ -40,6 +40,11 @@ class Score:
     baseline_ssim: Optional[float] = None
     gradient_ratio: Optional[float] = None
     baseline_gradient_ratio: Optional[float] = None
+    chroma_error: Optional[float] = None
+    baseline_chroma_error: Optional[float] = None
+    green: Optional[float] = None
+    baseline_green: Optional[float] = None
+    original_green: Optional[float] = None
 
 
 def task_of(model: LatentDiffusion) -> str:
@@ -94,7 +99,10 @@ def bicubic_round_trip(image: torch.Tensor, factor: int) -> tuple[torch.Tensor, 
 def score_autoencoder(model: LatentDiffusion, image: torch.Tensor, index: int, options: tasks.Sampling) -> tuple:
     result = tasks.reconstruct(model, image)
     bicubic = bicubic_round_trip(image, model.spec.factor)[1]
-    return result.psnr, result.ssim, metrics.psnr(bicubic, image), metrics.ssim(bicubic, image)
+    output = result.image.float().cpu()
+    return (result.psnr, result.ssim, metrics.psnr(bicubic, image), metrics.ssim(bicubic, image), None, None,
+            metrics.chroma_error(output, image), metrics.chroma_error(bicubic, image),
+            metrics.green_share(output), metrics.green_share(bicubic), metrics.green_share(image))
 
 
 def score_sr(model: LatentDiffusion, image: torch.Tensor, index: int, options: tasks.Sampling) -> tuple:
@@ -172,7 +180,8 @@ def summarize(scores: list[Score]) -> dict[str, dict[str, float]]:
     for score in scores:
         groups.setdefault(score.dataset, []).append(score)
     groups["all"] = scores
-    fields = ("psnr", "ssim", "baseline_psnr", "baseline_ssim", "gradient_ratio", "baseline_gradient_ratio")
+    fields = ("psnr", "ssim", "baseline_psnr", "baseline_ssim", "gradient_ratio", "baseline_gradient_ratio",
+              "chroma_error", "baseline_chroma_error", "green", "baseline_green", "original_green")
     return {name: {"images": len(group), **{field: sum(getattr(s, field) for s in group) / len(group)
                                             for field in fields if getattr(group[0], field) is not None}}
             for name, group in groups.items()}

@@ -17,9 +17,11 @@ from latentgen.images import grid, save_image
 CHECKPOINT = "checkpoint.pt"
 
 
-def autocast(device: torch.device):
-    """bf16 autocast on CUDA (the GPU runs), plain float32 elsewhere."""
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+def autocast(device: torch.device, cpu_bf16: bool = False, enabled: bool = True):
+    """bf16 autocast on CUDA (the GPU runs); on CPU only with `cpu_bf16`, for models measured faster
+    that way (a conv stack on an avx512_bf16 CPU: 2-4x, issue 14; a transformer layer: slower)."""
+    on = enabled and (device.type == "cuda" or (device.type == "cpu" and cpu_bf16))
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=on)
 
 
 def random_state(generator: torch.Generator) -> dict:
@@ -65,6 +67,14 @@ def export_folder(folder: Path, tensors: dict[str, torch.Tensor], config: dict) 
     return folder
 
 
+def append_log(folder: Path, entry: dict) -> None:
+    """One JSON line per checkpoint in `folder`/log.jsonl: the means of the logged values since the last
+    one (the model cards' training-log tables; `minutes` counts from this process's start)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / "log.jsonl", "a") as log:
+        log.write(json.dumps(entry) + "\n")
+
+
 def load_weights(module: torch.nn.Module, state: dict, mismatch: str) -> None:
     """`module` given `state` (strict), or the one-line error `mismatch` with the first mismatch named."""
     try:
@@ -107,6 +117,8 @@ def train_loop(trainer: Trainer, steps: int, run_dir: Path, checkpoint_every: in
     stop early once that much wall time has passed (checkpointed, so a rerun continues)."""
     deadline = time.monotonic() + max_minutes * 60 if max_minutes > 0 else float("inf")
     rate = 0.0
+    window: dict[str, list[float]] = {}
+    started_at = time.monotonic()
     with progress_bar(quiet) as progress:
         task = progress.add_task(description, total=steps, completed=trainer.step, loss=0.0, rate=0.0)
         while trainer.step < steps:
@@ -118,8 +130,13 @@ def train_loop(trainer: Trainer, steps: int, run_dir: Path, checkpoint_every: in
             if on_step is not None:
                 on_step(trainer.step, logs)
             out_of_time = time.monotonic() > deadline
+            for key, value in logs.items():
+                window.setdefault(key, []).append(float(value))
             if trainer.step % checkpoint_every == 0 or trainer.step == steps or out_of_time:
                 save_checkpoint(run_dir, trainer.state())
+                append_log(run_dir, {"step": trainer.step, "minutes": round((time.monotonic() - started_at) / 60, 2),
+                                     "it_s": round(rate, 3), **{k: sum(v) / len(v) for k, v in window.items()}})
+                window = {}
             if sample_every and trainer.step % sample_every == 0:
                 save_grid(trainer.samples(), run_dir / "samples" / f"step-{trainer.step:06d}.png")
             if out_of_time:
