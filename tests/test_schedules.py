@@ -101,3 +101,21 @@ def test_k_diffusion_schedules_match_diffusers(karras):
     assert np.allclose(ours.sigmas, dpm.sigmas.numpy(), rtol=3e-5)
     # diffusers rounds DPM-Solver's Karras timesteps; we keep them where the sigmas are.
     assert np.allclose(np.round(ours.timesteps), dpm.timesteps.numpy())
+
+
+def test_zero_terminal_snr_matches_diffusers_rescale_and_trailing_spacing():
+    """Lin et al. 2023 as diffusers implements it: the same alphas_cumprod (ours floors the last,
+    0, at 2^-24 so that sigmas stay finite) and the same trailing DDIM timesteps."""
+    from diffusers import DDIMScheduler
+    from diffusers.schedulers.scheduling_ddim import rescale_zero_terminal_snr
+
+    betas = make_betas("linear", 1000, 0.00085, 0.012)
+    theirs = torch.cumprod(1 - rescale_zero_terminal_snr(betas), 0)
+    ours = make_alphas_cumprod("linear", 1000, 0.00085, 0.012, zero_terminal_snr=True)
+    torch.testing.assert_close(ours[:-1], theirs[:-1], rtol=0, atol=1e-12)
+    assert theirs[-1] == 0 and ours[-1] == 2.0**-24 and ours[0] == make_alphas_cumprod("linear", 1000, 0.00085, 0.012)[0]
+    for steps in (4, 10, 25):
+        scheduler = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                                  timestep_spacing="trailing")
+        scheduler.set_timesteps(steps)
+        assert ddim_timesteps(steps, 1000, "trailing")[::-1] == scheduler.timesteps.tolist()

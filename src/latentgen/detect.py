@@ -592,7 +592,7 @@ def model_spec(params: Mapping[str, Any]) -> ModelSpec:
         spatial_transformer=bool(unet.get("use_spatial_transformer")),
     )
     schedule = TrainingSchedule(params["beta_schedule"], int(params["timesteps"]), float(params["linear_start"]),
-                                float(params["linear_end"]), float(params["cosine_s"]))
+                                float(params["linear_end"]), float(params["cosine_s"]), bool(params["zero_terminal_snr"]))
     concat = _concat_layout(unet, common["latent_channels"], key)
     return ModelSpec(**common, parameterization=params["parameterization"], conditioning=conditioning, concat=concat,
                      native_latent=int(unet.get("image_size", 64)), unet=layout, schedule=schedule)

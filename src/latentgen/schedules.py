@@ -28,11 +28,24 @@ def make_betas(schedule: str, timesteps: int, linear_start: float, linear_end: f
     raise LatentgenError(f"unknown beta schedule {schedule!r}; choose one of {', '.join(SCHEDULES)}")
 
 
+ZERO_SNR_FLOOR = 2.0**-24  # alpha_bar_T of a zero-terminal-SNR schedule as samplers see it (diffusers' floor)
+
+
 def make_alphas_cumprod(schedule: str, timesteps: int, linear_start: float, linear_end: float,
-                        cosine_s: float = 8e-3) -> torch.Tensor:
-    """Cumulative product of (1 - beta), float64, shape [timesteps]."""
-    betas = make_betas(schedule, timesteps, linear_start, linear_end, cosine_s)
-    return torch.cumprod(1 - betas, dim=0)
+                        cosine_s: float = 8e-3, zero_terminal_snr: bool = False) -> torch.Tensor:
+    """Cumulative product of (1 - beta), float64, shape [timesteps]; with `zero_terminal_snr`
+    rescaled as Lin et al. (2023, "Common Diffusion Noise Schedules and Sample Steps are Flawed")
+    so that the last step is pure noise: sqrt(alpha_bar) shifted to end at 0 and scaled to keep its
+    start. The last value is then floored at 2^-24, so every sampler's sigma stays finite."""
+    alphas_cumprod = torch.cumprod(1 - make_betas(schedule, timesteps, linear_start, linear_end, cosine_s), dim=0)
+    if not zero_terminal_snr:
+        return alphas_cumprod
+    root = alphas_cumprod.sqrt()
+    first, last = root[0].clone(), root[-1].clone()
+    root = (root - last) * first / (first - last)
+    rescaled = root**2
+    rescaled[-1] = ZERO_SNR_FLOOR
+    return rescaled
 
 
 @dataclass(frozen=True)
@@ -45,9 +58,11 @@ class TrainingSchedule:
     linear_start: float = 1e-4
     linear_end: float = 2e-2
     cosine_s: float = 8e-3
+    zero_terminal_snr: bool = False
 
     def alphas_cumprod(self) -> torch.Tensor:
-        return make_alphas_cumprod(self.beta_schedule, self.timesteps, self.linear_start, self.linear_end, self.cosine_s)
+        return make_alphas_cumprod(self.beta_schedule, self.timesteps, self.linear_start, self.linear_end, self.cosine_s,
+                                   self.zero_terminal_snr)
 
 
 # ---- the noise levels a sampler walks through ------------------------------------------------
@@ -87,7 +102,9 @@ def sigmas_of(alphas_cumprod: torch.Tensor) -> torch.Tensor:
 
 def ddim_timesteps(steps: int, timesteps: int = 1000, spacing: str = "uniform") -> list[int]:
     """CompVis `make_ddim_timesteps`, ascending: every (T // steps)-th timestep ("uniform") or a
-    quadratic ramp up to 0.8 T ("quad"), shifted by +1 so that the last step lands on alphas_cumprod[0].
+    quadratic ramp up to 0.8 T ("quad"), shifted by +1 so that the last step lands on alphas_cumprod[0];
+    or, "trailing" (Lin et al. 2023, diffusers' `timestep_spacing="trailing"`), `steps` timesteps
+    counted down from T - 1, so that sampling starts where a zero-terminal-SNR model begins.
 
     As in CompVis, "uniform" runs ceil(T / (T // steps)) steps, e.g. 31 for 30 steps. Where CompVis would
     then index past T - 1 (T // steps dividing T - 1, e.g. 9 steps) that timestep is dropped.
@@ -98,8 +115,10 @@ def ddim_timesteps(steps: int, timesteps: int = 1000, spacing: str = "uniform") 
         ts = range(1, timesteps + 1, timesteps // steps)
     elif spacing == "quad":
         ts = (torch.linspace(0, (timesteps * 0.8) ** 0.5, steps, dtype=torch.float64) ** 2).long() + 1
+    elif spacing == "trailing":
+        ts = sorted({round(timesteps - i * timesteps / steps) - 1 for i in range(steps)})
     else:
-        raise LatentgenError(f"unknown timestep spacing {spacing!r}; choose uniform or quad")
+        raise LatentgenError(f"unknown timestep spacing {spacing!r}; choose uniform, quad or trailing")
     return [int(t) for t in ts if t < timesteps]
 
 

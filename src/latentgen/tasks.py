@@ -19,7 +19,7 @@ from .guidance import Conditioning, guided_model
 from .images import crop_padding, fill_hole, pad_to_multiple
 from .ldm import LOW_RES_IMAGE, MASK_THEN_MASKED_IMAGE, MASKED_IMAGE_THEN_MASK, LatentDiffusion, ModelSpec
 from .models.text import ClassEmbedder
-from .samplers import Generators, normal, resolve_sampler, sample, seeded_generator
+from .samplers import SAMPLERS, Generators, normal, resolve_sampler, sample, seeded_generator
 from .tiling import map_tiled
 
 DEFAULT_STEPS = 50
@@ -162,9 +162,12 @@ def _sample(model: LatentDiffusion, cond: Conditioning, uncond: Optional[Conditi
         if preview is not None:
             preview(i + 1, n, x0)
 
+    # A zero-terminal-SNR model starts from pure noise at T - 1: DDIM/PLMS count their steps down from there.
+    trailing = model.spec.schedule.zero_terminal_snr and SAMPLERS[options.sampler].spacing
     return sample(
         options.sampler, denoiser, x_T, model.alphas_cumprod, model.spec.parameterization, options.steps,
-        eta=options.eta, karras=options.karras, callback=callback, generator=generators, **masking,
+        eta=options.eta, karras=options.karras, spacing="trailing" if trailing else "uniform", callback=callback,
+        generator=generators, **masking,
     )
 
 

@@ -160,6 +160,10 @@ def ldm(
     lr: float = typer.Option(2e-4),
     steps: int = typer.Option(20000),
     cond_drop: float = typer.Option(0.1, help="text dropout for classifier-free guidance"),
+    prediction: str = typer.Option("eps", help="eps or v (velocity) targets"),
+    zero_terminal_snr: bool = typer.Option(False, help="rescale the schedule to pure noise at T (Lin et al. 2023; needs v)"),
+    min_snr_gamma: float = typer.Option(0.0, help="Min-SNR-gamma loss weighting (Hang et al. 2023; 5 is theirs; 0: off)"),
+    ema_half_life: int = typer.Option(0, help="EMA half-life in steps (0: --ema-decay as CompVis, 0.9999)"),
     emoji_fraction: float = typer.Option(0.25, help="sr: share of emoji mosaics among the targets"),
     contexts: bool = typer.Option(True, help="txt2img: use the precomputed text contexts when prepared"),
     seed: int = typer.Option(0),
@@ -172,7 +176,7 @@ def ldm(
                                                         "(same architecture and first-stage encoder) when the run has no checkpoint"),
     export_to: Optional[Path] = typer.Option(None, help="export folder (default RUN/export)"),
 ) -> None:
-    """Stage 2: a latent diffusion UNet on a frozen first stage (eps-prediction, EMA, CFG dropout)."""
+    """Stage 2: a latent diffusion UNet on a frozen first stage (eps or v targets, EMA, CFG dropout)."""
     from latentgen.loader import load_model
 
     from .autoencoder import load_photos
@@ -182,7 +186,8 @@ def ldm(
         task=task, image_size=image_size, model_channels=model_channels, channel_mult=_numbers(channel_mult),
         num_res_blocks=num_res_blocks, attention_resolutions=_numbers(attention_resolutions),
         num_head_channels=num_head_channels, batch=batch, lr=lr, steps=steps, cond_drop=cond_drop,
-        emoji_fraction=emoji_fraction, seed=seed, checkpoint_every=checkpoint_every, sample_every=sample_every,
+        parameterization=prediction, zero_terminal_snr=zero_terminal_snr, min_snr_gamma=min_snr_gamma,
+        ema_half_life=ema_half_life, emoji_fraction=emoji_fraction, seed=seed, checkpoint_every=checkpoint_every, sample_every=sample_every,
         max_minutes=max_minutes, device=device,
     )
     wants_emoji = task == "txt2img" or (task == "sr" and emoji_fraction > 0)

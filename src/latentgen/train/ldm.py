@@ -64,10 +64,14 @@ class LDMConfig:
     linear_start: float = 0.00085
     linear_end: float = 0.012
     timesteps: int = 1000
+    zero_terminal_snr: bool = False
+    parameterization: str = "eps"
+    min_snr_gamma: float = 0.0
     batch: int = 16
     lr: float = 2e-4
     steps: int = 20000
     ema_decay: float = 0.9999
+    ema_half_life: int = 0
     cond_drop: float = 0.1
     emoji_fraction: float = 0.25
     seed: int = 0
@@ -144,6 +148,10 @@ class LDMTrainer:
         first stage's hash and the image size) so that resumed runs skip the encoding."""
         if config.task not in TASKS:
             raise LatentgenError(f"unknown task {config.task!r}: choose one of {', '.join(TASKS)}")
+        if config.parameterization not in ("eps", "v"):
+            raise LatentgenError(f"parameterization must be eps or v, got {config.parameterization!r}")
+        if config.zero_terminal_snr and config.parameterization != "v":
+            raise LatentgenError("a zero-terminal-SNR schedule needs v-prediction (eps is undefined at pure noise)")
         torch.manual_seed(config.seed)
         device = pick_device(config.device)
         stage = first_stage.first_stage.to(device).eval().requires_grad_(False)
@@ -153,7 +161,8 @@ class LDMTrainer:
         unet = UNetModel(**config.unet_config(first_stage.spec.latent_channels, f)["params"]).to(device)
         trainer = cls(config, unet, copy.deepcopy(unet).requires_grad_(False), torch.optim.AdamW(unet.parameters(), config.lr),
                       stage, first_stage.spec, first_stage.params["first_stage_config"], data, torch.Generator().manual_seed(config.seed),
-                      device, make_alphas_cumprod("linear", config.timesteps, config.linear_start, config.linear_end),
+                      device, make_alphas_cumprod("linear", config.timesteps, config.linear_start, config.linear_end,
+                                                  zero_terminal_snr=config.zero_terminal_snr),
                       text_encoder)
         trainer._check_data()
         if config.task == "txt2img":
@@ -286,7 +295,12 @@ class LDMTrainer:
             x_t = torch.cat([x_t, cond.concat], 1)
         with runs.autocast(self.device):
             output = self.unet(x_t, t, context=cond.context)
-        loss = losses.ldm_loss(output, noise)
+        config = self.config
+        alpha = self.alphas_cumprod.to(self.device)[t].float().view(-1, 1, 1, 1)
+        target = losses.v_target(z0, noise, alpha) if config.parameterization == "v" else noise
+        weights = losses.min_snr_weights(alpha, config.min_snr_gamma, config.parameterization) \
+            if config.min_snr_gamma > 0 else torch.ones_like(alpha)
+        loss = losses.diffusion_loss(output, target, weights)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
@@ -295,8 +309,10 @@ class LDMTrainer:
         return {"loss": loss.item()}
 
     def _update_ema(self) -> None:
-        """CompVis LitEma: decay warms up as (1 + n) / (10 + n) towards `ema_decay`."""
-        decay = min(self.config.ema_decay, (1 + self.step) / (10 + self.step))
+        """CompVis LitEma: decay warms up as (1 + n) / (10 + n) towards `ema_decay`, or, with
+        `ema_half_life`, towards 0.5 ** (1 / half-life steps) (0.9999 is too slow for short runs)."""
+        target = 0.5 ** (1 / self.config.ema_half_life) if self.config.ema_half_life > 0 else self.config.ema_decay
+        decay = min(target, (1 + self.step) / (10 + self.step))
         with torch.no_grad():
             for average, param in zip(self.ema.parameters(), self.unet.parameters()):
                 average.lerp_(param, 1 - decay)
@@ -337,7 +353,8 @@ class LDMTrainer:
             "linear_start": config.linear_start, "linear_end": config.linear_end, "timesteps": config.timesteps,
             "image_size": config.image_size // self.first_stage_spec.factor,
             "channels": self.first_stage_spec.latent_channels, "scale_factor": self.scale_factor,
-            "conditioning_key": CONDITIONING_KEYS[config.task], "parameterization": "eps",
+            "conditioning_key": CONDITIONING_KEYS[config.task], "parameterization": config.parameterization,
+            "zero_terminal_snr": config.zero_terminal_snr,
             "unet_config": config.unet_config(self.first_stage_spec.latent_channels, self.first_stage_spec.factor),
             "first_stage_config": self.first_stage_config,
         }
@@ -372,8 +389,9 @@ class LDMTrainer:
             shape = (len(cond.context) if z0 is None else len(z0), self.first_stage_spec.latent_channels,
                      *(2 * [config.image_size // self.first_stage_spec.factor]))
             x_T = make_noise(shape, 0).to(self.device)
-            z = sample("ddim", guided_model(self.ema, cond, uncond, scale), x_T, self.alphas_cumprod, "eps",
-                       config.sample_steps)
+            z = sample("ddim", guided_model(self.ema, cond, uncond, scale), x_T, self.alphas_cumprod,
+                       config.parameterization, config.sample_steps,
+                       spacing="trailing" if config.zero_terminal_snr else "uniform")
             images = self.first_stage.decode(z / sf).float().clamp(-1, 1).cpu()
             if z0 is not None:
                 images = torch.cat([self._show_condition(cond, images.shape[-1]), images,

@@ -109,6 +109,20 @@ def q_sample(x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, alphas_cump
     return (alpha.sqrt() * x0 + (1 - alpha).sqrt() * noise).to(x0.dtype)
 
 
-def ldm_loss(output: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-    """L_LDM: the mean squared error between predicted and true noise (the simple DDPM loss)."""
-    return F.mse_loss(output.float(), noise.float())
+def v_target(x0: torch.Tensor, noise: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
+    """The velocity sqrt(a) eps - sqrt(1 - a) x0 that a v-prediction model learns (Salimans & Ho 2022)."""
+    return alpha.sqrt() * noise - (1 - alpha).sqrt() * x0
+
+
+def min_snr_weights(alpha: torch.Tensor, gamma: float, parameterization: str) -> torch.Tensor:
+    """Min-SNR-gamma loss weights (Hang et al. 2023): min(SNR, gamma) over SNR for eps targets,
+    over SNR + 1 for v targets (whose plain loss already weighs each step by SNR + 1)."""
+    snr = alpha / (1 - alpha)
+    return snr.clamp(max=gamma) / (snr + 1 if parameterization == "v" else snr)
+
+
+def diffusion_loss(output: torch.Tensor, target: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """L_LDM: per-sample mean squared error to the target (the noise, or v), weighted, averaged over
+    the batch; with unit weights and eps targets the simple DDPM loss."""
+    per_sample = (output.float() - target.float()).square().flatten(1).mean(1)
+    return (weights.float().flatten() * per_sample).mean()
