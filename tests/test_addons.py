@@ -82,7 +82,6 @@ def outputs(unet_call, text_call, generator_seed: int = 0):
 
 @pytest.mark.slow
 def test_kohya_lora_matches_diffusers_fuse_lora(sd, tmp_path):
-    pytest.importorskip("peft")
     model = load(sd)
     lora = kohya_lora(model, torch.Generator().manual_seed(1), convs=True)  # LoCon too
     save_file(lora, str(tmp_path / "style.safetensors"))
