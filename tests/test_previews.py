@@ -66,3 +66,15 @@ def test_taesd_decoder_files_load_strictly(model_folder, tmp_path):
                                      str(tmp_path / "b.png"), "--preview", str(tmp_path / "q.png"),
                                      "--taesd", str(model_folder / "model.safetensors")])
     assert wrong.exit_code == 1 and "not a TAESD decoder" in wrong.output and not (tmp_path / "b.png").exists()
+
+
+def test_bundled_models_store_their_projection(tmp_path, monkeypatch):
+    from latentgen import catalog
+
+    monkeypatch.setenv("LATENTGEN_CACHE", str(tmp_path))
+    model = load_model(catalog.default_model("txt2img"))
+    stored = model.spec.preview_projection
+    assert stored is not None and len(stored) == model.spec.latent_channels + 1
+    assert torch.equal(previews.projection(model), torch.tensor(stored)) and not (tmp_path / "previews.json").exists()
+    refit = previews.fit_projection(model.first_stage, model.spec.scale_factor, model.spec.factor)
+    torch.testing.assert_close(refit, torch.tensor(stored), rtol=0, atol=1e-5)  # what fit-preview wrote

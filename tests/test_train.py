@@ -447,6 +447,7 @@ def test_v_prediction_zero_snr_min_snr_ldm_trains_exports_and_samples(tmp_path, 
     assert trainer.alphas_cumprod[-1] == 2.0**-24
     exported = json.loads((tmp_path / "v" / "export" / "config.json").read_text())["model"]["params"]
     assert exported["parameterization"] == "v" and exported["zero_terminal_snr"] is True
+    assert len(exported["preview_projection"]) == 3 + 1  # latent channels + bias, for previews
     loaded = load_model(tmp_path / "v" / "export")
     assert loaded.parameterization == "v" and loaded.spec.schedule.zero_terminal_snr
     from latentgen import tasks

@@ -579,6 +579,7 @@ def model_spec(params: Mapping[str, Any]) -> ModelSpec:
         "family": family_of(params), "factor": first_stage_factor(first_stage),
         "latent_channels": _latent_channels(first_stage), "decoder_width": _decoder_width(first_stage),
         "scale_factor": float(params.get("scale_factor", 1.0)),
+        "preview_projection": tuple(map(tuple, params["preview_projection"])) if params.get("preview_projection") else None,
     }
     if not params.get("unet_config"):
         return ModelSpec(**common)

@@ -53,6 +53,8 @@ class ModelSpec:
     native_latent: Optional[int] = None
     unet: Optional[UNetLayout] = None
     schedule: TrainingSchedule = TrainingSchedule()
+    preview_projection: Optional[tuple[tuple[float, float, float], ...]] = None
+    """[C + 1] x 3 latent-to-RGB map for cheap previews, where the model's config stores one (previews.py)."""
 
     @property
     def is_diffusion(self) -> bool:

@@ -1,9 +1,10 @@
 """Cheap pictures of a latent while it is being sampled: a linear latent-to-RGB projection fitted
 to each first stage (what stable-diffusion.cpp calls `proj`), or a TAESD decoder.
 
-The projection is fitted once per first stage by least squares, from the latents of seeded smooth
-colour images to those images averaged over f x f blocks, and kept in `cache_dir()/previews.json`
-by the model's hash, so any first stage (a bundled one, an official VAE) gets one without a file.
+The projection is fitted by least squares, from the latents of seeded smooth colour images to those
+images averaged over f x f blocks. The bundled models store theirs in config.json
+(`preview_projection`, written by training's export and `latentgen train fit-preview`); any other
+model's is fitted on first use and kept in `cache_dir()/previews.json` by the model's hash.
 """
 
 import json
@@ -13,7 +14,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import tasks
 from .errors import LatentgenError
 from .files import atomic_write
 from .ldm import LatentDiffusion
@@ -28,17 +28,22 @@ def _probe_images(generator: torch.Generator) -> torch.Tensor:
     return F.interpolate(coarse, size=(PROBE_SIZE, PROBE_SIZE), mode="bicubic", align_corners=False).clamp(-1, 1)
 
 
-def fit_projection(model: LatentDiffusion) -> torch.Tensor:
-    """[C + 1, 3]: RGB in [-1, 1] ~ [z, 1] @ P for the diffusion model's (scaled) latents z."""
+def fit_projection(first_stage: nn.Module, scale_factor: float, factor: int) -> torch.Tensor:
+    """[C + 1, 3]: RGB in [-1, 1] ~ [z, 1] @ P for a diffusion model's latents z (first-stage latents
+    times `scale_factor`)."""
     images = _probe_images(torch.Generator().manual_seed(0))
-    z = tasks.encode(model, images).float().cpu()
-    target = F.avg_pool2d(images, model.spec.factor)
+    reference = next(first_stage.parameters())
+    with torch.no_grad():
+        z = (first_stage.encode(images.to(reference)) * scale_factor).float().cpu()
+    target = F.avg_pool2d(images, factor)
     inputs = torch.cat([z, torch.ones_like(z[:, :1])], 1).permute(0, 2, 3, 1).reshape(-1, z.shape[1] + 1)
     return torch.linalg.lstsq(inputs.double(), target.permute(0, 2, 3, 1).reshape(-1, 3).double()).solution.float()
 
 
 def projection(model: LatentDiffusion) -> torch.Tensor:
-    """The fitted projection of `model`'s first stage, from the cache when it has one."""
+    """The model's stored projection, or one fitted to its first stage (from the cache when it has one)."""
+    if model.spec.preview_projection is not None:
+        return torch.tensor(model.spec.preview_projection)
     file = cache_dir() / "previews.json"
     try:
         cache = json.loads(file.read_text())
@@ -47,7 +52,7 @@ def projection(model: LatentDiffusion) -> torch.Tensor:
     key = f"{model.sha256}:{model.spec.scale_factor}"
     if key in cache:
         return torch.tensor(cache[key])
-    result = fit_projection(model)
+    result = fit_projection(model.first_stage, model.spec.scale_factor, model.spec.factor)
     cache[key] = result.tolist()
     try:
         atomic_write(file, json.dumps(cache))

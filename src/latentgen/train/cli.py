@@ -200,6 +200,26 @@ def ldm(
     console.print(f"step {trainer.step}: exported to {export_to or run / 'export'}")
 
 
+@train_app.command("fit-preview")
+def fit_preview(
+    model: Path = typer.Argument(..., help="a model folder (model.safetensors + config.json) to store the projection in"),
+) -> None:
+    """Fit the latent-to-RGB preview projection of a model folder and store it in its config.json."""
+    from latentgen.files import atomic_write
+    from latentgen.loader import load_model
+    from latentgen.previews import fit_projection
+
+    file = model / "config.json"
+    if not file.is_file():
+        raise typer.BadParameter(f"{model} has no config.json")
+    loaded = load_model(model)
+    config = json.loads(file.read_text())
+    params = config["model"]["params"] if "model" in config else config
+    params["preview_projection"] = fit_projection(loaded.first_stage, loaded.spec.scale_factor, loaded.spec.factor).tolist()
+    atomic_write(file, json.dumps(config, indent=2) + "\n")
+    console.print(f"stored the preview projection in {file}")
+
+
 @train_app.command("evaluate")
 def evaluate(
     model: Path = typer.Argument(..., help="a model folder or checkpoint (autoencoder, SR or inpainting)"),

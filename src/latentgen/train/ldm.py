@@ -31,6 +31,7 @@ from latentgen.guidance import Conditioning, guided_model
 from latentgen.ldm import MASKED_IMAGE_THEN_MASK, LatentDiffusion, ModelSpec
 from latentgen.models.autoencoder import AutoencoderKL
 from latentgen.models.unet import UNetModel
+from latentgen.previews import fit_projection
 from latentgen.samplers import make_noise, sample
 from latentgen.tasks import inpainting_concat
 from latentgen.schedules import make_alphas_cumprod
@@ -358,6 +359,8 @@ class LDMTrainer:
             "unet_config": config.unet_config(self.first_stage_spec.latent_channels, self.first_stage_spec.factor),
             "first_stage_config": self.first_stage_config,
         }
+        params["preview_projection"] = fit_projection(self.first_stage, self.scale_factor,
+                                                      self.first_stage_spec.factor).tolist()
         if config.task == "txt2img":
             params["cond_stage"] = "minilm"
         else:
