@@ -479,3 +479,19 @@ def test_bundled_folder_with_frozen_minilm_text_encoder(tmp_path):
         reference = UNetModel(**{**TINY_UNET, "context_dim": 384, "num_heads": 4}).eval()
         reference.load_state_dict(unet.state_dict())
         assert torch.equal(model.unet(x, t, context=context), reference(x, t, context=context))
+
+
+def test_weights_are_materialised_in_the_asked_dtype(tmp_path):
+    """A bf16 load holds no float32 copy: every floating tensor arrives in bf16, equal to the
+    float32 load rounded."""
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    import tiny_models
+
+    path = tiny_models.official_checkpoint(tmp_path / "cin.safetensors", "cin")
+    full, half = load_model(path), load_model(path, dtype=torch.bfloat16)
+    for ours, reference in zip(half.unet.state_dict().values(), full.unet.state_dict().values()):
+        assert ours.dtype == (torch.bfloat16 if reference.is_floating_point() else reference.dtype)
+        assert torch.equal(ours, reference.to(ours.dtype))
+    assert all(p.dtype == torch.bfloat16 for m in half.modules() for p in m.parameters())

@@ -137,8 +137,9 @@ def summary(command: str, **fields) -> None:
 
 def open_model(path: Path, config: Optional[Path], device: str, dtype: str,
                prediction: Optional[str] = None) -> LatentDiffusion:
+    precision = pick_dtype(dtype, pick_device(device))
     with nullcontext() if Settings.quiet else console.status(f"loading {path.name}", spinner="dots"):
-        model = load_model(path, config=config, prediction=prediction)
+        model = load_model(path, config=config, prediction=prediction, dtype=precision)
     return tasks.prepare(model, device, dtype)
 
 

@@ -506,18 +506,20 @@ def _constructor_kwargs(cls: type, params: dict) -> dict:
     return {k: v for k, v in params.items() if k in accepted and k != "device"}
 
 
-def _load_into(factory, state: dict, prefix: str, leftover: list[str], what: str) -> torch.nn.Module:
-    """Build on the meta device (no wasted random init), check the keys, then adopt the tensors."""
+def _load_into(factory, state: dict, prefix: str, leftover: list[str], what: str,
+               dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    """Build on the meta device (no wasted random init), check the keys, then adopt the tensors,
+    their floating-point ones in `dtype` (a bf16 run never holds a float32 copy of the weights)."""
     try:
         with torch.device("meta"):
             module = factory()
     except (TypeError, KeyError, ValueError, AssertionError) as error:
         raise LatentgenError(f"the config does not describe a buildable {what}: {_first_line(error)}") from None
     check_keys(module, state, prefix, leftover, what)
-    state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+    state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
     module.load_state_dict(state, strict=True, assign=True)
     if any(t.is_meta for t in [*module.parameters(), *module.buffers()]):
-        module = factory()  # it holds non-persistent buffers: build it for real
+        module = factory().to(dtype)  # it holds non-persistent buffers: build it for real
         module.load_state_dict(state, strict=True)
     return module.eval()
 
@@ -552,7 +554,8 @@ def _cond_stage_class(config: Any) -> Optional[type]:
     return classes[name]
 
 
-def _build_cond_stage(config: Any, state: dict, leftover: list[str]) -> Optional[torch.nn.Module]:
+def _build_cond_stage(config: Any, state: dict, leftover: list[str],
+                      dtype: torch.dtype = torch.float32) -> Optional[torch.nn.Module]:
     cls = _cond_stage_class(config)
     if cls is None:
         if state:
@@ -560,7 +563,7 @@ def _build_cond_stage(config: Any, state: dict, leftover: list[str]) -> Optional
         return None
     kwargs = _constructor_kwargs(cls, config.get("params", {}) if isinstance(config, dict) else {})
     what = f"conditioning model ({cls.__name__})"
-    return _load_into(lambda: cls(**kwargs), state, detect.COND_STAGE_PREFIX, leftover, what)
+    return _load_into(lambda: cls(**kwargs), state, detect.COND_STAGE_PREFIX, leftover, what, dtype)
 
 
 def _noise_augmentation(low_scale_config: Optional[dict]) -> Optional[NoiseAugmentation]:
@@ -629,11 +632,12 @@ def list_models() -> list[ModelSummary]:
 
 
 def load_model(path: PathLike, config: Union[PathLike, dict, None] = None, use_ema: bool = True,
-               prediction: Optional[str] = None) -> LatentDiffusion:
+               prediction: Optional[str] = None, dtype: torch.dtype = torch.float32) -> LatentDiffusion:
     """A LatentDiffusion from a full LDM/SD checkpoint, a lone autoencoder, a model folder
     (model.safetensors + config.json), or a bundled model's name ("txt2img-emoji"). The architecture is detected from the weights unless a
     config is given; `prediction` ("eps" or "v") overrides the parameterization; `use_ema`
-    takes CompVis' EMA weights for the UNet when the checkpoint has them."""
+    takes CompVis' EMA weights for the UNet when the checkpoint has them; `dtype` is the precision
+    the weights are materialised in, straight from the file's."""
     path = catalog.resolve(path)
     weights, config = _weights_and_config(path, config)
     state_dict, metadata = read_checkpoint(weights)
@@ -642,12 +646,13 @@ def load_model(path: PathLike, config: Union[PathLike, dict, None] = None, use_e
     unet_state, first_state, cond_state, leftover = split_state_dict(state_dict, standalone, use_ema)
     unet = None
     if params.get("unet_config"):
-        unet = _load_into(_unet_factory(params["unet_config"]["params"]), unet_state, detect.UNET_PREFIX, leftover, "UNet")
+        unet = _load_into(_unet_factory(params["unet_config"]["params"]), unet_state, detect.UNET_PREFIX, leftover, "UNet",
+                          dtype)
         leftover = []
     first_prefix = "" if standalone else detect.FIRST_STAGE_PREFIX
     first_stage = _load_into(_first_stage_factory(params["first_stage_config"]), first_state, first_prefix, leftover,
-                             "first-stage autoencoder")
-    cond_stage = _build_cond_stage(params.get("cond_stage_config"), cond_state, []) if unet is not None else None
+                             "first-stage autoencoder", dtype)
+    cond_stage = _build_cond_stage(params.get("cond_stage_config"), cond_state, [], dtype) if unet is not None else None
     spec = detect.model_spec(params)
     return LatentDiffusion(
         unet=unet, first_stage=first_stage, cond_stage=cond_stage, spec=spec,
