@@ -64,6 +64,7 @@ LoraDir = Annotated[Optional[Path], typer.Option("--lora-dir", help="Folder wher
 Vae = Annotated[Optional[Path], typer.Option("--vae", help="Another first stage with the same latents (e.g. SD's ft-MSE VAE).")]
 Embeddings = Annotated[Optional[Path], typer.Option("--embeddings", help="Folder of textual-inversion embeddings (A1111 .pt/.safetensors), used in prompts by file name.")]
 ClipSkip = Annotated[Optional[int], typer.Option("--clip-skip", help="CLIP layers to skip from the end, as A1111: 1 = last (default), 2 = penultimate.")]
+VaeTiling = Annotated[bool, typer.Option("--vae-tiling", help="Decode in overlapping tiles: large images in bounded memory.")]
 Seamless = Annotated[bool, typer.Option("--seamless", help="Circular padding in the UNet and decoder: the image tiles without a seam (A1111 'Tiling').")]
 DeviceNoise = Annotated[bool, typer.Option("--device-noise", help="Draw noise on the device (faster, not reproducible across devices).")]
 MaxMemory = Annotated[Optional[str], typer.Option("--max-memory", help="Refuse to start if the estimated peak memory exceeds this (e.g. 8GB, 512MiB).")]
@@ -136,10 +137,11 @@ def summary(command: str, **fields) -> None:
 
 
 def open_model(path: Path, config: Optional[Path], device: str, dtype: str,
-               prediction: Optional[str] = None) -> LatentDiffusion:
+               prediction: Optional[str] = None, vae_tiling: bool = False) -> LatentDiffusion:
     precision = pick_dtype(dtype, pick_device(device))
     with nullcontext() if Settings.quiet else console.status(f"loading {path.name}", spinner="dots"):
         model = load_model(path, config=config, prediction=prediction, dtype=precision)
+    model.vae_tiling = vae_tiling
     return tasks.prepare(model, device, dtype)
 
 
@@ -219,7 +221,7 @@ def txt2img(
     hires_strength: Annotated[float, typer.Option("--hires-strength", help="Denoising strength of the hires pass.")] = 0.5,
     hires_steps: Annotated[int, typer.Option("--hires-steps", help="Steps of the hires pass (0: as --steps).")] = 0,
     hires_upscaler: Annotated[str, typer.Option("--hires-upscaler", help="latent (bilinear on the latent, A1111's default) or image (bicubic on the decoded image, then encoded).")] = "latent",
-    seamless: Seamless = False, lora: Loras = None, lora_dir: LoraDir = None, vae: Vae = None, clip_skip: ClipSkip = None,
+    seamless: Seamless = False, vae_tiling: VaeTiling = False, lora: Loras = None, lora_dir: LoraDir = None, vae: Vae = None, clip_skip: ClipSkip = None,
     embeddings: Embeddings = None,
     preview: Annotated[Optional[Path], typer.Option("--preview", help="Write the current x0 estimate to this PNG while sampling (cheap latent-to-RGB projection, or --taesd).")] = None,
     preview_every: Annotated[int, typer.Option("--preview-every", help="Steps between previews.")] = 5,
@@ -256,7 +258,7 @@ def txt2img(
         raise LatentgenError("give either a prompt or --prompts, not both")
     texts = jobs.read_prompts(prompts) if prompts is not None else [prompt or ""]
     jobs.plan_jobs(texts, class_label, num)  # argument mistakes before the model loads
-    model = open_model(ckpt or catalog.default_model("txt2img"), config, device, dtype, prediction)
+    model = open_model(ckpt or catalog.default_model("txt2img"), config, device, dtype, prediction, vae_tiling)
     if recipe is not None and recipe.model_hash and not model.sha256.startswith(recipe.model_hash.lower()):
         say(f"note: {from_png.name} was made by a model with hash {recipe.model_hash}; this is {model.sha256[:10]}")
     tasks.check_inputs(model, next((text for text in texts if text), ""), negative, class_label)
@@ -312,7 +314,7 @@ def img2img(
     negative: Negative = "",
     strength: Annotated[float, typer.Option("--strength", help="0 keeps the image (a first-stage round trip), 1 starts from noise.")] = 0.75,
     mask: Annotated[Optional[Path], typer.Option("--mask", help="White = change, black = keep exactly.")] = None,
-    seamless: Seamless = False, max_memory: MaxMemory = None,
+    seamless: Seamless = False, vae_tiling: VaeTiling = False, max_memory: MaxMemory = None,
     lora: Loras = None, lora_dir: LoraDir = None, vae: Vae = None, clip_skip: ClipSkip = None,
     embeddings: Embeddings = None,
     steps: Steps = None, sampler: Sampler = None, eta: Eta = None, karras: Karras = False,
@@ -323,7 +325,7 @@ def img2img(
     """Redraw IMAGE towards a prompt (SDEdit, as CompVis scripts/img2img.py)."""
     picture = images.load_image(image)
     region = images.load_mask(mask, picture.shape[-2:]) if mask is not None else None
-    model = open_model(ckpt or catalog.default_model("txt2img"), config, device, dtype, prediction)
+    model = open_model(ckpt or catalog.default_model("txt2img"), config, device, dtype, prediction, vae_tiling)
     tasks.check_inputs(model, prompt, negative)
     apply_addons(model, [prompt, negative], lora, lora_dir, vae, clip_skip, embeddings)
     options = sampling_options(sampler, steps, eta, karras, scale, seed, device_noise, model)
@@ -351,7 +353,7 @@ def inpaint(
     negative: Negative = "",
     feather: Annotated[int, typer.Option("--feather", help="Pixels inside the hole over which the fill is blended.")] = 4,
     max_memory: MaxMemory = None, lora: Loras = None, lora_dir: LoraDir = None, vae: Vae = None,
-    clip_skip: ClipSkip = None, embeddings: Embeddings = None,
+    clip_skip: ClipSkip = None, embeddings: Embeddings = None, vae_tiling: VaeTiling = False,
     steps: Steps = None, sampler: Sampler = None, eta: Eta = None, karras: Karras = False,
     scale: Guidance = None, seed: Seed = None, device_noise: DeviceNoise = False,
     ckpt: Ckpt = None, config: Config = None, prediction: Prediction = None, device: Device = "auto",
@@ -361,7 +363,7 @@ def inpaint(
     picture = images.load_image(image)
     region = images.load_mask(mask, picture.shape[-2:])
     tasks.check_mask(region)
-    model = open_model(ckpt or catalog.default_model("inpaint"), config, device, dtype, prediction)
+    model = open_model(ckpt or catalog.default_model("inpaint"), config, device, dtype, prediction, vae_tiling)
     tasks.check_inputs(model, prompt, negative)
     apply_addons(model, [prompt, negative], lora, lora_dir, vae, clip_skip, embeddings)
     options = sampling_options(sampler, steps, eta, karras, scale, seed, device_noise, model)
@@ -389,7 +391,7 @@ def upscale(
     noise_level: Annotated[Optional[int], typer.Option("--noise-level", help="Noise added to the low-res image by the SD 2 x4 upscaler, 0..350 (default 20); more noise, more invented detail.")] = None,
     tile: Annotated[int, typer.Option("--tile", help="Tile size in low-resolution pixels for large images.")] = 128,
     max_memory: MaxMemory = None, lora: Loras = None, lora_dir: LoraDir = None, vae: Vae = None,
-    clip_skip: ClipSkip = None, embeddings: Embeddings = None,
+    clip_skip: ClipSkip = None, embeddings: Embeddings = None, vae_tiling: VaeTiling = False,
     steps: Steps = None, sampler: Sampler = None, eta: Eta = None, karras: Karras = False,
     seed: Seed = None, device_noise: DeviceNoise = False,
     ckpt: Ckpt = None, config: Config = None, prediction: Prediction = None, device: Device = "auto",
@@ -397,7 +399,7 @@ def upscale(
 ) -> None:
     """Super-resolve IMAGE (4x with the LDM-SR family and the SD 2 x4 upscaler)."""
     picture = images.load_image(image)
-    model = open_model(ckpt or catalog.default_model("upscale"), config, device, dtype, prediction)
+    model = open_model(ckpt or catalog.default_model("upscale"), config, device, dtype, prediction, vae_tiling)
     tasks.check_inputs(model, prompt, negative)
     apply_addons(model, [prompt, negative], lora, lora_dir, vae, clip_skip, embeddings)
     guidance = scale if scale is not None else tasks.upscale_guidance(model)

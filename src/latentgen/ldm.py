@@ -108,6 +108,8 @@ class LatentDiffusion:
     noise_augmentation: Optional[NoiseAugmentation] = None
     infotext: dict = field(default_factory=dict)
     """AUTOMATIC1111 fields of what was added after loading (LoRA hashes, VAE, clip skip; addons.py)."""
+    vae_tiling: bool = False
+    """Decode in overlapping tiles (tasks.decode), so large images fit in bounded memory."""
 
     @property
     def family(self) -> str:

@@ -215,16 +215,21 @@ def decode(model: LatentDiffusion, z: torch.Tensor) -> torch.Tensor:
     """Scaled latent -> image in [-1, 1], float32 on the CPU.
 
     Half-precision decoders overflow on some latents (black or NaN images): such a decode is
-    retried in float32. Out of GPU memory, the latent is decoded in overlapping tiles.
+    retried in float32. With `model.vae_tiling`, or out of GPU memory, the latent is decoded in
+    overlapping tiles of 64 latent pixels blended without seams.
     """
     first_stage = model.first_stage
     z = (z / model.spec.scale_factor).to(_params(first_stage))
+
+    def tiled() -> torch.Tensor:
+        return map_tiled(first_stage.decode, z, tile=64, overlap=8, factor=model.spec.factor)
+
     with torch.no_grad():
         try:
-            image = first_stage.decode(z)
+            image = tiled() if model.vae_tiling else first_stage.decode(z)
         except torch.OutOfMemoryError:
             torch.cuda.empty_cache()
-            image = map_tiled(first_stage.decode, z, tile=64, overlap=8, factor=model.spec.factor)
+            image = tiled()
         if not torch.isfinite(image).all() and _params(first_stage).dtype != torch.float32:
             image = _decode_in_float32(first_stage, z)
     if not torch.isfinite(image).all():
