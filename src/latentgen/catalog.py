@@ -15,7 +15,7 @@ DEFAULTS = {
     "inpaint": "inpaint",
     "upscale": "sr4x",
 }
-AUTOENCODERS_BY_FACTOR = {4: "vq-f4", 8: "kl-f8", 16: "kl-f16"}
+AUTOENCODERS_BY_FACTOR = {4: "dc-f4", 8: "dc-f8", 16: "dc-f16"}  # residual DC-AEs (models/dcae.py)
 
 
 def weights_dirs() -> list[Path]:

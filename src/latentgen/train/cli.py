@@ -262,16 +262,15 @@ def evaluate(
     hole = " (hole)" if task_of(loaded) == "inpaint" else ""
     columns = {"psnr": f"PSNR{hole} dB", "ssim": "SSIM", "baseline_psnr": f"baseline PSNR{hole} dB",
                "baseline_ssim": "baseline SSIM", "gradient_ratio": "gradient energy / truth",
-               "baseline_gradient_ratio": "baseline gradient / truth", "chroma_error": "a*b* error (8x8)",
-               "baseline_chroma_error": "baseline a*b* error", "green": "green px", "baseline_green": "baseline green px",
-               "original_green": "original green px"}
-    shown = [key for key in columns if key in means["all"]]
+               "baseline_gradient_ratio": "baseline gradient / truth"}
     size = f"{crop} px crops" if crop > 0 else "whole images"
-    table = Table("dataset", "images", *(columns[key] for key in shown), title=f"{model.name}: {task_of(loaded)}, {size}")
-    for name, row in means.items():
-        table.add_row(name, str(row["images"]), *(f"{row[key]:.2f}" if "psnr" in key else f"{row[key]:.4f}"
-                                                  for key in shown))
-    Console().print(table)
+    Console().print(_means_table(means, columns, f"{model.name}: {task_of(loaded)}, {size}"))
+    if "chroma_error" in means["all"]:
+        colour = {"chroma_error": "a*b* error", "baseline_chroma_error": "baseline a*b* error",
+                  "green": "green px", "original_green": "original green px"}
+        Console().print(_means_table(means, colour, f"{model.name}: hue kept", caption=(
+            "a*b* error: mean CIELAB a*b* distance of 8x8-block means (hue kept: <= 3); "
+            "green px: share of green-dominant pixels")))
     for score in scores:
         if score.green is not None and score.image == "pepper.png":
             console.print(f"{score.dataset}/{score.image}: green-dominant pixels {score.original_green:.1%} -> "
@@ -286,6 +285,17 @@ def evaluate(
         report["emoji"] = asdict(trip)
     if json_out is not None:
         console.print(f"wrote {write_new(json_out, json.dumps(report, indent=2))}")
+
+
+def _means_table(means: dict, columns: dict[str, str], title: str, caption: Optional[str] = None) -> Table:
+    """One row per dataset of the `columns` present in the means (green shares as percentages)."""
+    shown = [key for key in columns if key in means["all"]]
+    table = Table("dataset", "images", *(columns[key] for key in shown), title=title, caption=caption)
+    for name, row in means.items():
+        table.add_row(name, str(row["images"]), *(f"{row[key]:.1%}" if "green" in key else
+                                                  f"{row[key]:.2f}" if "psnr" in key or "chroma" in key else
+                                                  f"{row[key]:.4f}" for key in shown))
+    return table
 
 
 def _evaluate_colours(path: Path, model, seeds: int, options, json_out: Optional[Path]) -> None:
