@@ -338,7 +338,7 @@ def test_a_new_sampler_is_its_function_and_its_entry(monkeypatch):
     ({"name": "euler", "eta": 0.5}, "applies to ddim only"),
     ({"name": "ddim", "karras": True}, "karras"),
     ({"name": "euler", "spacing": "quad"}, "spacing"),
-    ({"spacing": "cubic"}, "uniform or quad"),
+    ({"spacing": "cubic"}, "uniform, quad or trailing"),
     ({"strength": 0.0, "x0": torch.zeros(SHAPE)}, "strength"),
     ({"strength": 1.2, "x0": torch.zeros(SHAPE)}, "strength"),
     ({"strength": 0.01, "x0": torch.zeros(SHAPE)}, "no step"),

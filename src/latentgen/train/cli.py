@@ -119,6 +119,10 @@ def autoencoder(
 ) -> None:
     """Stage 1: a KL or VQ autoencoder on photo crops (L1 + SSIM + FFT + KL/VQ + PatchGAN), or a
     residual DC-AE (kind dc: MSE, warm-up + cosine LR, gradient clipping)."""
+    if kind == "dc":
+        import torch
+
+        torch.set_flush_denormal(True)  # this process only: near-zero residual weights early on cost 5x on CPU
     from latentgen.loader import load_model
 
     from .autoencoder import AutoencoderConfig, load_emoji_crops, load_photos, train_autoencoder

@@ -68,8 +68,6 @@ class DCTrainer:
             raise LatentgenError("--decoder-only is for kl/vq autoencoders; a dc run trains the whole model")
         torch.manual_seed(config.seed)
         device = pick_device(config.device)
-        if device.type == "cpu":
-            torch.set_flush_denormal(True)  # near-zero residual weights early on: denormals cost 5x on some steps
         model = AutoencoderDC(**config.dc_params())
         zero_init_residuals(model)
         if init_from is not None:
