@@ -284,7 +284,6 @@ class FrozenCLIPEmbedder(TextEncoder):
     def token_ids(self, text: str) -> list[int]:
         return clip_encode(text)
 
-
     def encode_tokens(self, tokens: torch.Tensor, vectors: Optional[Vectors] = None) -> torch.Tensor:
         """Framed token rows [B, max_length] -> the context [B, max_length, D]."""
         tokens = tokens.to(_device_of(self))
@@ -374,7 +373,6 @@ class FrozenOpenCLIPEmbedder(TextEncoder):
 
     def token_ids(self, text: str) -> list[int]:
         return clip_encode(text, unescape_html=True)
-
 
     def encode_tokens(self, tokens: torch.Tensor, vectors: Optional[Vectors] = None) -> torch.Tensor:
         """Framed token rows [B, max_length] -> the context [B, max_length, D]."""
@@ -488,7 +486,6 @@ class BERTEmbedder(TextEncoder):
     def token_ids(self, text: str) -> list[int]:
         return wordpiece_ids(text)
 
-
     def encode_tokens(self, tokens: torch.Tensor, vectors: Optional[Vectors] = None) -> torch.Tensor:
         """Framed token rows [B, max_seq_len] -> the context [B, max_seq_len, n_embed] (no textual inversion)."""
         return self.transformer(tokens.to(_device_of(self)))
@@ -577,7 +574,6 @@ class MiniLMEmbedder(TextEncoder):
 
     def token_ids(self, text: str) -> list[int]:
         return wordpiece_ids(text)
-
 
     def encode_tokens(self, tokens: torch.Tensor, vectors: Optional[Vectors] = None) -> torch.Tensor:
         """Framed token rows [B, max_length] -> token states [B, max_length, 384], padding masked out
