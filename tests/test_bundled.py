@@ -133,3 +133,14 @@ def test_txt2img_default_draws_a_128px_picture_and_records_its_parameters(tmp_pa
     again = invoke("txt2img", "a red heart", "--steps", 10, "--seed", 3, "--out", tmp_path / "again.png")
     np.testing.assert_array_equal(pixels(path), pixels(again["outputs"][0]))
     assert pixels(path).std() > 5  # a picture, not a flat or black square
+
+
+def test_txt2img_default_draws_the_colour_it_is_asked_for():
+    """Issue 14: the colour word picks the colour (measured 80/80 with 50 steps, 10 seeds)."""
+    from latentgen import tasks
+    from latentgen.loader import load_model
+
+    model = tasks.prepare(load_model("txt2img-emoji"), "cpu", "fp32")
+    prompts = {p: evaluate.COLOUR_PROMPTS[p] for p in ("a blue heart", "a green heart", "a purple heart", "a red apple")}
+    scores = evaluate.colour_prompt_scores(model, 2, tasks.Sampling(steps=20, scale=7.5, seed=100), prompts)
+    assert sum(s.found == s.expected for s in scores) >= 7, [(s.prompt, s.found) for s in scores]

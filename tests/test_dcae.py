@@ -60,6 +60,21 @@ def test_matches_diffusers_autoencoder_dc_on_the_same_tensors(config):
     assert ours.embed_dim == config["latent_channels"]
 
 
+@pytest.mark.slow
+def test_reference_conversion_gives_diffusers_the_same_dc_ae():
+    """bench and the parity tests compare against diffusers through reference.first_stage_to_diffusers."""
+    pytest.importorskip("diffusers")
+    from latentgen.reference import first_stage_to_diffusers
+
+    config = TINY[0]
+    ours = AutoencoderDC(**config).eval()
+    ours.load_state_dict(_random_state(ours))
+    theirs = first_stage_to_diffusers(ours, config).eval()
+    z = torch.randn(1, config["latent_channels"], 4, 4, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        assert _rel(ours.decode(z), theirs.decode(z).sample) <= 1e-4
+
+
 @pytest.mark.parametrize("config", TINY)
 def test_detection_rebuilds_the_architecture_from_keys(config):
     config = {k: v for k, v in config.items() if k != "decoder_act_fns"}  # activations are not in the shapes

@@ -99,3 +99,84 @@ def test_a_rank_failing_at_start_ends_the_job_with_one_line(setup, tmp_path):
     assert result.returncode != 0
     lines = [line for line in result.stderr.splitlines() if line.startswith("error")]
     assert lines and all(line.startswith("error (rank ") and "does not exist" in line for line in lines)
+
+
+# ---- data-parallel training ------------------------------------------------------------------
+
+DC_ARGS = ["--kind", "dc", "--widths", "8,8,16", "--encoder-layers", "0,1,1", "--decoder-layers", "0,1,1",
+           "--z-channels", "4", "--crop", "16", "--batch", "4", "--lr", "1e-3", "--warmup", "1",
+           "--checkpoint-every", "2", "--device", "cpu"]
+
+
+def checkpoint_weights(run_dir: Path, key: str) -> dict:
+    import torch
+
+    return torch.load(run_dir / "checkpoint.pt", weights_only=True)[key]
+
+
+def assert_same_weights(a: dict, b: dict, tolerance: float = 1e-5) -> None:
+    import torch
+
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=tolerance, atol=tolerance, msg=name)
+
+
+def losses_of(run_dir: Path) -> list[float]:
+    return [json.loads(line)["loss"] for line in (run_dir / "log.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ddp")
+    rng = np.random.default_rng(0)
+    smooth = rng.integers(0, 256, (24, 4, 4, 3)).astype(np.uint8).repeat(4, 1).repeat(4, 2)
+    np.save(root / "photos-16.npy", smooth)
+    return root
+
+
+@pytest.mark.slow
+def test_two_rank_autoencoder_training_matches_one_process_and_resumes_with_another_count(photos, tmp_path):
+    """--batch is the global batch: two ranks train the same steps on the same data as one
+    process (gradients averaged by DDP; float summation order aside), and a run stopped with two
+    ranks continues with one as if never stopped."""
+    args = ["train", "autoencoder", *DC_ARGS, "--photos", photos / "photos-16.npy"]
+    for run_dir, ranks, steps in ((tmp_path / "one", 1, 4), (tmp_path / "two", 2, 4), (tmp_path / "mixed", 2, 2),
+                                  (tmp_path / "mixed", 1, 4)):
+        result = run([*args, "--run-dir", run_dir, "--steps", steps], ranks)
+        assert result.returncode == 0, result.stderr
+    one = checkpoint_weights(tmp_path / "one", "model")
+    assert_same_weights(one, checkpoint_weights(tmp_path / "two", "model"))
+    assert_same_weights(one, checkpoint_weights(tmp_path / "mixed", "model"))
+    np.testing.assert_allclose(losses_of(tmp_path / "two"), losses_of(tmp_path / "one"), rtol=1e-5)
+    assert (tmp_path / "two" / "export" / "model.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_two_rank_ldm_training_matches_one_process(photos, tmp_path):
+    first = tmp_path / "ae"
+    result = run(["train", "autoencoder", *DC_ARGS, "--photos", photos / "photos-16.npy", "--run-dir", first,
+                  "--steps", 2], 1)
+    assert result.returncode == 0, result.stderr
+    args = ["train", "ldm", "--first-stage", first / "export", "--task", "inpaint", "--data", photos,
+            "--photos", "photos-16.npy", "--image-size", 16, "--model-channels", 32, "--channel-mult", "1,1",
+            "--attention-resolutions", "", "--num-head-channels", 8, "--batch", 4, "--steps", 3, "--device", "cpu",
+            "--prediction", "v", "--zero-terminal-snr", "--min-snr-gamma", 5, "--ema-half-life", 10]
+    for run_dir, ranks in ((tmp_path / "one", 1), (tmp_path / "two", 2)):
+        result = run([*args, "--run-dir", run_dir], ranks)
+        assert result.returncode == 0, result.stderr
+    assert_same_weights(checkpoint_weights(tmp_path / "one", "ema"), checkpoint_weights(tmp_path / "two", "ema"))
+    assert "exported" in result.stderr and result.stderr.count("exported") == 1  # rank 0 alone speaks
+
+
+@pytest.mark.slow
+def test_a_training_rank_failing_at_start_ends_the_job_with_one_line(photos, tmp_path):
+    result = run(["train", "ldm", "--run-dir", tmp_path / "run", "--first-stage", tmp_path / "missing.safetensors",
+                  "--task", "inpaint", "--data", photos, "--photos", "photos-16.npy", "--image-size", 16,
+                  "--device", "cpu"], 2)
+    assert result.returncode != 0
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error (rank")]
+    assert errors and all("missing.safetensors does not exist" in line for line in errors), result.stderr
+    odd = run(["train", "autoencoder", *DC_ARGS[:-4], "--batch", "3", "--photos", photos / "photos-16.npy",
+               "--run-dir", tmp_path / "odd", "--steps", 1, "--device", "cpu"], 2)
+    assert odd.returncode != 0 and "must divide by the 2 ranks" in odd.stderr

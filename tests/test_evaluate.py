@@ -149,13 +149,13 @@ def _picture(colour, background=(255, 255, 255)) -> torch.Tensor:
                                           ((40, 180, 60), "green"), ((250, 220, 30), "yellow"),
                                           ((140, 50, 200), "purple"), ((250, 140, 20), "orange")])
 def test_dominant_colour_names_the_hue_and_ignores_white_and_grey(colour, name):
-    assert evaluate.dominant_colour(_picture(colour)) == name
-    assert evaluate.dominant_colour(_picture(colour, background=(128, 128, 128))) == name
+    assert metrics.dominant_colour(_picture(colour)) == name
+    assert metrics.dominant_colour(_picture(colour, background=(128, 128, 128))) == name
 
 
 def test_dominant_colour_of_a_colourless_image_is_none():
-    assert evaluate.dominant_colour(_picture((90, 90, 90))) is None
-    assert evaluate.dominant_colour(_picture((20, 0, 0), background=(0, 0, 0))) is None  # too dark to tell
+    assert metrics.dominant_colour(_picture((90, 90, 90))) is None
+    assert metrics.dominant_colour(_picture((20, 0, 0), background=(0, 0, 0))) is None  # too dark to tell
 
 
 def test_txt2img_models_are_scored_on_colour_prompts(tmp_path):

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from PIL import Image
 from safetensors import safe_open
 
+from latentgen import catalog
 from latentgen.errors import LatentgenError
 from latentgen.loader import load_model
 from latentgen.schedules import make_alphas_cumprod
@@ -147,6 +148,36 @@ def test_emoji_captions_vary_and_name_the_style():
     with_style = sum("twemoji style" in c for c in captions)
     assert 0.2 * len(captions) < with_style < 0.8 * len(captions)
     assert all(len(set(data.emoji_captions(info, "x", random.Random(s), 3))) == 3 for s in range(5))
+
+
+def _disc(colour, size=16) -> np.ndarray:
+    """A flat-coloured disc on white, as emoji are."""
+    ys, xs = np.mgrid[:size, :size]
+    image = np.full((size, size, 3), 255, dtype=np.uint8)
+    image[(ys - size / 2 + 0.5) ** 2 + (xs - size / 2 + 0.5) ** 2 < (size / 3) ** 2] = colour
+    return image
+
+
+def test_hue_variants_turn_one_hue_emoji_and_rewrite_their_colour_word():
+    """Issue 14: colour words must bind to colours, so a red heart also appears as hearts of other
+    hues, captioned with the hue measured on the new pixels; faces and people keep theirs."""
+    heart = data.describe_emoji(_heart_record(), KEYWORDS)
+    red = _disc((220, 20, 30))
+    assert data.measured_colour(red) == "red" and data.measured_colour(np.full((16, 16, 3), 255, np.uint8)) is None
+    variants = data.hue_variants(red, heart, 3, random.Random(0))
+    assert len(variants) == 3
+    for image, info in variants:
+        colour = info["name"].split()[0]
+        assert info["name"] == f"{colour} heart" and colour != "red" and colour in data.ROTATION_COLOURS
+        assert data.measured_colour(image) == colour
+        assert (image[0, 0] == 255).all()  # the white background has no hue to turn
+    apple = {**heart, "name": "apple", "category": "food & drink", "subcategory": "food fruit"}
+    assert all(info["name"].endswith(" apple") for _, info in data.hue_variants(red, apple, 2, random.Random(0)))
+    face = {**heart, "name": "grinning face", "subcategory": "face smiling"}
+    brown = {**heart, "name": "brown heart"}
+    assert data.hue_variants(red, face, 2, random.Random(0)) == [] == data.hue_variants(red, brown, 2, random.Random(0))
+    captions = data.emoji_captions({**apple, "colour": "red"}, "twemoji style", random.Random(0), 2)
+    assert "red apple" in captions[0] and "red" not in captions[1]
 
 
 def _png(colour, alpha=255) -> bytes:
@@ -462,3 +493,39 @@ def test_v_prediction_zero_snr_min_snr_ldm_trains_exports_and_samples(tmp_path, 
     with pytest.raises(LatentgenError, match="needs v-prediction"):
         train_ldm(replace(config, parameterization="eps"), first_stage, sources, tmp_path / "eps",
                   text_encoder=FakeTextEncoder(), quiet=True)
+
+
+@pytest.mark.slow
+def test_ldm_on_a_bundled_first_stage_names_it_instead_of_storing_a_copy(tmp_path, first_stage, monkeypatch):
+    """weights/ holds each bundled autoencoder once: an LDM trained on one exports `first_stage:
+    NAME` and only its UNet, and loads the named autoencoder's tensors."""
+    weights = tmp_path / "weights"
+    first_stage_folder = weights / "tiny-ae"
+    runs.export_folder(first_stage_folder, first_stage.first_stage.state_dict(),
+                       {"model": {"target": "ldm.models.autoencoder.AutoencoderKL",
+                                  "params": first_stage.params["first_stage_config"]["params"]}})
+    monkeypatch.setenv("LATENTGEN_WEIGHTS", str(weights))
+    assert catalog.bundled_name(first_stage_folder) == "tiny-ae" and catalog.bundled_name(tmp_path) is None
+    bundled = load_model("tiny-ae")
+    trainer = train_ldm(_ldm_config("inpaint", 1), bundled, LDMData(photos=_photos()), tmp_path / "run",
+                        quiet=True, first_stage_name=catalog.bundled_name(first_stage_folder))
+    export = tmp_path / "run" / "export"
+    with safe_open(str(export / "model.safetensors"), framework="pt") as f:
+        assert all(key.startswith("model.diffusion_model.") for key in f.keys())
+    params = json.loads((export / "config.json").read_text())["model"]["params"]
+    assert params["first_stage"] == "tiny-ae" and "first_stage_config" not in params
+    loaded = load_model(export)
+    assert loaded.spec.factor == trainer.first_stage_spec.factor and loaded.family == "ldm-inpaint"
+    for key, value in first_stage.first_stage.state_dict().items():
+        assert torch.equal(loaded.first_stage.state_dict()[key], value.to(loaded.first_stage.state_dict()[key].dtype))
+
+    both = tmp_path / "both"
+    tensors = {f"model.diffusion_model.{k}": v for k, v in trainer.ema.state_dict().items()}
+    tensors.update({f"first_stage_model.{k}": v for k, v in bundled.first_stage.state_dict().items()})
+    runs.export_folder(both, tensors, json.loads((export / "config.json").read_text()))
+    with pytest.raises(LatentgenError, match="names first_stage 'tiny-ae' and also stores"):
+        load_model(both)
+    monkeypatch.setenv("LATENTGEN_WEIGHTS", str(tmp_path / "elsewhere"))
+    (tmp_path / "elsewhere").mkdir()
+    with pytest.raises(LatentgenError, match="bundled model 'tiny-ae' is not installed"):
+        load_model(export)

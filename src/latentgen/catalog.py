@@ -56,6 +56,14 @@ def resolve(name_or_path: Union[str, os.PathLike]) -> Path:
     return bundled_model(str(name_or_path))
 
 
+def bundled_name(path: Path) -> Optional[str]:
+    """The name a model folder is bundled under, or None for a folder outside the weights folders."""
+    folder = Path(path).resolve()
+    if (folder / "model.safetensors").is_file() and any(folder.parent == d.resolve() for d in weights_dirs()):
+        return folder.name
+    return None
+
+
 def default_model(task: str) -> Path:
     return bundled_model(DEFAULTS[task])
 

@@ -111,6 +111,10 @@ def user_errors(command: Callable) -> Callable:
     return wrapper
 
 
+for _command in train_app.registered_commands:  # `latentgen train ...` reports mistakes the same way
+    _command.callback = user_errors(_command.callback)
+
+
 class RateColumn(ProgressColumn):
     """Items per second of a task (steps of an image, images of a run)."""
 

@@ -365,6 +365,8 @@ def read_config(config: Union[PathLike, dict]) -> dict:
     Accepted shapes: {"model": {"target", "params"}} (official YAMLs; a standalone autoencoder's
     YAML has the autoencoder as model.target), a bare params dict, or a partial one such as
     {"cond_stage": "minilm", "parameterization": "eps"} that is laid over what detection finds.
+    `first_stage: NAME` names a bundled autoencoder whose config (and, at load, tensors) the model
+    uses instead of storing its own copy.
     """
     if isinstance(config, dict):
         raw = config
@@ -383,7 +385,19 @@ def read_config(config: Union[PathLike, dict]) -> dict:
         if shorthand not in COND_SHORTHANDS:
             raise LatentgenError(f"config names unknown cond_stage {shorthand!r}; known: {', '.join(COND_SHORTHANDS)}")
         params["cond_stage_config"] = {"target": COND_SHORTHANDS[shorthand]}
+    if "first_stage" in params:
+        params["first_stage_config"] = named_first_stage(params["first_stage"])[0]
     return params
+
+
+def named_first_stage(name: str) -> tuple[dict, Path]:
+    """(first_stage_config, weights file) of the bundled autoencoder a config's `first_stage` names."""
+    folder = catalog.bundled_model(name)
+    weights, config = _weights_and_config(folder, None)
+    stage = read_config(config).get("first_stage_config") if config is not None else None
+    if stage is None:
+        raise LatentgenError(f"config names first_stage {name!r}, which is not a bundled autoencoder")
+    return stage, weights
 
 
 def _parse_config_file(path: Path) -> Any:
@@ -644,12 +658,18 @@ def load_model(path: PathLike, config: Union[PathLike, dict, None] = None, use_e
     params = resolve_params(state_dict, read_config(config) if config is not None else None, path.name, metadata, prediction)
     standalone = detect.is_standalone_autoencoder(detect.shapes_of(state_dict))
     unet_state, first_state, cond_state, leftover = split_state_dict(state_dict, standalone, use_ema)
+    first_prefix = "" if standalone else detect.FIRST_STAGE_PREFIX
+    if "first_stage" in params:
+        if first_state:
+            raise LatentgenError(f"{path.name} names first_stage {params['first_stage']!r} and also stores "
+                                 "first_stage_model.* tensors: one of them must go")
+        first_state = split_state_dict(read_checkpoint(named_first_stage(params["first_stage"])[1])[0], True, use_ema)[1]
+        first_prefix = ""
     unet = None
     if params.get("unet_config"):
         unet = _load_into(_unet_factory(params["unet_config"]["params"]), unet_state, detect.UNET_PREFIX, leftover, "UNet",
                           dtype)
         leftover = []
-    first_prefix = "" if standalone else detect.FIRST_STAGE_PREFIX
     first_stage = _load_into(_first_stage_factory(params["first_stage_config"]), first_state, first_prefix, leftover,
                              "first-stage autoencoder", dtype)
     cond_stage = _build_cond_stage(params.get("cond_stage_config"), cond_state, [], dtype) if unet is not None else None

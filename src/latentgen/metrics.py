@@ -10,6 +10,7 @@ mean of the per-image values.
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -132,3 +133,32 @@ def green_share(x: torch.Tensor, margin: float = 8 / 255, value_range: tuple[flo
     rgb = _unit(x, value_range, quantize=True, y_channel=False)
     r, g, b = rgb[:, 0], rgb[:, 1], rgb[:, 2]
     return float(((g - r > margin) & (g - b > margin)).double().mean())
+
+
+HUE_RANGES = {"red": (345, 15), "orange": (15, 40), "yellow": (40, 70), "green": (70, 165), "cyan": (165, 195),
+              "blue": (195, 255), "purple": (255, 300), "pink": (300, 345)}
+"""Named hue ranges in degrees, [start, end), wrapping through 0 for red."""
+
+
+def colourful_hues(image: torch.Tensor, min_saturation: float = 0.35, min_value: float = 0.25) -> torch.Tensor:
+    """Hues in degrees of the colourful pixels of one [1, 3, H, W] image in [-1, 1] (white
+    backgrounds, greys and shadows left out)."""
+    rgb = ((image[0].clamp(-1, 1) + 1) / 2).flatten(1)
+    value, low = rgb.max(0).values, rgb.min(0).values
+    chroma = value - low
+    colourful = (value >= min_value) & (chroma >= min_saturation * value.clamp_min(1e-6))
+    r, g, b = rgb[:, colourful]
+    c, v = chroma[colourful], value[colourful]
+    return torch.where(v == r, ((g - b) / c) % 6, torch.where(v == g, (b - r) / c + 2, (r - g) / c + 4)) * 60
+
+
+def hue_counts(hues: torch.Tensor) -> dict[str, int]:
+    """How many of `hues` fall in each named range of HUE_RANGES."""
+    return {name: int(((hues >= start) & (hues < end)).sum() if start < end else ((hues >= start) | (hues < end)).sum())
+            for name, (start, end) in HUE_RANGES.items()}
+
+
+def dominant_colour(image: torch.Tensor) -> Optional[str]:
+    """The named hue range holding most of the image's colourful pixels; None for an image without colour."""
+    counts = hue_counts(colourful_hues(image))
+    return max(counts, key=counts.get) if any(counts.values()) else None

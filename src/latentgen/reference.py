@@ -192,12 +192,18 @@ def _remap_level_attention(converted: dict, num_levels: int) -> None:
 
 
 def first_stage_to_diffusers(first_stage: nn.Module, params: dict) -> nn.Module:
-    """A diffusers AutoencoderKL or VQModel holding `first_stage`'s weights; `params` is the
-    first stage's CompVis `first_stage_config.params` (ddconfig, embed_dim, and n_embed for VQ)."""
-    from diffusers import AutoencoderKL, VQModel
+    """A diffusers AutoencoderKL, VQModel or AutoencoderDC holding `first_stage`'s weights; `params`
+    is the first stage's `first_stage_config.params` (CompVis': ddconfig, embed_dim, and n_embed for
+    VQ; a DC-AE's are diffusers' own config, as its keys are)."""
+    import inspect
+
+    from diffusers import AutoencoderDC, AutoencoderKL, VQModel
     from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint, create_vae_diffusers_config_from_ldm
 
     state = first_stage.state_dict()
+    if "ddconfig" not in params:
+        accepted = inspect.signature(AutoencoderDC).parameters
+        return adopt(lambda: AutoencoderDC(**{k: v for k, v in params.items() if k in accepted}), state)
     ddconfig = params["ddconfig"]
     original = {"model": {"params": {"first_stage_config": {"params": params}}}}
     config = create_vae_diffusers_config_from_ldm(original, state, image_size=ddconfig["resolution"])

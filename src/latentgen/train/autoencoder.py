@@ -18,6 +18,7 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
+from latentgen import distributed
 from latentgen.detect import KL_TARGET, VQ_TARGET
 from latentgen.devices import pick_device
 from latentgen.errors import LatentgenError
@@ -251,14 +252,19 @@ def load_emoji_crops(folder: Path, size: int, crop: int) -> ImageBatches:
 def train_autoencoder(config: AutoencoderConfig, data: ImageBatches, run_dir: Path, resume: bool = True,
                       quiet: bool = False, on_step: Optional[Callable[[int, dict], None]] = None,
                       export_dir: Optional[Path] = None, emoji: Optional[ImageBatches] = None,
-                      init_from: Optional[torch.nn.Module] = None) -> Trainer:
+                      init_from: Optional[torch.nn.Module] = None,
+                      rank: distributed.Rank = distributed.Rank()) -> Trainer:
     """Train to `config.steps` (continuing `run_dir`'s checkpoint when `resume`, else starting from
     `init_from` when given), checkpoint every `checkpoint_every` steps and at the end, then export
-    to `export_dir` (default `run_dir`/export)."""
+    to `export_dir` (default `run_dir`/export). Under torchrun (`rank`) a dc autoencoder trains
+    data-parallel, rank 0 writing."""
     if config.kind == "dc":
         from .dc import DCTrainer
 
-        trainer = DCTrainer.create(config, data, emoji, init_from)
+        trainer = DCTrainer.create(config, data, emoji, init_from, rank)
+    elif rank.world > 1:
+        raise LatentgenError("data-parallel autoencoder training is for --kind dc; the kl/vq trainers (PatchGAN, "
+                             "adaptive weight) run as one process")
     else:
         trainer = Trainer.create(config, data, emoji, init_from)
     state = runs.load_checkpoint(run_dir) if resume else None
@@ -268,6 +274,7 @@ def train_autoencoder(config: AutoencoderConfig, data: ImageBatches, run_dir: Pa
         trainer.init_codebook()
     trainer.model.train()
     runs.train_loop(trainer, config.steps, run_dir, config.checkpoint_every, config.sample_every,
-                    f"{config.kind}-f{config.factor}", quiet, on_step, config.max_minutes)
-    trainer.export(export_dir or run_dir / "export")
+                    f"{config.kind}-f{config.factor}", quiet, on_step, config.max_minutes, rank)
+    if rank.main:
+        trainer.export(export_dir or run_dir / "export")
     return trainer

@@ -14,6 +14,7 @@ from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
+from latentgen import distributed
 from latentgen.errors import LatentgenError
 from latentgen.files import write_new
 
@@ -57,6 +58,8 @@ def prepare_emoji(
     version: str = typer.Option(datasets.EMOJI_VERSION, help="emoji-datasource-google/-twitter version"),
     size: int = typer.Option(64, help="image size (the packages' PNGs are 64 px)"),
     captions: int = typer.Option(2, help="captions per image"),
+    hue_variants: int = typer.Option(2, help="hue-rotated copies of each one-hue emoji (not faces or people), "
+                                             "their colour words rewritten to the new hue"),
     contexts: bool = typer.Option(True, help="precompute the MiniLM contexts of all captions (fp16)"),
     seed: int = typer.Option(0),
 ) -> None:
@@ -68,14 +71,15 @@ def prepare_emoji(
         encoder = MiniLMEmbedder()
     with Progress(console=console, transient=True) as progress:
         task = progress.add_task("text contexts", total=None)
-        path = datasets.prepare_emoji(out, version, size, captions, seed, encoder,
+        path = datasets.prepare_emoji(out, version, size, captions, seed, hue_variants, encoder,
                                       progress=lambda done, total: progress.update(task, completed=done, total=total))
     console.print(f"wrote {path}")
 
 
 @train_app.command("autoencoder")
 def autoencoder(
-    run: Path = typer.Option(..., help="run folder: checkpoint.pt, samples/, export/"),
+    run: Path = typer.Option(..., "--run", "--run-dir", help="run folder: checkpoint.pt, samples/, export/ "
+                             "(--run-dir under torchrun, whose own --run-path takes --run)"),
     kind: str = typer.Option("kl", help="kl, vq, or dc (residual DC-AE, diffusers AutoencoderDC layout; MSE recipe)"),
     ch: int = typer.Option(32, help="base channel count"),
     ch_mult: str = typer.Option("1,2,4,4", help="channel multipliers; f = 2^(levels - 1)"),
@@ -140,17 +144,36 @@ def autoencoder(
     )
     if precision not in ("fp32", "bf16"):
         raise LatentgenError(f"--precision {precision!r}: choose fp32 or bf16")
+    rank = _join(config)
     emoji = load_emoji_crops(data, emoji_size, crop) if emoji_fraction > 0 else None
     start = load_model(init_from).first_stage if init_from else None
     trainer = train_autoencoder(config, load_photos(photos, crop), run, resume, export_dir=export_to, emoji=emoji,
-                                init_from=start)
-    console.print(f"step {trainer.step}: exported to {export_to or run / 'export'}")
+                                init_from=start, rank=rank)
+    _finish(rank, trainer.step, export_to or run / "export")
+
+
+def _join(config) -> distributed.Rank:
+    """Under torchrun: this process's rank, its device (`auto`: cuda:LOCAL_RANK or the CPU) set in
+    `config`, and the job's process group joined."""
+    rank = distributed.current()
+    if rank.world > 1:
+        config.device = rank.device(config.device)
+        distributed.start(rank, config.device)
+    return rank
+
+
+def _finish(rank: distributed.Rank, step: int, export: Path) -> None:
+    distributed.finish(rank)
+    if rank.main:
+        console.print(f"step {step}: exported to {export}")
 
 
 @train_app.command("ldm")
 def ldm(
-    run: Path = typer.Option(..., help="run folder: checkpoint.pt, samples/, export/"),
-    first_stage: Path = typer.Option(..., help="frozen autoencoder (a model folder or checkpoint)"),
+    run: Path = typer.Option(..., "--run", "--run-dir", help="run folder: checkpoint.pt, samples/, export/ "
+                             "(--run-dir under torchrun, whose own --run-path takes --run)"),
+    first_stage: Path = typer.Option(..., help="frozen autoencoder (a model folder or checkpoint); a bundled one "
+                                               "(dc-f8 or weights/dc-f8) is named by the export, not copied"),
     task: str = typer.Option("txt2img", help="txt2img, inpaint, sr or uncond"),
     data: Path = typer.Option(DATA, help="folder with the prepared emoji.npz / photos-<size>.npy"),
     photos: str = typer.Option("photos-128.npy", help="photo crops file inside --data"),
@@ -194,14 +217,18 @@ def ldm(
         ema_half_life=ema_half_life, emoji_fraction=emoji_fraction, seed=seed, checkpoint_every=checkpoint_every, sample_every=sample_every,
         max_minutes=max_minutes, device=device,
     )
+    rank = _join(config)
     wants_emoji = task == "txt2img" or (task == "sr" and emoji_fraction > 0)
     sources = LDMData(
         photos=load_photos(data / photos, image_size) if task != "txt2img" else None,
         emoji=datasets.EmojiSet.load(data, use_contexts=contexts) if wants_emoji else None,
     )
+    from latentgen import catalog
+
     trainer = train_ldm(config, load_model(first_stage), sources, run, resume, export_dir=export_to,
-                        init_from=load_model(init_from) if init_from else None)
-    console.print(f"step {trainer.step}: exported to {export_to or run / 'export'}")
+                        init_from=load_model(init_from) if init_from else None,
+                        first_stage_name=catalog.bundled_name(catalog.resolve(first_stage)), rank=rank)
+    _finish(rank, trainer.step, export_to or run / "export")
 
 
 @train_app.command("fit-preview")

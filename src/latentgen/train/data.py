@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from latentgen import metrics
 from latentgen.errors import LatentgenError
 
 PHOTO_SUFFIXES = (".jpg", ".jpeg", ".png")
@@ -35,6 +36,13 @@ SKIN_TONES = {"1F3FB": "light", "1F3FC": "medium-light", "1F3FD": "medium", "1F3
 # Legacy Unicode names say "black"/"white" for filled/outlined shapes ("HEAVY BLACK HEART" is red);
 # emojilib keeps them as keywords, which would teach the wrong colours.
 LEGACY_COLOUR_WORDS = frozenset({"black", "white"})
+COLOUR_WORDS = frozenset({"red", "orange", "yellow", "green", "cyan", "blue", "purple", "pink", "brown", "black",
+                          "white", "grey", "gray", "light"})
+# The hues a hue-rotated copy may be turned to (named as metrics.HUE_RANGES names them).
+ROTATION_COLOURS = ("red", "orange", "yellow", "green", "blue", "purple", "pink")
+# Faces, people and flags keep their hues: a green face is another thing than a green heart.
+NO_ROTATION_CATEGORIES = ("people & body", "flags")
+NO_ROTATION_SUBCATEGORIES = ("face", "person", "hand", "family")
 
 
 # ---- photos ---------------------------------------------------------------------------------
@@ -196,18 +204,75 @@ def _article(word: str) -> str:
 
 
 def emoji_captions(info: dict, style: str, rng: random.Random, count: int) -> list[str]:
-    """`count` different captions from varied templates; about half name the style."""
+    """`count` different captions from varied templates; about half name the style. When the
+    pixels have a colour the name does not say (`info["colour"]`), every other caption says it."""
     keywords = info["keywords"] or [info["subcategory"]]
     templates = rng.sample(CAPTION_TEMPLATES, k=min(count, len(CAPTION_TEMPLATES)))
+    colour = info.get("colour")
     captions = []
-    for template in templates:
+    for i, template in enumerate(templates):
+        name = f"{colour} {info['name']}" if colour and i % 2 == 0 else info["name"]
         picked = rng.sample(keywords, k=min(2, len(keywords)))
         captions.append(template.format(
-            a=_article(info["name"]), name=info["name"], style=style, keyword=picked[0],
+            a=_article(name), name=name, style=style, keyword=picked[0],
             keyword2=picked[-1], short_name=rng.choice(info["short_names"]), category=info["category"],
             subcategory=info["subcategory"],
         ))
     return captions
+
+
+def measured_colour(image: np.ndarray, min_share: float = 0.6, min_coverage: float = 0.05) -> Optional[str]:
+    """The named hue (metrics.HUE_RANGES) of an emoji when one hue holds `min_share` of its
+    colourful pixels and those cover `min_coverage` of the image; None for mixed or colourless ones."""
+    hues = metrics.colourful_hues(to_tensor(image[None]))
+    counts = metrics.hue_counts(hues)
+    name = max(counts, key=counts.get)
+    if len(hues) < min_coverage * image.shape[0] * image.shape[1] or counts[name] < min_share * len(hues):
+        return None
+    return name
+
+
+def _range_centre(name: str) -> float:
+    start, end = metrics.HUE_RANGES[name]
+    return ((start + end + (360 if end < start else 0)) / 2) % 360
+
+
+def rotate_hue(image: np.ndarray, degrees: float) -> np.ndarray:
+    """The image with every hue turned by `degrees` (HSV; whites and greys have no hue and stay)."""
+    hsv = np.array(Image.fromarray(image).convert("HSV"))
+    hsv[..., 0] = (hsv[..., 0].astype(np.int64) + round(degrees / 360 * 256)) % 256
+    return np.asarray(Image.fromarray(hsv, "HSV").convert("RGB"))
+
+
+def _rotatable(info: dict, colour: Optional[str]) -> bool:
+    """One clear hue, not a face or a person, and a name whose colour word (if any) is that hue."""
+    if colour is None or info["category"] in NO_ROTATION_CATEGORIES:
+        return False
+    if info["subcategory"].startswith(NO_ROTATION_SUBCATEGORIES) or "skin tone" in info["name"]:
+        return False
+    said = set(info["name"].split()) & COLOUR_WORDS
+    return not said or said == {colour}
+
+
+def hue_variants(image: np.ndarray, info: dict, count: int, rng: random.Random) -> list[tuple[np.ndarray, dict]]:
+    """Up to `count` hue-rotated copies of a one-hue emoji, each to another of ROTATION_COLOURS,
+    with the colour word of its name rewritten (or added) to the hue measured on the new pixels:
+    colour words then bind to colours, not to the shapes that happen to wear them."""
+    colour = measured_colour(image) if count > 0 else None
+    if not _rotatable(info, colour):
+        return []
+    hues = metrics.colourful_hues(to_tensor(image[None]))
+    radians = torch.deg2rad(hues)
+    mean = float(torch.rad2deg(torch.atan2(radians.sin().mean(), radians.cos().mean()))) % 360
+    variants = []
+    for target in rng.sample([c for c in ROTATION_COLOURS if c != colour], k=count):
+        rotated = rotate_hue(image, _range_centre(target) - mean)
+        if measured_colour(rotated) != target:
+            continue
+        words = info["name"].split()
+        name = " ".join(target if w == colour else w for w in words) if colour in words else f"{target} {info['name']}"
+        variants.append((rotated, {**info, "name": name, "colour": None, "hue_shift": round(_range_centre(target) - mean, 1)}))
+    return variants
 
 
 def _emoji_image(png: bytes) -> np.ndarray:
@@ -218,9 +283,17 @@ def _emoji_image(png: bytes) -> np.ndarray:
 
 
 def read_emoji_package(tgz: Path, set_name: str, keywords: dict, size: int, captions: int,
-                       rng: random.Random) -> tuple[list[np.ndarray], list[dict]]:
-    """Every emoji image of one emoji-datasource tarball (skin tones included) with its captions."""
+                       rng: random.Random, variants: int = 0) -> tuple[list[np.ndarray], list[dict]]:
+    """Every emoji image of one emoji-datasource tarball (skin tones included) with its captions,
+    and `variants` hue-rotated copies of each one-hue emoji (hue_variants)."""
     images, records = [], []
+    style = EMOJI_STYLES[set_name]
+
+    def add(image: np.ndarray, info: dict, file: str) -> None:
+        images.append(image)
+        records.append({"set": set_name, "style": style, "image": file, **info,
+                        "captions": emoji_captions(info, style, rng, captions)})
+
     with tarfile.open(tgz) as tar:
         table = json.loads(_tar_member(tar, "emoji.json"))
         for record in table:
@@ -233,18 +306,21 @@ def read_emoji_package(tgz: Path, set_name: str, keywords: dict, size: int, capt
                 if image.shape[0] != size:
                     image = np.asarray(Image.fromarray(image).resize((size, size), Image.LANCZOS))
                 info = describe_emoji(record, keywords, tone_key)
-                style = EMOJI_STYLES[set_name]
-                images.append(image)
-                records.append({"set": set_name, "style": style, "image": entry["image"], **info,
-                                "captions": emoji_captions(info, style, rng, captions)})
+                colour = measured_colour(image)
+                said = set(info["name"].split()) & COLOUR_WORDS
+                add(image, {**info, "colour": colour if not said and "skin tone" not in info["name"] else None},
+                    entry["image"])
+                for rotated, rotated_info in hue_variants(image, info, variants, rng):
+                    add(rotated, rotated_info, entry["image"])
     return images, records
 
 
 def prepare_emoji(dst: Path, version: str = EMOJI_VERSION, size: int = 64, captions: int = 2, seed: int = 0,
-                  encoder: Optional[Callable[[list[str]], torch.Tensor]] = None, batch: int = 64,
+                  variants: int = 2, encoder: Optional[Callable[[list[str]], torch.Tensor]] = None, batch: int = 64,
                   progress: Optional[Callable[[int, int], None]] = None) -> Path:
     """Fetch both emoji sets with npm and write emoji.npz (uint8 [N, size, size, 3]) and
-    emoji.json (name, style, keywords and `captions` per image); with an `encoder`, also the
+    emoji.json (name, style, keywords, measured colour and `captions` per image), `variants`
+    hue-rotated copies of each one-hue emoji included; with an `encoder`, also the
     text contexts of every caption as emoji-contexts.npy (fp16 [N * captions, L, D], image-major)
     and of the empty prompt as emoji-empty-context.npy."""
     rng = random.Random(seed)
@@ -257,13 +333,15 @@ def prepare_emoji(dst: Path, version: str = EMOJI_VERSION, size: int = 64, capti
         images, records = [], []
         for set_name, package in EMOJI_SETS.items():
             tgz = next(Path(tmp).glob(f"{package}-*.tgz"))
-            set_images, set_records = read_emoji_package(tgz, set_name, keywords, size, captions, rng)
+            set_images, set_records = read_emoji_package(tgz, set_name, keywords, size, captions, rng,
+                                                            variants)
             images += set_images
             records += set_records
     dst.mkdir(parents=True, exist_ok=True)
     np.savez_compressed(dst / "emoji.npz", images=np.stack(images))
     (dst / "emoji.json").write_text(json.dumps({"version": version, "seed": seed, "size": size,
-                                                "captions_per_image": captions, "emoji": records}))
+                                                "captions_per_image": captions, "hue_variants": variants,
+                                                "emoji": records}))
     if encoder is not None:
         texts = [caption for record in records for caption in record["captions"]]
         np.save(dst / "emoji-contexts.npy", encode_texts(encoder, texts, batch, progress))

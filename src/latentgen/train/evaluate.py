@@ -192,9 +192,6 @@ def summarize(scores: list[Score]) -> dict[str, dict[str, float]]:
 COLOUR_PROMPTS = {"a red heart": "red", "a blue heart": "blue", "a green heart": "green",
                   "a yellow heart": "yellow", "a purple heart": "purple", "an orange heart": "orange",
                   "a red apple": "red", "a green apple": "green"}
-HUE_RANGES = {"red": (345, 15), "orange": (15, 40), "yellow": (40, 70), "green": (70, 165), "cyan": (165, 195),
-              "blue": (195, 255), "purple": (255, 300), "pink": (300, 345)}
-"""Named hue ranges in degrees, [start, end), wrapping through 0 for red."""
 
 
 @dataclass
@@ -205,23 +202,6 @@ class ColourScore:
     found: Optional[str]
 
 
-def dominant_colour(image: torch.Tensor, min_saturation: float = 0.35, min_value: float = 0.25) -> Optional[str]:
-    """The named hue range holding most of the image's colourful pixels (white backgrounds, greys
-    and shadows ignored); None for an image without colour."""
-    rgb = ((image[0].clamp(-1, 1) + 1) / 2).flatten(1)
-    value, low = rgb.max(0).values, rgb.min(0).values
-    chroma = value - low
-    colourful = (value >= min_value) & (chroma >= min_saturation * value.clamp_min(1e-6))
-    if not colourful.any():
-        return None
-    r, g, b = rgb[:, colourful]
-    c, v = chroma[colourful], value[colourful]
-    hue = torch.where(v == r, ((g - b) / c) % 6, torch.where(v == g, (b - r) / c + 2, (r - g) / c + 4)) * 60
-    counts = {name: int(((hue >= start) & (hue < end)).sum() if start < end else ((hue >= start) | (hue < end)).sum())
-              for name, (start, end) in HUE_RANGES.items()}
-    return max(counts, key=counts.get)
-
-
 def colour_prompt_scores(model: LatentDiffusion, seeds: int = 10, options: tasks.Sampling = tasks.Sampling(),
                          prompts: dict[str, str] = COLOUR_PROMPTS,
                          progress: Optional[Callable[[int, int], None]] = None) -> list[ColourScore]:
@@ -229,7 +209,7 @@ def colour_prompt_scores(model: LatentDiffusion, seeds: int = 10, options: tasks
     scores = []
     for prompt, expected in prompts.items():
         batch = tasks.txt2img(model, [prompt] * seeds, options=options)  # image i: seed options.seed + i
-        scores += [ColourScore(prompt, options.seed + i, expected, dominant_colour(image[None]))
+        scores += [ColourScore(prompt, options.seed + i, expected, metrics.dominant_colour(image[None]))
                    for i, image in enumerate(batch)]
         if progress is not None:
             progress(len(scores), len(prompts) * seeds)

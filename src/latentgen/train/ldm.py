@@ -15,7 +15,7 @@ never guide (scale 1), so a dropped image would only be wasted capacity.
 
 import copy
 import hashlib
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -23,6 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from latentgen import distributed
 from latentgen.detect import FIRST_STAGE, UNCONDITIONAL, UNET_TARGET
 from latentgen.devices import pick_device
 from latentgen.errors import LatentgenError
@@ -140,13 +141,19 @@ class LDMTrainer:
     scale_factor: float = 1.0
     emoji_latents: Optional[torch.Tensor] = None
     empty_context: Optional[torch.Tensor] = None
+    first_stage_name: Optional[str] = None
+    rank: distributed.Rank = field(default_factory=distributed.Rank)
+    parallel_unet: Optional[torch.nn.Module] = None
     step: int = 0
 
     @classmethod
     def create(cls, config: LDMConfig, first_stage: LatentDiffusion, data: LDMData,
-               text_encoder: Optional[Encoder] = None, cache_dir: Optional[Path] = None) -> "LDMTrainer":
+               text_encoder: Optional[Encoder] = None, cache_dir: Optional[Path] = None,
+               first_stage_name: Optional[str] = None, rank: distributed.Rank = distributed.Rank()) -> "LDMTrainer":
         """A fresh trainer; the emoji latents are computed once and kept in `cache_dir` (keyed by the
-        first stage's hash and the image size) so that resumed runs skip the encoding."""
+        first stage's hash and the image size) so that resumed runs skip the encoding. With
+        `first_stage_name` (a bundled autoencoder's) the export names it instead of storing a copy.
+        Under torchrun (`rank`) the UNet trains under DistributedDataParallel on this rank's slice."""
         if config.task not in TASKS:
             raise LatentgenError(f"unknown task {config.task!r}: choose one of {', '.join(TASKS)}")
         if config.parameterization not in ("eps", "v"):
@@ -164,7 +171,9 @@ class LDMTrainer:
                       stage, first_stage.spec, first_stage.params["first_stage_config"], data, torch.Generator().manual_seed(config.seed),
                       device, make_alphas_cumprod("linear", config.timesteps, config.linear_start, config.linear_end,
                                                   zero_terminal_snr=config.zero_terminal_snr),
-                      text_encoder)
+                      text_encoder, first_stage_name=first_stage_name, rank=rank)
+        trainer.rank.part(config.batch)  # the global batch must split evenly
+        trainer.parallel_unet = distributed.data_parallel(unet, rank)
         trainer._check_data()
         if config.task == "txt2img":
             cache = cache_dir / f"emoji-latents-{latent_space_key(stage)}-{config.image_size}.pt" if cache_dir else None
@@ -288,14 +297,19 @@ class LDMTrainer:
     # ---- training ----------------------------------------------------------------------------
 
     def train_step(self) -> dict[str, float]:
+        """One step on the global batch (drawn whole on every rank, so that it does not depend on
+        the number of ranks), of which this rank trains its slice."""
         z0, cond = self.batch(self.config.batch, self.generator)
         t = torch.randint(0, self.config.timesteps, (len(z0),)).to(self.device)
         noise = torch.randn(z0.shape).to(self.device)
+        part = self.rank.part(len(z0))
+        z0, t, noise = z0[part], t[part], noise[part]
+        context, concat = (None if c is None else c[part] for c in (cond.context, cond.concat))
         x_t = losses.q_sample(z0, t, noise, self.alphas_cumprod)
-        if cond.concat is not None:
-            x_t = torch.cat([x_t, cond.concat], 1)
+        if concat is not None:
+            x_t = torch.cat([x_t, concat], 1)
         with runs.autocast(self.device):
-            output = self.unet(x_t, t, context=cond.context)
+            output = self.parallel_unet(x_t, t, context=context)
         config = self.config
         alpha = self.alphas_cumprod.to(self.device)[t].float().view(-1, 1, 1, 1)
         target = losses.v_target(z0, noise, alpha) if config.parameterization == "v" else noise
@@ -357,8 +371,11 @@ class LDMTrainer:
             "conditioning_key": CONDITIONING_KEYS[config.task], "parameterization": config.parameterization,
             "zero_terminal_snr": config.zero_terminal_snr,
             "unet_config": config.unet_config(self.first_stage_spec.latent_channels, self.first_stage_spec.factor),
-            "first_stage_config": self.first_stage_config,
         }
+        if self.first_stage_name:
+            params["first_stage"] = self.first_stage_name
+        else:
+            params["first_stage_config"] = self.first_stage_config
         params["preview_projection"] = fit_projection(self.first_stage, self.scale_factor,
                                                       self.first_stage_spec.factor).tolist()
         if config.task == "txt2img":
@@ -369,7 +386,8 @@ class LDMTrainer:
 
     def export(self, folder: Path) -> Path:
         tensors = {"model.diffusion_model." + k: v for k, v in self.ema.state_dict().items()}
-        tensors.update({"first_stage_model." + k: v for k, v in self.first_stage.state_dict().items()})
+        if not self.first_stage_name:
+            tensors.update({"first_stage_model." + k: v for k, v in self.first_stage.state_dict().items()})
         config = {"model": {"target": LDM_TARGET, "params": self.model_params()},
                   "training": {"steps": self.step, "recipe": asdict(self.config)}}
         return runs.export_folder(folder, tensors, config)
@@ -416,12 +434,14 @@ class LDMTrainer:
 def train_ldm(config: LDMConfig, first_stage: LatentDiffusion, data: LDMData, run_dir: Path, resume: bool = True,
               text_encoder: Optional[Encoder] = None, quiet: bool = False,
               on_step: Optional[Callable[[int, dict], None]] = None,
-              export_dir: Optional[Path] = None, init_from: Optional[LatentDiffusion] = None) -> LDMTrainer:
+              export_dir: Optional[Path] = None, init_from: Optional[LatentDiffusion] = None,
+              first_stage_name: Optional[str] = None, rank: distributed.Rank = distributed.Rank()) -> LDMTrainer:
     """Train to `config.steps` (continuing `run_dir`'s checkpoint when `resume`, else starting from
-    `init_from`'s weights when given), checkpoint every
+    `init_from`'s weights when given; the export names the bundled `first_stage_name`; data-parallel
+    over torchrun's ranks, rank 0 writing), checkpoint every
     `checkpoint_every` steps and at the end, save sample grids every `sample_every` steps, then
     export to `export_dir` (default `run_dir`/export)."""
-    trainer = LDMTrainer.create(config, first_stage, data, text_encoder, run_dir)
+    trainer = LDMTrainer.create(config, first_stage, data, text_encoder, run_dir, first_stage_name, rank)
     state = runs.load_checkpoint(run_dir) if resume else None
     if state is not None:
         trainer.load(state)
@@ -429,6 +449,7 @@ def train_ldm(config: LDMConfig, first_stage: LatentDiffusion, data: LDMData, ru
         trainer.start_from(init_from)
     trainer.unet.train()
     runs.train_loop(trainer, config.steps, run_dir, config.checkpoint_every, config.sample_every,
-                    f"ldm {config.task}", quiet, on_step, config.max_minutes)
-    trainer.export(export_dir or run_dir / "export")
+                    f"ldm {config.task}", quiet, on_step, config.max_minutes, rank)
+    if rank.main:
+        trainer.export(export_dir or run_dir / "export")
     return trainer

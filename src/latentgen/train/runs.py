@@ -10,6 +10,7 @@ from typing import Callable, Optional, Protocol
 import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+from latentgen import distributed
 from latentgen.errors import LatentgenError
 from latentgen.files import atomic_write
 from latentgen.images import grid, save_image
@@ -111,33 +112,35 @@ class Trainer(Protocol):
 
 def train_loop(trainer: Trainer, steps: int, run_dir: Path, checkpoint_every: int, sample_every: int = 0,
                description: str = "train", quiet: bool = False,
-               on_step: Optional[Callable[[int, dict], None]] = None, max_minutes: float = 0.0) -> None:
+               on_step: Optional[Callable[[int, dict], None]] = None, max_minutes: float = 0.0,
+               rank: distributed.Rank = distributed.Rank()) -> None:
     """Step to `steps` with a progress bar (loss, it/s); checkpoint every `checkpoint_every` steps and
     at the end, save a sample grid to `run_dir`/samples every `sample_every` steps. With `max_minutes`,
-    stop early once that much wall time has passed (checkpointed, so a rerun continues)."""
+    stop early once that much wall time has passed (checkpointed, so a rerun continues). Under
+    torchrun rank 0 alone shows progress and writes; logs are the ranks' means."""
     deadline = time.monotonic() + max_minutes * 60 if max_minutes > 0 else float("inf")
     rate = 0.0
     window: dict[str, list[float]] = {}
     started_at = time.monotonic()
-    with progress_bar(quiet) as progress:
+    with progress_bar(quiet or not rank.main) as progress:
         task = progress.add_task(description, total=steps, completed=trainer.step, loss=0.0, rate=0.0)
         while trainer.step < steps:
             started = time.perf_counter()
-            logs = trainer.train_step()
+            logs = distributed.mean_over_ranks(rank, trainer.train_step())
             speed = 1 / (time.perf_counter() - started)
             rate = speed if rate == 0 else 0.9 * rate + 0.1 * speed
             progress.update(task, completed=trainer.step, loss=logs["loss"], rate=rate)
             if on_step is not None:
                 on_step(trainer.step, logs)
-            out_of_time = time.monotonic() > deadline
-            for key, value in logs.items():
+            out_of_time = distributed.rank0_says(rank, time.monotonic() > deadline)
+            for key, value in logs.items() if rank.main else ():
                 window.setdefault(key, []).append(float(value))
-            if trainer.step % checkpoint_every == 0 or trainer.step == steps or out_of_time:
+            if rank.main and (trainer.step % checkpoint_every == 0 or trainer.step == steps or out_of_time):
                 save_checkpoint(run_dir, trainer.state())
                 append_log(run_dir, {"step": trainer.step, "minutes": round((time.monotonic() - started_at) / 60, 2),
                                      "it_s": round(rate, 3), **{k: sum(v) / len(v) for k, v in window.items()}})
                 window = {}
-            if sample_every and trainer.step % sample_every == 0:
+            if rank.main and sample_every and trainer.step % sample_every == 0:
                 save_grid(trainer.samples(), run_dir / "samples" / f"step-{trainer.step:06d}.png")
             if out_of_time:
                 break
