@@ -549,3 +549,86 @@ def test_vae_tiling_decodes_large_latents_in_tiles_without_seams(models, tmp_pat
                     "--out", tmp_path / "wide.png")
     assert result.exit_code == 0, result.output
     assert Image.open(tmp_path / "wide.png").size == (576, 128)
+
+
+# ---- runs over --inputs ----------------------------------------------------------------------
+
+
+@pytest.fixture
+def inputs(tmp_path):
+    folder = tmp_path / "inputs"
+    folder.mkdir()
+    for i, name in enumerate(("b.png", "a.jpg", "c.png")):
+        photo(folder / name, (16, 16), seed=10 + i)
+    (folder / "notes.txt").write_text("not an image\n")
+    return folder
+
+
+def test_upscale_over_inputs_writes_what_single_runs_write_and_resumes(models, inputs, tmp_path):
+    """Inputs by name (a, b, c), image i with seed + i, outputs named as the inputs; --resume makes
+    only what is missing."""
+    run = tmp_path / "run"
+    result = invoke("upscale", "--inputs", inputs, "--ckpt", models["upscale"], "--steps", 2, "--seed", 5, "--out", run)
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in run.glob("*.png")) == ["a.png", "b.png", "c.png"]
+    single = invoke("upscale", inputs / "b.png", "--ckpt", models["upscale"], "--steps", 2, "--seed", 6,
+                    "--out", tmp_path / "b.png")
+    assert single.exit_code == 0, single.output
+    np.testing.assert_array_equal(pixels(run / "b.png"), pixels(tmp_path / "b.png"))
+    assert images.parse_parameters(images.read_parameters(run / "c.png"))["Seed"] == "7"
+    (run / "a.png").unlink()
+    before = (run / "c.png").stat().st_mtime_ns
+    resumed = invoke("upscale", "--inputs", inputs, "--ckpt", models["upscale"], "--steps", 2, "--seed", 5,
+                     "--out", run, "--resume")
+    assert resumed.exit_code == 0, resumed.output
+    assert (run / "a.png").is_file() and (run / "c.png").stat().st_mtime_ns == before
+
+
+def test_inpaint_and_img2img_over_inputs_take_masks_by_name_or_one_for_all(models, inputs, tmp_path):
+    masks = tmp_path / "masks"
+    masks.mkdir()
+    for stem in ("a", "b", "c"):
+        hole = np.zeros((16, 16), dtype=np.uint8)
+        hole[4:12, 4:12] = 255
+        Image.fromarray(hole).save(masks / f"{stem}.png")
+    filled = invoke("inpaint", "--inputs", inputs, "--masks", masks, "--ckpt", models["inpaint"], "--steps", 2,
+                    "--out", tmp_path / "filled")
+    assert filled.exit_code == 0, filled.output
+    kept = pixels(tmp_path / "filled" / "a.png")[:4]
+    np.testing.assert_array_equal(kept, np.array(Image.open(inputs / "a.jpg").convert("RGB"))[:4])
+    redrawn = invoke("img2img", "--inputs", inputs, "--mask", masks / "a.png", "--ckpt", models["txt2img"],
+                     "-p", "a cat", "--steps", 2, "--out", tmp_path / "redrawn")
+    assert redrawn.exit_code == 0, redrawn.output
+    assert len(list((tmp_path / "redrawn").glob("*.png"))) == 3
+    (masks / "c.png").unlink()
+    missing = invoke("inpaint", "--inputs", inputs, "--masks", masks, "--ckpt", models["inpaint"], "--steps", 2,
+                     "--out", tmp_path / "again")
+    assert missing.exit_code == 1 and "has no mask for c.png" in missing.output
+
+
+@pytest.mark.parametrize("args, message", [
+    (["IMG", "--inputs", "DIR"], "not both"),
+    ([], "give an image or --inputs"),
+    (["--inputs", "DIR", "--out", "one.png"], "writes a folder"),
+    (["--inputs", "LIST"], "two inputs are named 'b'"),
+])
+def test_runs_over_inputs_refuse_what_they_cannot_do(models, inputs, tmp_path, args, message):
+    listing = tmp_path / "list.txt"
+    listing.write_text("inputs/b.png\ninputs/a.jpg\nother/b.png\n")
+    (tmp_path / "other").mkdir()
+    photo(tmp_path / "other" / "b.png", (16, 16))
+    names = {"IMG": inputs / "b.png", "DIR": inputs, "LIST": listing}
+    result = invoke("upscale", *[names.get(a, a) for a in args], "--ckpt", models["upscale"])
+    assert result.exit_code == 1 and message in result.output, result.output
+
+
+def test_auto_dtype_takes_bf16_on_the_cpu_only_for_large_unets_with_native_bf16(monkeypatch):
+    from latentgen import devices
+
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(devices, "native_bf16", lambda: True)
+    assert devices.pick_dtype("auto", cpu, 320) == torch.bfloat16
+    assert devices.pick_dtype("auto", cpu, 64) == torch.float32 and devices.pick_dtype("auto", cpu) == torch.float32
+    assert devices.pick_dtype("fp32", cpu, 320) == torch.float32
+    monkeypatch.setattr(devices, "native_bf16", lambda: False)
+    assert devices.pick_dtype("auto", cpu, 320) == torch.float32

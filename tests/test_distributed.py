@@ -180,3 +180,22 @@ def test_a_training_rank_failing_at_start_ends_the_job_with_one_line(photos, tmp
     odd = run(["train", "autoencoder", *DC_ARGS[:-4], "--batch", "3", "--photos", photos / "photos-16.npy",
                "--run-dir", tmp_path / "odd", "--steps", 1, "--device", "cpu"], 2)
     assert odd.returncode != 0 and "must divide by the 2 ranks" in odd.stderr
+
+
+@pytest.mark.slow
+def test_two_ranks_upscale_a_folder_as_one_process(tmp_path):
+    model = tiny_models.diffusion_model(tmp_path / "sr", "upscale")
+    folder = tmp_path / "inputs"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for name in ("a", "b", "c"):
+        Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(folder / f"{name}.png")
+    args = ["-q", "upscale", "--inputs", folder, "--steps", 2, "--ckpt", model, "--device", "cpu"]
+    for ranks in (1, 2):
+        result = run([*args, "--out", tmp_path / f"ranks{ranks}"], ranks)
+        assert result.returncode == 0, result.stderr
+    for name in ("a.png", "b.png", "c.png"):
+        np.testing.assert_array_equal(pixels(tmp_path / "ranks1" / name), pixels(tmp_path / "ranks2" / name))
+    assert not list((tmp_path / "ranks2").glob(Manifest.SHARDS))
+    alone = run(["upscale", folder / "a.png", "--ckpt", model, "--out", tmp_path / "x.png"], 2)
+    assert alone.returncode != 0 and "under torchrun give --inputs" in alone.stderr

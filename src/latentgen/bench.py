@@ -27,7 +27,8 @@ from .errors import LatentgenError
 from .guidance import Conditioning, guided_model
 from .models.autoencoder import AutoencoderKL
 from .models.unet import UNetModel
-from .reference import adopt, first_stage_to_diffusers, unet_to_diffusers
+from .models import adopt, on_meta
+from .reference import first_stage_to_diffusers, unet_to_diffusers
 from .samplers import sample
 from .schedules import make_alphas_cumprod
 
@@ -166,8 +167,7 @@ def build_latentgen(arch: Architecture, device: torch.device, dtype: torch.dtype
     def make_vae():
         return AutoencoderKL(arch.ddconfig, embed_dim=arch.embed_dim)
 
-    with torch.device("meta"):
-        unet_shapes, vae_shapes = make_unet(), make_vae()
+    unet_shapes, vae_shapes = on_meta(make_unet), on_meta(make_vae)
     unet = adopt(make_unet, random_state_dict(unet_shapes, device, dtype, seed))
     vae = adopt(make_vae, random_state_dict(vae_shapes, device, dtype, seed + 1))
     return unet, vae

@@ -8,9 +8,11 @@ import functools
 import json
 import sys
 from contextlib import nullcontext
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated, Callable, Optional
 
+import torch
 import typer
 from rich.console import Console
 from rich.progress import (BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeElapsedColumn,
@@ -23,7 +25,7 @@ from . import prompts as prompt_syntax
 from .devices import pick_device, pick_dtype
 from .errors import LatentgenError
 from .files import write_new
-from .ldm import LatentDiffusion
+from .ldm import LatentDiffusion, ModelSpec
 from .loader import convert_checkpoint, file_sha256, list_models, load_model
 from .samplers import SAMPLERS
 from .tiling import set_seamless
@@ -49,7 +51,7 @@ Ckpt = Annotated[Optional[Path], typer.Option("--ckpt", help="Checkpoint file, m
 Prediction = Annotated[Optional[str], typer.Option("--prediction", help="eps or v, for checkpoints whose kind cannot be detected (SD 2.x).")]
 Config = Annotated[Optional[Path], typer.Option("--config", help="Official YAML or JSON config for --ckpt.")]
 Device = Annotated[str, typer.Option("--device", help="auto, cuda, cuda:N, mps or cpu.")]
-Dtype = Annotated[str, typer.Option("--dtype", help="auto (fp16/bf16 on GPU, fp32 on CPU), fp32, fp16 or bf16.")]
+Dtype = Annotated[str, typer.Option("--dtype", help="auto (fp16/bf16 on GPU; on a CPU with native bf16, bf16 for SD-sized UNets, else fp32), fp32, fp16 or bf16.")]
 Out = Annotated[Optional[Path], typer.Option("--out", "-o", help="Output image file (.png, .jpg, .webp) or folder (default ./outputs).")]
 Overwrite = Annotated[bool, typer.Option("--overwrite", help="Replace existing files instead of numbering new ones.")]
 Seed = Annotated[Optional[int], typer.Option("--seed", help="Seed of the first image; image i uses seed + i; -1: a random one.")]
@@ -67,6 +69,8 @@ ClipSkip = Annotated[Optional[int], typer.Option("--clip-skip", help="CLIP layer
 VaeTiling = Annotated[bool, typer.Option("--vae-tiling", help="Decode in overlapping tiles: large images in bounded memory.")]
 Seamless = Annotated[bool, typer.Option("--seamless", help="Circular padding in the UNet and decoder: the image tiles without a seam (A1111 'Tiling').")]
 DeviceNoise = Annotated[bool, typer.Option("--device-noise", help="Draw noise on the device (faster, not reproducible across devices).")]
+Inputs = Annotated[Optional[Path], typer.Option("--inputs", help="A folder of images (or a file listing them) to process in one resumable run instead of IMAGE; outputs go to the --out folder under the inputs' names; splits over torchrun's ranks.")]
+Resume = Annotated[bool, typer.Option("--resume", help="Continue a stopped run (same arguments) from its manifest.")]
 MaxMemory = Annotated[Optional[str], typer.Option("--max-memory", help="Refuse to start if the estimated peak memory exceeds this (e.g. 8GB, 512MiB).")]
 
 
@@ -142,7 +146,11 @@ def summary(command: str, **fields) -> None:
 
 def open_model(path: Path, config: Optional[Path], device: str, dtype: str,
                prediction: Optional[str] = None, vae_tiling: bool = False) -> LatentDiffusion:
-    precision = pick_dtype(dtype, pick_device(device))
+    target = pick_device(device)
+
+    def precision(spec: ModelSpec) -> torch.dtype:
+        return pick_dtype(dtype, target, spec.unet.model_channels if spec.unet else None)
+
     with nullcontext() if Settings.quiet else console.status(f"loading {path.name}", spinner="dots"):
         model = load_model(path, config=config, prediction=prediction, dtype=precision)
     model.vae_tiling = vae_tiling
@@ -197,9 +205,71 @@ def pick_seed(seed: Optional[int]) -> int:
     return seed
 
 
+def join_torchrun(device: str) -> tuple[distributed.Rank, str]:
+    """Under torchrun: this process's rank and device (`auto`: cuda:LOCAL_RANK or the CPU), the
+    process group joined, and rank 0 alone speaking for the job."""
+    rank = distributed.current()
+    if rank.world > 1:
+        Settings.quiet = Settings.quiet or not rank.main
+        device = rank.device(device)
+        distributed.start(rank)
+    return rank, device
+
+
+def check_single_or_inputs(image: Optional[Path], inputs: Optional[Path], out: Optional[Path]) -> None:
+    """One image or --inputs, not both; a run over inputs writes a folder; torchrun needs a run."""
+    if (image is None) == (inputs is None):
+        raise LatentgenError("give one image or --inputs DIR, not both" if image else "give an image or --inputs DIR")
+    if inputs is not None and jobs.is_file_target(out):
+        raise LatentgenError(f"--out {out} names one file; a run over --inputs writes a folder")
+    if inputs is None and distributed.current().world > 1:
+        raise LatentgenError("under torchrun give --inputs DIR: one image is not shared between ranks")
+
+
+MakeImage = Callable[[Path, tasks.Sampling, Callable[[int, int], None]], tuple]
+"""make(input path, sampling with its seed, step progress) -> (image tensor, PNG parameters text)."""
+
+
+def run_images(command: str, image: Optional[Path], inputs: Optional[Path], out: Optional[Path], model: LatentDiffusion,
+               options: tasks.Sampling, settings: dict, make: MakeImage, overwrite: bool, resume: bool,
+               rank: distributed.Rank, unit: str = "steps") -> list[Path]:
+    """IMAGE alone (written to `--out` or `outputs/COMMAND-SEED.png`), or every image of --inputs in
+    a resumable run (`jobs.run_over_inputs`; image i with seed + i, rank 0 showing its share)."""
+    if inputs is None:
+        with progress_bar() as bar:
+            task = bar.add_task(unit, total=options.steps)
+            result, info = make(image, options, lambda i, n: bar.update(task, completed=i, total=n))
+        return [images.save_image(result, jobs.output_path(out, f"{command}-{options.seed}"), parameters=info,
+                                  overwrite=overwrite, check=True)]
+    planned = jobs.plan_inputs(jobs.read_inputs(inputs), seed=options.seed)
+    fingerprint = jobs.fingerprint(model, options, None, "", out, extra={"command": command, **settings})
+    with progress_bar() as bar:
+        images_task = bar.add_task("images", total=len(planned))
+        steps_task = bar.add_task(unit, total=options.steps)
+
+        def started(count: int) -> None:
+            share = len(rank.share(planned))
+            bar.update(images_task, total=share, completed=share - count,
+                       description="images" if rank.world == 1 else f"images (rank 0's share of {rank.world})")
+
+        def made(job: jobs.Job) -> tuple:
+            bar.reset(steps_task, total=options.steps)
+            return make(job.source, replace(options, seed=job.seed),
+                        lambda i, n: bar.update(steps_task, completed=i, total=n))
+
+        written = jobs.run_over_inputs(planned, out or Path("outputs"), fingerprint, made, resume, overwrite,
+                                       on_start=started, on_image=lambda path: bar.advance(images_task), rank=rank)
+    distributed.finish(rank)
+    if resume and not written:
+        say("nothing left to do: every image of this run is already written")
+    return written
+
+
 def sampling_options(sampler, steps, eta, karras, scale, seed, device_noise, model) -> tasks.Sampling:
+    """The run's sampling; without --steps, the model's own `default_steps` (its config's) or DEFAULT_STEPS."""
+    default_steps = model.spec.default_steps or tasks.DEFAULT_STEPS
     return tasks.Sampling(
-        sampler=sampler or "ddim", steps=tasks.DEFAULT_STEPS if steps is None else steps, eta=eta or 0.0, karras=karras,
+        sampler=sampler or "ddim", steps=default_steps if steps is None else steps, eta=eta or 0.0, karras=karras,
         scale=scale if scale is not None else tasks.default_scale(model), seed=pick_seed(seed),
         on_device_noise=device_noise,
     )
@@ -235,13 +305,9 @@ def txt2img(
     dtype: Dtype = "auto", out: Out = None, overwrite: Overwrite = False,
 ) -> None:
     """Generate images from a text prompt (or class ids, or unconditionally)."""
-    rank = distributed.current()
-    if rank.world > 1:
-        if grid:
-            raise LatentgenError("--grid is not supported under torchrun yet: make the grid in a single process")
-        Settings.quiet = Settings.quiet or not rank.main  # rank 0 speaks for the job
-        device = rank.device(device)
-        distributed.start(rank)
+    if grid and distributed.current().world > 1:
+        raise LatentgenError("--grid is not supported under torchrun yet: make the grid in a single process")
+    rank, device = join_torchrun(device)
     if prompt is not None and prompt_option is not None:
         raise LatentgenError("give the prompt once: as an argument or with -p/--prompt")
     prompt = prompt if prompt is not None else prompt_option
@@ -313,11 +379,12 @@ def txt2img(
 @app.command()
 @user_errors
 def img2img(
-    image: Annotated[Path, typer.Argument(help="The image to start from.")],
+    image: Annotated[Optional[Path], typer.Argument(help="The image to start from (or --inputs).")] = None,
     prompt: Annotated[str, typer.Option("--prompt", "-p", help="What it should become (A1111 syntax).")] = "",
     negative: Negative = "",
     strength: Annotated[float, typer.Option("--strength", help="0 keeps the image (a first-stage round trip), 1 starts from noise.")] = 0.75,
-    mask: Annotated[Optional[Path], typer.Option("--mask", help="White = change, black = keep exactly.")] = None,
+    mask: Annotated[Optional[Path], typer.Option("--mask", help="White = change, black = keep exactly; with --inputs, one mask for all or a folder of masks named as the inputs.")] = None,
+    inputs: Inputs = None, resume: Resume = False,
     seamless: Seamless = False, vae_tiling: VaeTiling = False, max_memory: MaxMemory = None,
     lora: Loras = None, lora_dir: LoraDir = None, vae: Vae = None, clip_skip: ClipSkip = None,
     embeddings: Embeddings = None,
@@ -327,35 +394,52 @@ def img2img(
     dtype: Dtype = "auto", out: Out = None, overwrite: Overwrite = False,
 ) -> None:
     """Redraw IMAGE towards a prompt (SDEdit, as CompVis scripts/img2img.py)."""
-    picture = images.load_image(image)
-    region = images.load_mask(mask, picture.shape[-2:]) if mask is not None else None
+    check_single_or_inputs(image, inputs, out)
+    rank, device = join_torchrun(device)
     model = open_model(ckpt or catalog.default_model("txt2img"), config, device, dtype, prediction, vae_tiling)
     tasks.check_inputs(model, prompt, negative)
     apply_addons(model, [prompt, negative], lora, lora_dir, vae, clip_skip, embeddings)
     options = sampling_options(sampler, steps, eta, karras, scale, seed, device_noise, model)
-    need = memory.check(model, 1, tuple(picture.shape[-2:]), options.scale != 1, max_memory)
     set_seamless(model.modules(), seamless)
-    with progress_bar() as bar:
-        task = bar.add_task("steps", total=int(strength * options.steps))
-        result = tasks.img2img(model, picture, prompt, negative, options, strength, region,
-                               progress=lambda i, n: bar.update(task, completed=i, total=n))
-    info = jobs.parameters_text(model, options, prompt, negative, tuple(picture.shape[-2:]), options.seed,
-                                strength=strength)
-    path = images.save_image(result, jobs.output_path(out, f"img2img-{options.seed}"), parameters=info,
-                             overwrite=overwrite, check=True)
-    say(f"wrote {path}")
-    summary("img2img", outputs=[str(path)], seed=options.seed, strength=strength, model=model.name,
-            model_hash=model.sha256[:10], memory_estimate=need.total)
+    need = []
+
+    def make(source: Path, sampling: tasks.Sampling, progress) -> tuple:
+        picture = images.load_image(source)
+        region = mask_for(mask, source, picture) if mask is not None else None
+        need.append(memory.check(model, 1, tuple(picture.shape[-2:]), sampling.scale != 1, max_memory))
+        result = tasks.img2img(model, picture, prompt, negative, sampling, strength, region, progress=progress)
+        return result, jobs.parameters_text(model, sampling, prompt, negative, tuple(picture.shape[-2:]), sampling.seed,
+                                            strength=strength)
+
+    settings = {"prompt": prompt, "negative": negative, "strength": strength, "mask": mask}
+    written = run_images("img2img", image, inputs, out, model, options, settings, make, overwrite, resume, rank)
+    for path in written:
+        say(f"wrote {path}")
+    summary("img2img", outputs=[str(p) for p in written], seed=options.seed, strength=strength, model=model.name,
+            model_hash=model.sha256[:10], memory_estimate=need[-1].total if need else None)
+
+
+def mask_for(mask: Path, source: Path, picture: torch.Tensor) -> torch.Tensor:
+    """The mask of input `source`: `mask` itself, or in a folder `mask` the file named as `source`."""
+    if mask.is_dir():
+        found = sorted(p for p in mask.glob(f"{source.stem}.*") if p.suffix.lower() in jobs.INPUT_SUFFIXES)
+        if not found:
+            raise LatentgenError(f"{mask} has no mask for {source.name} (a {source.stem}.png, say)")
+        mask = found[0]
+    return images.load_mask(mask, picture.shape[-2:])
 
 
 @app.command()
 @user_errors
 def inpaint(
-    image: Annotated[Path, typer.Argument(help="The image to repair.")],
-    mask: Annotated[Path, typer.Argument(help="White = region to fill, black = keep.")],
+    image: Annotated[Optional[Path], typer.Argument(help="The image to repair (or --inputs).")] = None,
+    mask: Annotated[Optional[Path], typer.Argument(help="White = region to fill, black = keep.")] = None,
     prompt: Annotated[str, typer.Option("--prompt", "-p", help="Text for text-conditional models.")] = "",
     negative: Negative = "",
     feather: Annotated[int, typer.Option("--feather", help="Pixels inside the hole over which the fill is blended.")] = 4,
+    inputs: Inputs = None,
+    masks: Annotated[Optional[Path], typer.Option("--masks", help="With --inputs: one mask for all, or a folder of masks named as the inputs.")] = None,
+    resume: Resume = False,
     max_memory: MaxMemory = None, lora: Loras = None, lora_dir: LoraDir = None, vae: Vae = None,
     clip_skip: ClipSkip = None, embeddings: Embeddings = None, vae_tiling: VaeTiling = False,
     steps: Steps = None, sampler: Sampler = None, eta: Eta = None, karras: Karras = False,
@@ -364,36 +448,50 @@ def inpaint(
     dtype: Dtype = "auto", out: Out = None, overwrite: Overwrite = False,
 ) -> None:
     """Fill the white region of MASK in IMAGE."""
-    picture = images.load_image(image)
-    region = images.load_mask(mask, picture.shape[-2:])
-    tasks.check_mask(region)
+    check_single_or_inputs(image, inputs, out)
+    if (mask if inputs is None else masks) is None:
+        raise LatentgenError("give the mask: IMAGE MASK, or --masks with --inputs")
+    if inputs is None and masks is not None:
+        raise LatentgenError("--masks goes with --inputs; for one image give IMAGE MASK")
+    if image is None and mask is not None:
+        raise LatentgenError("with --inputs the masks come from --masks")
+    if image is not None:
+        tasks.check_mask(mask_for(mask, image, images.load_image(image)))  # before the model loads
+    rank, device = join_torchrun(device)
     model = open_model(ckpt or catalog.default_model("inpaint"), config, device, dtype, prediction, vae_tiling)
     tasks.check_inputs(model, prompt, negative)
     apply_addons(model, [prompt, negative], lora, lora_dir, vae, clip_skip, embeddings)
     options = sampling_options(sampler, steps, eta, karras, scale, seed, device_noise, model)
-    need = memory.check(model, 1, tuple(picture.shape[-2:]), options.scale != 1, max_memory)
-    with progress_bar() as bar:
-        task = bar.add_task("steps", total=options.steps)
-        result = tasks.inpaint(model, picture, region, prompt, negative, options, feather,
-                               progress=lambda i, n: bar.update(task, completed=i, total=n))
-    info = jobs.parameters_text(model, options, prompt, negative, tuple(picture.shape[-2:]), options.seed)
-    path = images.save_image(result, jobs.output_path(out, f"inpaint-{options.seed}"), parameters=info,
-                             overwrite=overwrite, check=True)
-    say(f"wrote {path}")
-    summary("inpaint", outputs=[str(path)], seed=options.seed, steps=options.steps, model=model.name, model_hash=model.sha256[:10],
-            memory_estimate=need.total)
+    need = []
+
+    def make(source: Path, sampling: tasks.Sampling, progress) -> tuple:
+        picture = images.load_image(source)
+        region = mask_for(mask or masks, source, picture)
+        tasks.check_mask(region)
+        need.append(memory.check(model, 1, tuple(picture.shape[-2:]), sampling.scale != 1, max_memory))
+        result = tasks.inpaint(model, picture, region, prompt, negative, sampling, feather, progress=progress)
+        return result, jobs.parameters_text(model, sampling, prompt, negative, tuple(picture.shape[-2:]), sampling.seed)
+
+    settings = {"prompt": prompt, "negative": negative, "feather": feather, "masks": masks}
+    written = run_images("inpaint", image, inputs, out, model, options, settings, make, overwrite, resume, rank)
+    for path in written:
+        say(f"wrote {path}")
+    summary("inpaint", outputs=[str(p) for p in written], seed=options.seed, steps=options.steps, model=model.name,
+            model_hash=model.sha256[:10], memory_estimate=need[-1].total if need else None)
 
 
 @app.command()
 @user_errors
 def upscale(
-    image: Annotated[Path, typer.Argument(help="The low-resolution image.")],
+    image: Annotated[Optional[Path], typer.Argument(help="The low-resolution image (or --inputs).")] = None,
     factor: Annotated[Optional[int], typer.Option("--factor", help="Output size factor (default: the model's, 4).")] = None,
     prompt: Annotated[str, typer.Option("--prompt", "-p", help="Text for text-conditional upscalers (SD 2 x4).")] = "",
     negative: Negative = "",
     scale: Annotated[Optional[float], typer.Option("--scale", help="Classifier-free guidance scale of text-conditional upscalers (default 9 for the SD 2 x4 upscaler; 1 = off).")] = None,
     noise_level: Annotated[Optional[int], typer.Option("--noise-level", help="Noise added to the low-res image by the SD 2 x4 upscaler, 0..350 (default 20); more noise, more invented detail.")] = None,
     tile: Annotated[int, typer.Option("--tile", help="Tile size in low-resolution pixels for large images.")] = 128,
+    strength: Annotated[Optional[float], typer.Option("--strength", help="Models with a regression estimator (the bundled sr4x): the noise level the diffusion model refines the estimate from; 0 is the estimate, 1 samples from pure noise (default: the model's).")] = None,
+    inputs: Inputs = None, resume: Resume = False,
     max_memory: MaxMemory = None, lora: Loras = None, lora_dir: LoraDir = None, vae: Vae = None,
     clip_skip: ClipSkip = None, embeddings: Embeddings = None, vae_tiling: VaeTiling = False,
     steps: Steps = None, sampler: Sampler = None, eta: Eta = None, karras: Karras = False,
@@ -402,25 +500,37 @@ def upscale(
     dtype: Dtype = "auto", out: Out = None, overwrite: Overwrite = False,
 ) -> None:
     """Super-resolve IMAGE (4x with the LDM-SR family and the SD 2 x4 upscaler)."""
-    picture = images.load_image(image)
+    check_single_or_inputs(image, inputs, out)
+    if image is not None:
+        images.load_image(image)  # an unreadable image fails before the model loads
+    rank, device = join_torchrun(device)
     model = open_model(ckpt or catalog.default_model("upscale"), config, device, dtype, prediction, vae_tiling)
     tasks.check_inputs(model, prompt, negative)
     apply_addons(model, [prompt, negative], lora, lora_dir, vae, clip_skip, embeddings)
     guidance = scale if scale is not None else tasks.upscale_guidance(model)
     options = sampling_options(sampler, steps, eta, karras, guidance, seed, device_noise, model)
-    f = model.spec.factor
-    memory.check(model, 1, tuple(min(tile, side) * f for side in picture.shape[-2:]), options.scale != 1, max_memory)
-    with progress_bar() as bar:
-        task = bar.add_task("tiles", total=1)
-        result = tasks.upscale(model, picture, options, factor, tile, prompt,
-                               progress=lambda i, n: bar.update(task, completed=i, total=n),
-                               negative=negative, noise_level=noise_level)
     extra = {"Noise level": tasks.upscale_noise_level(model, noise_level)} if model.noise_augmentation else None
-    info = jobs.parameters_text(model, options, prompt, negative, tuple(result.shape[-2:]), options.seed, extra=extra)
-    path = images.save_image(result, jobs.output_path(out, f"upscale-{options.seed}"), parameters=info,
-                             overwrite=overwrite, check=True)
-    say(f"wrote {path}")
-    summary("upscale", outputs=[str(path)], size=list(result.shape[-2:]), model=model.name, model_hash=model.sha256[:10])
+    refined = tasks.upscale_strength(model, strength) if model.sr_estimator is not None else None
+    f = model.spec.factor
+    sizes = []
+
+    def make(source: Path, sampling: tasks.Sampling, progress) -> tuple:
+        picture = images.load_image(source)
+        memory.check(model, 1, tuple(min(tile, side) * f for side in picture.shape[-2:]), sampling.scale != 1,
+                     max_memory)
+        result = tasks.upscale(model, picture, sampling, factor, tile, prompt, progress=progress, negative=negative,
+                               noise_level=noise_level, strength=strength)
+        sizes.append(list(result.shape[-2:]))
+        return result, jobs.parameters_text(model, sampling, prompt, negative, tuple(result.shape[-2:]), sampling.seed,
+                                            extra=extra, strength=refined)
+
+    settings = {"factor": factor, "prompt": prompt, "negative": negative, "noise_level": noise_level, "tile": tile,
+                "strength": refined}
+    written = run_images("upscale", image, inputs, out, model, options, settings, make, overwrite, resume, rank, "tiles")
+    for path in written:
+        say(f"wrote {path}")
+    summary("upscale", outputs=[str(p) for p in written], size=sizes[-1] if sizes else None, model=model.name,
+            model_hash=model.sha256[:10])
 
 
 def _factors_help() -> str:
@@ -525,7 +635,8 @@ def bench(
     from . import bench as benchmark
 
     target = pick_device(device)
-    precision = pick_dtype(dtype, target)
+    channels = None if bundled else benchmark.ARCHITECTURES[arch or benchmark.DEFAULT_ARCH].unet["model_channels"]
+    precision = pick_dtype(dtype, target, channels)  # auto: per the UNet's size (the bundled ones: fp32 on CPU)
     gpu = target.type == "cuda"
     if bundled:
         rows = benchmark.run_bundled(target, precision, repeats, not no_diffusers, say,

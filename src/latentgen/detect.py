@@ -34,6 +34,7 @@ UNET_PREFIX = "model.diffusion_model."
 FIRST_STAGE_PREFIX = "first_stage_model."
 COND_STAGE_PREFIX = "cond_stage_model."
 LOW_SCALE_PREFIX = "low_scale_model."
+ESTIMATOR_PREFIX = "sr_estimator."  # latentgen's own: an LDM-SR model's regression upscaler (models/estimator.py)
 AUTOENCODER_ROOTS = ("encoder.", "decoder.", "quant_conv.", "post_quant_conv.", "quantize.")
 
 UNET_TARGET = "ldm.modules.diffusionmodules.openaimodel.UNetModel"
@@ -580,6 +581,8 @@ def model_spec(params: Mapping[str, Any]) -> ModelSpec:
         "latent_channels": _latent_channels(first_stage), "decoder_width": _decoder_width(first_stage),
         "scale_factor": float(params.get("scale_factor", 1.0)),
         "preview_projection": tuple(map(tuple, params["preview_projection"])) if params.get("preview_projection") else None,
+        "default_steps": int(params["default_steps"]) if params.get("default_steps") else None,
+        "default_strength": float(params["default_strength"]) if params.get("default_strength") is not None else None,
     }
     if not params.get("unet_config"):
         return ModelSpec(**common)

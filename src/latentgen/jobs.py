@@ -1,7 +1,8 @@
 """Runs of many images: prompt files, jobs and batches, output names, generation parameters, and
 the manifest that lets a stopped run resume without redoing or losing an image.
 
-The CLI and Python callers share `run_txt2img`, so both get resumable runs.
+The CLI and Python callers share `run_txt2img` and `run_over_inputs` (img2img, inpaint, upscale
+over a folder of images), so all get resumable runs, split over torchrun's ranks.
 """
 
 import hashlib
@@ -25,12 +26,13 @@ MAX_IMAGES = 10000
 
 @dataclass(frozen=True)
 class Job:
-    """One image to make: its place in the run, prompt or class, and seed."""
+    """One image to make: its place in the run, prompt or class, seed, and input image (`source`)."""
 
     index: int
     prompt: str
     seed: int
     label: Optional[int] = None
+    source: Optional[Path] = None
 
 
 def read_prompts(path: Path) -> list[str]:
@@ -62,6 +64,38 @@ def plan_jobs(prompts: Sequence[str] = ("",), labels: Optional[Sequence[int]] = 
     if len(jobs) > MAX_IMAGES:
         raise LatentgenError(f"a run makes at most {MAX_IMAGES} images, this one {len(jobs)}")
     return jobs
+
+
+INPUT_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
+
+
+def read_inputs(path: Path) -> list[Path]:
+    """The images of a run over inputs: a folder's image files by name, or the lines of a list file
+    (paths relative to the list's folder). Outputs are named after the inputs, so stems must differ."""
+    path = Path(path)
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in INPUT_SUFFIXES)
+    elif path.is_file():
+        files = [path.parent / line for line in read_prompts(path)]
+        missing = [str(p) for p in files if not p.is_file()]
+        if missing:
+            raise LatentgenError(f"{path} lists {len(missing)} missing image(s), first {missing[0]}")
+    else:
+        raise LatentgenError(f"--inputs {path} is neither a folder nor a list file")
+    if not files:
+        raise LatentgenError(f"--inputs {path} holds no images ({', '.join(INPUT_SUFFIXES)})")
+    stems = [p.stem for p in files]
+    repeated = next((stem for stem in stems if stems.count(stem) > 1), None)
+    if repeated is not None:
+        raise LatentgenError(f"--inputs {path}: two inputs are named {repeated!r}; their outputs would collide")
+    if len(files) > MAX_IMAGES:
+        raise LatentgenError(f"a run makes at most {MAX_IMAGES} images, this one {len(files)}")
+    return files
+
+
+def plan_inputs(sources: Sequence[Path], prompt: str = "", seed: int = 0) -> list[Job]:
+    """One job per input image, seeds counting up from `seed` as in a prompts run."""
+    return [Job(i, prompt, seed + i, source=Path(source)) for i, source in enumerate(sources)]
 
 
 def batched(jobs: Sequence[Job], batch_size: int) -> Iterator[list[Job]]:
@@ -226,7 +260,8 @@ class Manifest:
             shard.unlink()
 
     def key(self, job: Job) -> str:
-        return f"{self.fingerprint}:{job.index}:{job.seed}:{job.label}:{job.prompt}"
+        source = "" if job.source is None else f":{job.source}"
+        return f"{self.fingerprint}:{job.index}:{job.seed}:{job.label}:{job.prompt}{source}"
 
     def done(self, job: Job) -> bool:
         file = self.entries.get(self.key(job))
@@ -247,11 +282,12 @@ def clear_stale(folder: Path) -> None:
         stale.unlink(missing_ok=True)
 
 
-def fingerprint(model: LatentDiffusion, options: Sampling, size: tuple[int, int], negative: str, out: Optional[Path],
-                hires: Optional[Hires] = None) -> str:
-    """A short hash of what makes a run's images what they are, and of where they go."""
-    settings = json.dumps([model.sha256, asdict(options), list(size), negative, str(out)]
-                          + ([asdict(hires)] if hires is not None else []))
+def fingerprint(model: LatentDiffusion, options: Sampling, size: Optional[tuple[int, int]], negative: str,
+                out: Optional[Path], hires: Optional[Hires] = None, extra: Optional[dict] = None) -> str:
+    """A short hash of what makes a run's images what they are (`extra`: a task's own settings),
+    and of where they go."""
+    settings = json.dumps([model.sha256, asdict(options), list(size or ()), negative, str(out)]
+                          + ([asdict(hires)] if hires is not None else []) + ([extra] if extra else []), default=str)
     return hashlib.sha256(settings.encode()).hexdigest()[:10]
 
 
@@ -278,25 +314,48 @@ def run_txt2img(model: LatentDiffusion, jobs: Sequence[Job], out: Optional[Union
     (distributed.py) and the files are those of a single process."""
     out = Path(out) if out is not None else None
     size = tasks.check_size(model, *(size or (None, None)))
+
+    def make(batch: list[Job]) -> list[tuple]:
+        labels = [job.label for job in batch] if batch[0].label is not None else None
+        images = tasks.txt2img(model, [job.prompt for job in batch], negative, options, size, labels,
+                               [job.seed for job in batch], progress=on_step, preview=preview, hires=hires)
+        return [(image[None], parameters_text(model, options, job.prompt, negative, size, job.seed, job.label,
+                                              hires=hires)) for job, image in zip(batch, images)]
+
+    return _run(jobs, out, fingerprint(model, options, size, negative, out, hires), make,
+                lambda job: job_path(out, job, len(jobs)), batch_size, resume, overwrite, on_start, on_image, rank)
+
+
+def run_over_inputs(jobs: Sequence[Job], out: Path, settings: str, make: Callable[[Job], tuple],
+                    resume: bool = False, overwrite: bool = False, on_start: Optional[Callable[[int], None]] = None,
+                    on_image: Optional[ImageDone] = None, rank: Rank = Rank()) -> list[Path]:
+    """A run of one command over input images (`plan_inputs`): `make(job)` -> (image, parameters)
+    of the job's `source`, written to the folder `out` as `<source stem>.png`, resumable and split
+    over torchrun's ranks as a txt2img run; `settings` is the run's `fingerprint`."""
+    if is_file_target(out):
+        raise LatentgenError(f"--out {out} names one file; a run over --inputs writes a folder")
+    return _run(jobs, out, settings, lambda batch: [make(job) for job in batch],
+                lambda job: out / f"{job.source.stem}.png", 1, resume, overwrite, on_start, on_image, rank)
+
+
+def _run(jobs: Sequence[Job], out: Optional[Path], settings: str, make: Callable[[list[Job]], list[tuple]],
+         path_of: Callable[[Job], Path], batch_size: int, resume: bool, overwrite: bool,
+         on_start: Optional[Callable[[int], None]], on_image: Optional[ImageDone], rank: Rank) -> list[Path]:
+    """The loop both kinds of run share: this rank's share of `jobs` not yet done, made a batch at
+    a time and written with their parameters, each recorded in the manifest once it is on disk."""
     folder = out.parent if is_file_target(out) else (out or Path("outputs"))
     keep_manifest = resume or rank.world > 1 or (out is not None and (len(jobs) > 1 or not is_file_target(out)))
     if resume and rank.main:
         clear_stale(folder)
     wait_for_all(rank)  # no rank writes before the stale files are gone
-    manifest = Manifest.open(folder, fingerprint(model, options, size, negative, out, hires), resume, rank) \
-        if keep_manifest else None
+    manifest = Manifest.open(folder, settings, resume, rank) if keep_manifest else None
     todo = [job for job in rank.share(jobs) if manifest is None or not resume or not manifest.done(job)]
     if on_start is not None:
         on_start(len(todo))
     written = []
     for batch in batched(todo, batch_size):
-        labels = [job.label for job in batch] if batch[0].label is not None else None
-        images = tasks.txt2img(model, [job.prompt for job in batch], negative, options, size, labels,
-                               [job.seed for job in batch], progress=on_step, preview=preview, hires=hires)
-        for job, image in zip(batch, images):
-            info = parameters_text(model, options, job.prompt, negative, size, job.seed, job.label, hires=hires)
-            path = save_image(image[None], job_path(out, job, len(jobs)), parameters=info,
-                              overwrite=overwrite or resume, check=True)
+        for job, (image, info) in zip(batch, make(batch)):
+            path = save_image(image, path_of(job), parameters=info, overwrite=overwrite or resume, check=True)
             written.append(path)
             if manifest is not None:
                 manifest.record(job, path)

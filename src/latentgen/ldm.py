@@ -40,6 +40,11 @@ class ModelSpec:
     - `conditioning`: what the user gives besides the image: "text", "class" or "none";
       `concat`: the layout of concatenated image conditioning (one of CONCAT_LAYOUTS) or None.
     - `native_latent`: the latent side the UNet was trained at; None for a lone autoencoder.
+    - `default_steps`: the sampling steps the CLI uses without --steps (a config's `default_steps`,
+      where its card measured them best); None: tasks.DEFAULT_STEPS.
+    - `default_strength`: an LDM-SR model with a regression estimator (`sr_estimator`): the noise
+      level, as img2img strength, that `upscale` refines the estimate from (a config's
+      `default_strength`); None: 1, sampling from pure noise as the paper's LDM-SR.
     """
 
     family: str
@@ -53,6 +58,8 @@ class ModelSpec:
     native_latent: Optional[int] = None
     unet: Optional[UNetLayout] = None
     schedule: TrainingSchedule = TrainingSchedule()
+    default_steps: Optional[int] = None
+    default_strength: Optional[float] = None
     preview_projection: Optional[tuple[tuple[float, float, float], ...]] = None
     """[C + 1] x 3 latent-to-RGB map for cheap previews, where the model's config stores one (previews.py)."""
 
@@ -93,7 +100,8 @@ class LatentDiffusion:
 
     `unet` and `cond_stage` are None for a standalone autoencoder; `cond_stage` is None for
     unconditional and pure concat-conditioned models; `noise_augmentation` is set for the SD 2 x4
-    upscaler only. `params` is the official-YAML `model.params` the networks were built from,
+    upscaler only; `sr_estimator` (a regression upscaler, models/estimator.py) for LDM-SR models
+    whose config has an `sr_estimator_config`. `params` is the official-YAML `model.params` the networks were built from,
     kept to export or convert the architecture (reference.py, training); facts come from `spec`.
     """
 
@@ -106,6 +114,7 @@ class LatentDiffusion:
     name: str = ""
     sha256: str = ""
     noise_augmentation: Optional[NoiseAugmentation] = None
+    sr_estimator: Optional[nn.Module] = None
     infotext: dict = field(default_factory=dict)
     """AUTOMATIC1111 fields of what was added after loading (LoRA hashes, VAE, clip skip; addons.py)."""
     vae_tiling: bool = False
@@ -124,7 +133,7 @@ class LatentDiffusion:
         return self.spec.parameterization
 
     def modules(self) -> list[nn.Module]:
-        return [m for m in (self.unet, self.first_stage, self.cond_stage) if m is not None]
+        return [m for m in (self.unet, self.first_stage, self.cond_stage, self.sr_estimator) if m is not None]
 
     def to(self, device=None, dtype: Optional[torch.dtype] = None) -> "LatentDiffusion":
         """Move every network. `alphas_cumprod` stays a float64 CPU tensor (MPS has no float64);

@@ -20,7 +20,7 @@ import warnings
 import zipfile
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Callable, Optional, Union
 
 import numpy as np
 import torch
@@ -29,6 +29,7 @@ from . import catalog, detect
 from .errors import LatentgenError
 from .files import atomic_write, require_file, write_new
 from .ldm import LatentDiffusion, ModelSpec, NoiseAugmentation
+from .models import adopt, on_meta
 from .schedules import TrainingSchedule
 
 PathLike = Union[str, os.PathLike]
@@ -525,17 +526,12 @@ def _load_into(factory, state: dict, prefix: str, leftover: list[str], what: str
     """Build on the meta device (no wasted random init), check the keys, then adopt the tensors,
     their floating-point ones in `dtype` (a bf16 run never holds a float32 copy of the weights)."""
     try:
-        with torch.device("meta"):
-            module = factory()
+        module = on_meta(factory)
     except (TypeError, KeyError, ValueError, AssertionError) as error:
         raise LatentgenError(f"the config does not describe a buildable {what}: {_first_line(error)}") from None
     check_keys(module, state, prefix, leftover, what)
     state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
-    module.load_state_dict(state, strict=True, assign=True)
-    if any(t.is_meta for t in [*module.parameters(), *module.buffers()]):
-        module = factory().to(dtype)  # it holds non-persistent buffers: build it for real
-        module.load_state_dict(state, strict=True)
-    return module.eval()
+    return adopt(factory, state, module).to(dtype)  # .to: buffers outside the state dict too
 
 
 def _unet_factory(params: dict):
@@ -578,6 +574,18 @@ def _build_cond_stage(config: Any, state: dict, leftover: list[str],
     kwargs = _constructor_kwargs(cls, config.get("params", {}) if isinstance(config, dict) else {})
     what = f"conditioning model ({cls.__name__})"
     return _load_into(lambda: cls(**kwargs), state, detect.COND_STAGE_PREFIX, leftover, what, dtype)
+
+
+def _build_estimator(config: Optional[dict], state: dict, dtype: torch.dtype) -> Optional[torch.nn.Module]:
+    """An LDM-SR model's regression upscaler (`sr_estimator.*`), where its config describes one."""
+    if not config:
+        return None
+    from .models.estimator import ResidualUpscaler
+
+    if detect.target_name(config) != "ResidualUpscaler":
+        raise LatentgenError(f"sr_estimator_config names {config.get('target')!r}; known: ResidualUpscaler")
+    params = _constructor_kwargs(ResidualUpscaler, config.get("params", {}))
+    return _load_into(lambda: ResidualUpscaler(**params), state, detect.ESTIMATOR_PREFIX, [], "SR estimator", dtype)
 
 
 def _noise_augmentation(low_scale_config: Optional[dict]) -> Optional[NoiseAugmentation]:
@@ -646,12 +654,14 @@ def list_models() -> list[ModelSummary]:
 
 
 def load_model(path: PathLike, config: Union[PathLike, dict, None] = None, use_ema: bool = True,
-               prediction: Optional[str] = None, dtype: torch.dtype = torch.float32) -> LatentDiffusion:
+               prediction: Optional[str] = None,
+               dtype: Union[torch.dtype, Callable[[ModelSpec], torch.dtype]] = torch.float32) -> LatentDiffusion:
     """A LatentDiffusion from a full LDM/SD checkpoint, a lone autoencoder, a model folder
     (model.safetensors + config.json), or a bundled model's name ("txt2img-emoji"). The architecture is detected from the weights unless a
     config is given; `prediction` ("eps" or "v") overrides the parameterization; `use_ema`
     takes CompVis' EMA weights for the UNet when the checkpoint has them; `dtype` is the precision
-    the weights are materialised in, straight from the file's."""
+    the weights are materialised in, straight from the file's, or a function of the model's spec
+    that chooses it (`--dtype auto` depends on the UNet's size)."""
     path = catalog.resolve(path)
     weights, config = _weights_and_config(path, config)
     state_dict, metadata = read_checkpoint(weights)
@@ -665,6 +675,14 @@ def load_model(path: PathLike, config: Union[PathLike, dict, None] = None, use_e
                                  "first_stage_model.* tensors: one of them must go")
         first_state = split_state_dict(read_checkpoint(named_first_stage(params["first_stage"])[1])[0], True, use_ema)[1]
         first_prefix = ""
+    estimator_state = {}
+    if params.get("sr_estimator_config"):
+        prefix = detect.ESTIMATOR_PREFIX
+        estimator_state = {k[len(prefix):]: state_dict[k] for k in leftover if k.startswith(prefix)}
+        leftover = [k for k in leftover if not k.startswith(prefix)]
+    spec = detect.model_spec(params)
+    if callable(dtype):
+        dtype = dtype(spec)
     unet = None
     if params.get("unet_config"):
         unet = _load_into(_unet_factory(params["unet_config"]["params"]), unet_state, detect.UNET_PREFIX, leftover, "UNet",
@@ -673,9 +691,10 @@ def load_model(path: PathLike, config: Union[PathLike, dict, None] = None, use_e
     first_stage = _load_into(_first_stage_factory(params["first_stage_config"]), first_state, first_prefix, leftover,
                              "first-stage autoencoder", dtype)
     cond_stage = _build_cond_stage(params.get("cond_stage_config"), cond_state, [], dtype) if unet is not None else None
-    spec = detect.model_spec(params)
+    estimator = _build_estimator(params.get("sr_estimator_config"), estimator_state, dtype)
     return LatentDiffusion(
         unet=unet, first_stage=first_stage, cond_stage=cond_stage, spec=spec,
         alphas_cumprod=spec.schedule.alphas_cumprod(), params=params, name=path.name if path.is_dir() else path.stem,
         sha256=file_sha256(weights), noise_augmentation=_noise_augmentation(params.get("low_scale_config")),
+        sr_estimator=estimator,
     )

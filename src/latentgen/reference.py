@@ -8,26 +8,13 @@ own into `UNet2DModel`, as diffusers ships that one only in a conversion script.
 """
 
 import re
-from typing import Callable
 
 import torch
 from torch import nn
 
+from .models import adopt
+
 PREFIX = "model.diffusion_model."
-
-
-def adopt(factory: Callable[[], nn.Module], state: dict) -> nn.Module:
-    """`factory()` holding exactly the tensors of `state` (no copy, no random init): built on the meta
-    device, then given the tensors; built for real only if it keeps buffers outside its state dict."""
-    with torch.device("meta"):
-        module = factory()
-    module.load_state_dict(state, strict=True, assign=True)
-    if any(t.is_meta for t in [*module.parameters(), *module.buffers()]):
-        device = next(iter(state.values())).device
-        with torch.device(device):
-            module = factory()
-        module.load_state_dict(state, strict=True)
-    return module.eval()
 
 
 def unet_to_diffusers(unet: nn.Module, params: dict) -> nn.Module:

@@ -68,7 +68,8 @@ UPSCALERS = ("latent", "image")
 def prepare(model: LatentDiffusion, device: str = "auto", dtype: str = "auto") -> LatentDiffusion:
     """Move the model to the chosen device and dtype, once, and switch to inference mode."""
     target = pick_device(device)
-    return model.to(target, pick_dtype(dtype, target)).eval()
+    channels = model.spec.unet.model_channels if model.spec.unet else None
+    return model.to(target, pick_dtype(dtype, target, channels)).eval()
 
 
 def _params(module: torch.nn.Module) -> torch.Tensor:
@@ -420,6 +421,21 @@ def upscale_noise_level(model: LatentDiffusion, noise_level: Optional[int]) -> i
     return level
 
 
+def upscale_strength(model: LatentDiffusion, strength: Optional[float]) -> float:
+    """The strength an upscale refines its regression estimate from (and its PNG parameters record):
+    0 is the estimate itself, 1 samples from pure noise (the estimate unused); models without an
+    estimator always use 1."""
+    if model.sr_estimator is None:
+        if strength is not None and strength != 1:
+            raise LatentgenError(f"{model.name} has no regression estimator to start from: its strength is 1")
+        return 1.0
+    strength = model.spec.default_strength if strength is None else strength
+    strength = 1.0 if strength is None else strength
+    if not 0 <= strength <= 1:
+        raise LatentgenError(f"strength must be between 0 and 1, got {strength}")
+    return strength
+
+
 def _augmented_conditioning(model: LatentDiffusion, low: torch.Tensor, text: Conditioning, negative: Optional[Conditioning],
                             level: int, options: Sampling
                             ) -> tuple[torch.Tensor, torch.Generator, Conditioning, Optional[Conditioning]]:
@@ -439,13 +455,14 @@ def _augmented_conditioning(model: LatentDiffusion, low: torch.Tensor, text: Con
 
 def upscale(model: LatentDiffusion, image: torch.Tensor, options: Sampling = Sampling(), factor: Optional[int] = None,
             tile: int = 128, prompt: str = "", progress: Progress = None, negative: str = "",
-            noise_level: Optional[int] = None) -> torch.Tensor:
+            noise_level: Optional[int] = None, strength: Optional[float] = None) -> torch.Tensor:
     """Super-resolve with a low-res-concatenating model: the low-res image is concatenated to the
     latent, so the latent has the low-res image's size and the output factor is f. LDM-SR takes the
     image as it is, unguided; the SD 2 x4 upscaler takes it noised to `noise_level` (default 20), is
     told that level, and follows the prompt with guidance `options.scale` against `negative`. A
     smaller output `factor` resizes the result. Large images go through overlapping tiles blended
-    without seams."""
+    without seams. A model with a regression estimator starts from the estimate's latent noised to
+    `strength` (SDEdit; its config's default_strength unless given) and returns the estimate at 0."""
     spec = _diffusion(model, "upscale")
     if spec.concat != LOW_RES_IMAGE:
         raise LatentgenError(f"{model.name} is not a super-resolution model (it must concatenate a low-res image)")
@@ -456,6 +473,7 @@ def upscale(model: LatentDiffusion, image: torch.Tensor, options: Sampling = Sam
     if tile < 16:
         raise LatentgenError(f"the tile must be at least 16 pixels, got {tile}")
     level = upscale_noise_level(model, noise_level)
+    strength = upscale_strength(model, strength)
     augmented = model.noise_augmentation is not None
     check_inputs(model, prompt, negative)
     if not augmented and options.scale != 1:
@@ -477,8 +495,12 @@ def upscale(model: LatentDiffusion, image: torch.Tensor, options: Sampling = Sam
             x_T, generators = _noise(model, [options.seed], tuple(padded.shape[-2:]), options)
             cond, uncond = _condition(model, [prompt], None, padded.to(ref)), None
         with torch.no_grad():
-            z = _sample(model, cond, uncond, tile_options, x_T, generators, None)
-        high = decode(model, z)
+            refine = {}
+            if strength < 1:
+                estimate = model.sr_estimator(padded.to(ref)).float().clamp(-1, 1)
+                refine = {"x0": encode(model, estimate), "strength": strength}
+            high = estimate.cpu() if strength == 0 else decode(
+                model, _sample(model, cond, uncond, tile_options, x_T, generators, None, **refine))
         tiles_done[0] += 1
         if progress is not None:
             progress(tiles_done[0], tiles_done[0])

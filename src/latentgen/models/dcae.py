@@ -40,7 +40,7 @@ class RMSNorm2d(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         scale = torch.rsqrt(x.float().pow(2).mean(1, keepdim=True) + self.eps)
-        return (x * scale) * self.weight[:, None, None] + self.bias[:, None, None]
+        return (x * scale).to(x.dtype) * self.weight[:, None, None] + self.bias[:, None, None]
 
 
 def normalization(kind: str, channels: int) -> nn.Module:

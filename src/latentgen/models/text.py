@@ -26,6 +26,7 @@ from torch import nn
 
 from latentgen.errors import LatentgenError
 
+from . import adopt
 from .attention import multi_head_attention
 
 CONTEXT_LENGTH = 77
@@ -396,21 +397,26 @@ def minilm_path() -> Path:
 
 @functools.cache
 def wordpiece_tokenizer():
-    """bert-base-uncased's WordPiece tokenizer, built from local files only."""
-    from transformers import AutoTokenizer
+    """bert-base-uncased's WordPiece tokenizer: the package's tokenizer.json in the `tokenizers`
+    library (what transformers' fast tokenizer runs, without importing transformers, which costs a
+    cold CLI seconds), with the file's truncation and padding off (framing is TokenFrame's)."""
+    from tokenizers import Tokenizer
 
-    return AutoTokenizer.from_pretrained(str(minilm_path()), local_files_only=True)
+    tokenizer = Tokenizer.from_file(str(minilm_path() / "tokenizer.json"))
+    tokenizer.no_truncation()
+    tokenizer.no_padding()
+    return tokenizer
 
 
 def bert_frame(length: int = CONTEXT_LENGTH) -> TokenFrame:
     """[CLS] text [SEP] [PAD]..."""
     tokenizer = wordpiece_tokenizer()
-    return TokenFrame(tokenizer.cls_token_id, tokenizer.sep_token_id, tokenizer.pad_token_id, length)
+    return TokenFrame(*(tokenizer.token_to_id(token) for token in ("[CLS]", "[SEP]", "[PAD]")), length)
 
 
 def wordpiece_ids(text: str) -> list[int]:
     """WordPiece ids of one text, without [CLS] / [SEP]."""
-    return wordpiece_tokenizer()(text, add_special_tokens=False)["input_ids"]
+    return wordpiece_tokenizer().encode(text, add_special_tokens=False).ids
 
 
 def bert_tokenize(texts: Texts, length: int = CONTEXT_LENGTH) -> torch.Tensor:
@@ -526,21 +532,80 @@ class ClassEmbedder(nn.Module):
 # ---- our bundled model: frozen sentence-transformers all-MiniLM-L6-v2 -----------------------------
 
 
+MINILM_L6 = {"vocab_size": 30522, "hidden_size": 384, "num_hidden_layers": 6, "num_attention_heads": 12,
+             "intermediate_size": 1536, "max_position_embeddings": 512, "type_vocab_size": 2, "layer_norm_eps": 1e-12}
+
+
+class BertOutput(nn.Module):
+    """`dense`, then `LayerNorm` of it plus the residual (transformers' BertSelfOutput and BertOutput)."""
+
+    def __init__(self, inner: int, width: int, eps: float):
+        super().__init__()
+        self.dense = nn.Linear(inner, width)
+        self.LayerNorm = nn.LayerNorm(width, eps=eps)
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        return self.LayerNorm(self.dense(x) + residual)
+
+
+class BertLayer(nn.Module):
+    """A post-norm encoder layer in transformers' BertLayer key layout (`attention.self.query` ...)."""
+
+    def __init__(self, width: int, inner: int, heads: int, eps: float):
+        super().__init__()
+        self.heads = heads
+        self.attention = nn.Module()
+        self.attention.add_module("self", nn.Module())
+        for name in ("query", "key", "value"):
+            getattr(self.attention, "self").add_module(name, nn.Linear(width, width))
+        self.attention.output = BertOutput(width, width, eps)
+        self.intermediate = nn.Module()
+        self.intermediate.dense = nn.Linear(width, inner)
+        self.output = BertOutput(inner, width, eps)
+
+    def forward(self, x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        projections = getattr(self.attention, "self")
+        attended = multi_head_attention(projections.query(x), projections.key(x), projections.value(x), self.heads,
+                                        keep=keep)
+        x = self.attention.output(attended, x)
+        return self.output(F.gelu(self.intermediate.dense(x)), x)
+
+
+class BertModel(nn.Module):
+    """transformers' BertModel (absolute positions, one token type) without its unused pooler."""
+
+    def __init__(self, vocab_size: int, hidden_size: int, num_hidden_layers: int, num_attention_heads: int,
+                 intermediate_size: int, max_position_embeddings: int, type_vocab_size: int, layer_norm_eps: float):
+        super().__init__()
+        self.embeddings = nn.Module()
+        self.embeddings.word_embeddings = nn.Embedding(vocab_size, hidden_size)
+        self.embeddings.position_embeddings = nn.Embedding(max_position_embeddings, hidden_size)
+        self.embeddings.token_type_embeddings = nn.Embedding(type_vocab_size, hidden_size)
+        self.embeddings.LayerNorm = nn.LayerNorm(hidden_size, eps=layer_norm_eps)
+        self.encoder = nn.Module()
+        self.encoder.layer = nn.ModuleList(
+            BertLayer(hidden_size, intermediate_size, num_attention_heads, layer_norm_eps)
+            for _ in range(num_hidden_layers))
+
+    def forward(self, tokens: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        """Token ids [B, L] and the bool mask of real (non-padding) tokens -> last hidden states [B, L, width]."""
+        e = self.embeddings
+        positions = torch.arange(tokens.shape[1], device=tokens.device)
+        x = e.word_embeddings(tokens) + e.position_embeddings(positions) + e.token_type_embeddings.weight[0]
+        x = e.LayerNorm(x)
+        for layer in self.encoder.layer:
+            x = layer(x, keep)
+        return x
+
+
 @functools.cache
 def _minilm_on_cpu() -> nn.Module:
-    """all-MiniLM-L6-v2 from the installed package, read from disk once per process (without
-    transformers' progress bar, which would garble the CLI's own)."""
-    from transformers import AutoModel
-    from transformers.utils import logging
+    """all-MiniLM-L6-v2 from the installed package's model.safetensors, read once per process."""
+    from safetensors.torch import load_file
 
-    shown = logging.is_progress_bar_enabled()
-    logging.disable_progress_bar()
-    try:
-        model = AutoModel.from_pretrained(str(minilm_path()), local_files_only=True)
-    finally:
-        if shown:
-            logging.enable_progress_bar()
-    return model.float().eval().requires_grad_(False)
+    state = {k: v for k, v in load_file(minilm_path() / "model.safetensors").items()
+             if k.startswith(("embeddings.", "encoder.")) and k != "embeddings.position_ids"}
+    return adopt(lambda: BertModel(**MINILM_L6), {k: v.float() for k, v in state.items()}).requires_grad_(False)
 
 
 @functools.cache
@@ -581,5 +646,4 @@ class MiniLMEmbedder(TextEncoder):
         device, dtype = self.device_anchor.device, self.device_anchor.dtype
         tokens = tokens.to(device)
         with torch.no_grad():
-            mask = (tokens != self.frame.pad).long()
-            return _minilm(device, dtype)(input_ids=tokens, attention_mask=mask).last_hidden_state
+            return _minilm(device, dtype)(tokens, tokens != self.frame.pad)

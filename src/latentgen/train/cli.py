@@ -7,7 +7,8 @@ their run folder's checkpoint when run again.
 import json
 from collections import Counter
 from pathlib import Path
-from typing import Optional
+from contextlib import contextmanager, nullcontext
+from typing import Iterator, Optional
 
 import typer
 from rich.console import Console
@@ -123,10 +124,6 @@ def autoencoder(
 ) -> None:
     """Stage 1: a KL or VQ autoencoder on photo crops (L1 + SSIM + FFT + KL/VQ + PatchGAN), or a
     residual DC-AE (kind dc: MSE, warm-up + cosine LR, gradient clipping)."""
-    if kind == "dc":
-        import torch
-
-        torch.set_flush_denormal(True)  # this process only: near-zero residual weights early on cost 5x on CPU
     from latentgen.loader import load_model
 
     from .autoencoder import AutoencoderConfig, load_emoji_crops, load_photos, train_autoencoder
@@ -142,14 +139,32 @@ def autoencoder(
         ssim_weight=(0.0 if kind == "dc" else 0.2) if ssim_weight is None else ssim_weight,
         fft_weight=(0.0 if kind == "dc" else 0.1) if fft_weight is None else fft_weight,
     )
-    if precision not in ("fp32", "bf16"):
-        raise LatentgenError(f"--precision {precision!r}: choose fp32 or bf16")
+    _check_precision(precision)
     rank = _join(config)
     emoji = load_emoji_crops(data, emoji_size, crop) if emoji_fraction > 0 else None
     start = load_model(init_from).first_stage if init_from else None
-    trainer = train_autoencoder(config, load_photos(photos, crop), run, resume, export_dir=export_to, emoji=emoji,
-                                init_from=start, rank=rank)
+    with _flushed_denormals() if kind == "dc" else nullcontext():
+        trainer = train_autoencoder(config, load_photos(photos, crop), run, resume, export_dir=export_to, emoji=emoji,
+                                    init_from=start, rank=rank)
     _finish(rank, trainer.step, export_to or run / "export")
+
+
+@contextmanager
+def _flushed_denormals() -> Iterator[None]:
+    """Denormals flushed to zero while a command trains (near-zero residual weights early on cost 5x
+    on CPU), then IEEE behaviour again for whatever runs next in the process."""
+    import torch
+
+    torch.set_flush_denormal(True)
+    try:
+        yield
+    finally:
+        torch.set_flush_denormal(False)
+
+
+def _check_precision(precision: str) -> None:
+    if precision not in ("fp32", "bf16"):
+        raise LatentgenError(f"--precision {precision!r}: choose fp32 or bf16")
 
 
 def _join(config) -> distributed.Rank:
@@ -163,6 +178,9 @@ def _join(config) -> distributed.Rank:
 
 
 def _finish(rank: distributed.Rank, step: int, export: Path) -> None:
+    """Leave the process group together, once rank 0 has exported (a rank leaving while another still
+    works can abort in gloo's teardown)."""
+    distributed.wait_for_all(rank)
     distributed.finish(rank)
     if rank.main:
         console.print(f"step {step}: exported to {export}")
@@ -231,23 +249,64 @@ def ldm(
     _finish(rank, trainer.step, export_to or run / "export")
 
 
+@train_app.command("estimator")
+def estimator(
+    run: Path = typer.Option(..., "--run", "--run-dir", help="run folder: checkpoint.pt, samples/, export/"),
+    into: Optional[Path] = typer.Option(None, help="an LDM-SR model folder to store the trained estimator in "
+                                                   "(its `upscale` then refines the estimate)"),
+    factor: int = typer.Option(4, help="upscaling factor (the LDM-SR model's f)"),
+    channels: int = typer.Option(32, help="width of the low-resolution convolutions"),
+    blocks: int = typer.Option(6, help="residual blocks"),
+    photos: Path = typer.Option(DATA / "photos-128.npy", help="prepared photo crops"),
+    crop: int = typer.Option(128, help="high-resolution training crop size"),
+    batch: int = typer.Option(16),
+    lr: float = typer.Option(1e-3),
+    steps: int = typer.Option(20000),
+    warmup: int = typer.Option(200, help="linear learning-rate warm-up steps, then cosine decay to --steps"),
+    min_lr: float = typer.Option(0.02, help="final learning rate as a fraction of --lr"),
+    grad_clip: float = typer.Option(1.0, help="gradient-norm clip (0: off)"),
+    precision: str = typer.Option("fp32", help="fp32, or bf16 autocast (fp32 master weights)"),
+    seed: int = typer.Option(0),
+    checkpoint_every: int = typer.Option(500),
+    sample_every: int = typer.Option(0, help="save target/estimate grids every N steps (0: never)"),
+    max_minutes: float = typer.Option(0.0, help="stop (checkpointed and exported) after this wall time; 0: no limit"),
+    device: str = typer.Option("auto"),
+    resume: bool = typer.Option(True, help="continue from the run folder's checkpoint"),
+) -> None:
+    """A regression upscaler (bicubic + learned residual, MSE) on clean bicubic downsamples of the
+    photo crops: the estimate an LDM-SR model's `upscale` refines instead of sampling from noise."""
+    from .autoencoder import load_photos
+    from .estimator import EstimatorConfig, attach, train_estimator
+
+    _check_precision(precision)
+    config = EstimatorConfig(factor=factor, channels=channels, blocks=blocks, crop=crop, batch=batch, lr=lr,
+                             steps=steps, warmup=warmup, min_lr=min_lr, grad_clip=grad_clip, precision=precision,
+                             seed=seed, checkpoint_every=checkpoint_every, sample_every=sample_every,
+                             max_minutes=max_minutes, device=device)
+    rank = _join(config)
+    with _flushed_denormals():  # as for dc: the zero-initialised residuals start near zero
+        trainer = train_estimator(config, load_photos(photos, crop), run, resume, rank=rank)
+    _finish(rank, trainer.step, run / "export")
+    if into is not None and rank.main:
+        attach(into, run / "export")
+        console.print(f"stored in {into}")
+
+
 @train_app.command("fit-preview")
 def fit_preview(
     model: Path = typer.Argument(..., help="a model folder (model.safetensors + config.json) to store the projection in"),
 ) -> None:
     """Fit the latent-to-RGB preview projection of a model folder and store it in its config.json."""
-    from latentgen.files import atomic_write
     from latentgen.loader import load_model
     from latentgen.previews import fit_projection
 
-    file = model / "config.json"
-    if not file.is_file():
+    from .runs import update_params
+
+    if not (model / "config.json").is_file():
         raise typer.BadParameter(f"{model} has no config.json")
     loaded = load_model(model)
-    config = json.loads(file.read_text())
-    params = config["model"]["params"] if "model" in config else config
-    params["preview_projection"] = fit_projection(loaded.first_stage, loaded.spec.scale_factor, loaded.spec.factor).tolist()
-    atomic_write(file, json.dumps(config, indent=2) + "\n")
+    projection = fit_projection(loaded.first_stage, loaded.spec.scale_factor, loaded.spec.factor).tolist()
+    file = update_params(model, {"preview_projection": projection})
     console.print(f"stored the preview projection in {file}")
 
 
@@ -257,7 +316,9 @@ def evaluate(
     data: Path = typer.Option(EVAL_PHOTOS, help="folder holding set5/, set14/, bsd68/ (never trained on)"),
     datasets: str = typer.Option(",".join(DATASETS), help="which of them"),
     crop: int = typer.Option(128, help="central crop side in pixels (the high-res side for SR); 0: whole images"),
-    steps: int = typer.Option(50, help="DDIM steps for SR and inpainting"),
+    steps: Optional[int] = typer.Option(None, help="DDIM steps (default: the model's default_steps, else 50)"),
+    strength: Optional[float] = typer.Option(None, help="SR with a regression estimator: the strength its estimate "
+                                                        "is refined from (default: the model's)"),
     seed: int = typer.Option(0, help="noise and inpainting-mask seed (txt2img: the first seed)"),
     seeds: int = typer.Option(10, help="txt2img: seeds per colour prompt"),
     scale: Optional[float] = typer.Option(None, help="txt2img: guidance scale (default: the model's)"),
@@ -279,6 +340,7 @@ def evaluate(
     from .evaluate import evaluate as run_evaluation
 
     loaded = tasks.prepare(load_model(model), device, "fp32")
+    steps = steps or loaded.spec.default_steps or tasks.DEFAULT_STEPS
     if task_of(loaded) == "txt2img":
         options = tasks.Sampling(steps=steps, seed=seed,
                                      scale=tasks.default_scale(loaded) if scale is None else scale)
@@ -288,7 +350,8 @@ def evaluate(
     with Progress(console=console, transient=True) as progress:
         task = progress.add_task("images", total=None)
         scores = run_evaluation(loaded, data, tuple(_numbers(datasets, str)), crop, options,
-                                progress=lambda done, total: progress.update(task, completed=done, total=total))
+                                progress=lambda done, total: progress.update(task, completed=done, total=total),
+                                strength=strength)
     means = summarize(scores)
     hole = " (hole)" if task_of(loaded) == "inpaint" else ""
     columns = {"psnr": f"PSNR{hole} dB", "ssim": "SSIM", "baseline_psnr": f"baseline PSNR{hole} dB",

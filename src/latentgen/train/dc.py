@@ -49,10 +49,11 @@ def learning_rate(step: int, base: float, warmup: int, total: int, floor: float)
 
 @dataclass
 class DCTrainer:
-    """A DC-AE and its optimiser at `step` (driven by `runs.train_loop`)."""
+    """A DC-AE and its optimiser at `step` (driven by `runs.train_loop`); subclasses train another
+    MSE network with the same recipe by overriding `build`, `inputs` and `export` (estimator.py)."""
 
     config: "object"  # train.autoencoder.AutoencoderConfig (kind "dc")
-    model: AutoencoderDC
+    model: torch.nn.Module
     optimizer: torch.optim.Optimizer
     data: ImageBatches
     generator: torch.Generator
@@ -70,12 +71,9 @@ class DCTrainer:
         on this rank's slice of each global batch."""
         if config.emoji_fraction > 0 and emoji is None:
             raise LatentgenError("--emoji-fraction needs the prepared emoji (latentgen train prepare-emoji)")
-        if config.decoder_only:
-            raise LatentgenError("--decoder-only is for kl/vq autoencoders; a dc run trains the whole model")
         torch.manual_seed(config.seed)
         device = pick_device(config.device)
-        model = AutoencoderDC(**config.dc_params())
-        zero_init_residuals(model)
+        model = cls.build(config)
         if init_from is not None:
             runs.load_weights(model, init_from.state_dict(), "--init-from has another architecture")
         model = model.to(device)
@@ -88,6 +86,19 @@ class DCTrainer:
         rank.part(config.batch)  # the global batch must split evenly
         return cls(config, model, optimizer, data, torch.Generator().manual_seed(config.seed), device, emoji, rank,
                    distributed.data_parallel(model, rank))
+
+    @staticmethod
+    def build(config) -> torch.nn.Module:
+        """The untrained model: residual blocks as the identity."""
+        if config.decoder_only:
+            raise LatentgenError("--decoder-only is for kl/vq autoencoders; a dc run trains the whole model")
+        model = AutoencoderDC(**config.dc_params())
+        zero_init_residuals(model)
+        return model
+
+    def inputs(self, x: torch.Tensor) -> torch.Tensor:
+        """What the model gets for target `x`: `x` itself (an autoencoder)."""
+        return x
 
     def state(self) -> dict:
         return {"config": asdict(self.config), "model": self.model.state_dict(), "opt": self.optimizer.state_dict(),
@@ -136,7 +147,7 @@ class DCTrainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         x = self.batch()
-        loss, parts = self.loss(x, self.reconstruct(x, train=True))
+        loss, parts = self.loss(x, self.reconstruct(self.inputs(x), train=True))
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), config.grad_clip or float("inf"))
@@ -145,10 +156,10 @@ class DCTrainer:
         return {"loss": loss.item(), "lr": lr, "grad_norm": float(norm), **parts}
 
     def samples(self) -> torch.Tensor:
-        """Fixed photos above their reconstructions."""
+        """Fixed photos above the model's outputs."""
         x = self.data.sample(4, torch.Generator().manual_seed(12345))[0].to(self.device)
         with torch.no_grad():
-            xrec = self.reconstruct(x).clamp(-1, 1)
+            xrec = self.reconstruct(self.inputs(x)).clamp(-1, 1)
         return torch.cat([x, xrec]).cpu()
 
     def export(self, folder: Path) -> Path:

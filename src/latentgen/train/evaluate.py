@@ -25,7 +25,7 @@ from latentgen.errors import LatentgenError
 from latentgen.images import load_image, to_uint8
 from latentgen.ldm import LatentDiffusion
 
-from .data import emoji_at, random_mask, to_tensor
+from .data import downsample, emoji_at, random_mask, to_tensor
 
 DATASETS = ("set5", "set14", "bsd68")
 
@@ -92,7 +92,7 @@ def hole_psnr(a: torch.Tensor, b: torch.Tensor, hole: torch.Tensor) -> float:
 
 def bicubic_round_trip(image: torch.Tensor, factor: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(low-res, its bicubic upsampling): a clean antialiased x`factor` downsample and back."""
-    low = F.interpolate(image, scale_factor=1 / factor, mode="bicubic", antialias=True).clamp(-1, 1)
+    low = downsample(image, factor)
     return low, F.interpolate(low, scale_factor=factor, mode="bicubic").clamp(-1, 1)
 
 
@@ -105,12 +105,15 @@ def score_autoencoder(model: LatentDiffusion, image: torch.Tensor, index: int, o
             metrics.green_share(output), metrics.green_share(bicubic), metrics.green_share(image))
 
 
-def score_sr(model: LatentDiffusion, image: torch.Tensor, index: int, options: tasks.Sampling) -> tuple:
+def score_sr(model: LatentDiffusion, image: torch.Tensor, index: int, options: tasks.Sampling,
+             strength: Optional[float] = None) -> tuple:
     low, bicubic = bicubic_round_trip(image, model.spec.factor)
-    high = tasks.upscale(model, low, options, tile=max(16, *low.shape[-2:]))  # one tile: no seams to score
+    high = tasks.upscale(model, low, options, tile=max(16, *low.shape[-2:]), strength=strength)  # one tile: no seams
     truth = metrics.gradient_energy(image)
     return (metrics.psnr(high, image), metrics.ssim(high, image), metrics.psnr(bicubic, image),
-            metrics.ssim(bicubic, image), metrics.gradient_energy(high) / truth, metrics.gradient_energy(bicubic) / truth)
+            metrics.ssim(bicubic, image), metrics.gradient_energy(high) / truth, metrics.gradient_energy(bicubic) / truth,
+            metrics.chroma_error(high, image), metrics.chroma_error(bicubic, image),
+            metrics.green_share(high), metrics.green_share(bicubic), metrics.green_share(image))
 
 
 def score_inpaint(model: LatentDiffusion, image: torch.Tensor, index: int, options: tasks.Sampling) -> tuple:
@@ -126,8 +129,9 @@ SCORERS: dict[str, Callable] = {"autoencoder": score_autoencoder, "sr": score_sr
 
 def evaluate(model: LatentDiffusion, folder: Path, datasets: tuple[str, ...] = DATASETS, crop: int = 128,
              options: tasks.Sampling = tasks.Sampling(),
-             progress: Optional[Callable[[int, int], None]] = None) -> list[Score]:
-    """Scores of every image of `datasets` under `folder` (its central `crop` square)."""
+             progress: Optional[Callable[[int, int], None]] = None, strength: Optional[float] = None) -> list[Score]:
+    """Scores of every image of `datasets` under `folder` (its central `crop` square); SR with
+    `strength` (tasks.upscale's)."""
     task = task_of(model)
     paths = [(name, path) for name in datasets for path in sorted((folder / name).glob("*.png"))]
     if not paths:
@@ -136,7 +140,8 @@ def evaluate(model: LatentDiffusion, folder: Path, datasets: tuple[str, ...] = D
     for index, (dataset, path) in enumerate(paths):
         image = center_crop(load_image(path), crop, model.spec.factor)
         with torch.no_grad():
-            values = SCORERS[task](model, image, index, options)
+            extra = {"strength": strength} if task == "sr" else {}
+            values = SCORERS[task](model, image, index, options, **extra)
         scores.append(Score(dataset, path.name, *values))
         if progress is not None:
             progress(index + 1, len(paths))

@@ -68,6 +68,16 @@ def export_folder(folder: Path, tensors: dict[str, torch.Tensor], config: dict) 
     return folder
 
 
+def update_params(folder: Path, values: dict) -> Path:
+    """Set `values` in the model params of `folder`/config.json (either config shape), atomically."""
+    file = folder / "config.json"
+    config = json.loads(file.read_text())
+    params = config["model"]["params"] if "model" in config else config
+    params.update(values)
+    atomic_write(file, json.dumps(config, indent=2) + "\n")
+    return file
+
+
 def append_log(folder: Path, entry: dict) -> None:
     """One JSON line per checkpoint in `folder`/log.jsonl: the means of the logged values since the last
     one (the model cards' training-log tables; `minutes` counts from this process's start)."""
