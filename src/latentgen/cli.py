@@ -216,6 +216,13 @@ def join_torchrun(device: str) -> tuple[distributed.Rank, str]:
     return rank, device
 
 
+def image_loader(image: Optional[Path]) -> Callable[[Path], torch.Tensor]:
+    """load(path) for a command's `make`: IMAGE read once, now (a bad file fails before the model
+    loads), any other input when it is asked for."""
+    first = images.load_image(image) if image is not None else None
+    return lambda source: first if source == image else images.load_image(source)
+
+
 def check_single_or_inputs(image: Optional[Path], inputs: Optional[Path], out: Optional[Path]) -> None:
     """One image or --inputs, not both; a run over inputs writes a folder; torchrun needs a run."""
     if (image is None) == (inputs is None):
@@ -395,6 +402,7 @@ def img2img(
 ) -> None:
     """Redraw IMAGE towards a prompt (SDEdit, as CompVis scripts/img2img.py)."""
     check_single_or_inputs(image, inputs, out)
+    load = image_loader(image)
     rank, device = join_torchrun(device)
     model = open_model(ckpt or catalog.default_model("txt2img"), config, device, dtype, prediction, vae_tiling)
     tasks.check_inputs(model, prompt, negative)
@@ -404,7 +412,7 @@ def img2img(
     need = []
 
     def make(source: Path, sampling: tasks.Sampling, progress) -> tuple:
-        picture = images.load_image(source)
+        picture = load(source)
         region = mask_for(mask, source, picture) if mask is not None else None
         need.append(memory.check(model, 1, tuple(picture.shape[-2:]), sampling.scale != 1, max_memory))
         result = tasks.img2img(model, picture, prompt, negative, sampling, strength, region, progress=progress)
@@ -455,8 +463,9 @@ def inpaint(
         raise LatentgenError("--masks goes with --inputs; for one image give IMAGE MASK")
     if image is None and mask is not None:
         raise LatentgenError("with --inputs the masks come from --masks")
+    load = image_loader(image)
     if image is not None:
-        tasks.check_mask(mask_for(mask, image, images.load_image(image)))  # before the model loads
+        tasks.check_mask(mask_for(mask, image, load(image)))  # before the model loads
     rank, device = join_torchrun(device)
     model = open_model(ckpt or catalog.default_model("inpaint"), config, device, dtype, prediction, vae_tiling)
     tasks.check_inputs(model, prompt, negative)
@@ -465,7 +474,7 @@ def inpaint(
     need = []
 
     def make(source: Path, sampling: tasks.Sampling, progress) -> tuple:
-        picture = images.load_image(source)
+        picture = load(source)
         region = mask_for(mask or masks, source, picture)
         tasks.check_mask(region)
         need.append(memory.check(model, 1, tuple(picture.shape[-2:]), sampling.scale != 1, max_memory))
@@ -501,8 +510,7 @@ def upscale(
 ) -> None:
     """Super-resolve IMAGE (4x with the LDM-SR family and the SD 2 x4 upscaler)."""
     check_single_or_inputs(image, inputs, out)
-    if image is not None:
-        images.load_image(image)  # an unreadable image fails before the model loads
+    load = image_loader(image)
     rank, device = join_torchrun(device)
     model = open_model(ckpt or catalog.default_model("upscale"), config, device, dtype, prediction, vae_tiling)
     tasks.check_inputs(model, prompt, negative)
@@ -515,7 +523,7 @@ def upscale(
     sizes = []
 
     def make(source: Path, sampling: tasks.Sampling, progress) -> tuple:
-        picture = images.load_image(source)
+        picture = load(source)
         memory.check(model, 1, tuple(min(tile, side) * f for side in picture.shape[-2:]), sampling.scale != 1,
                      max_memory)
         result = tasks.upscale(model, picture, sampling, factor, tile, prompt, progress=progress, negative=negative,

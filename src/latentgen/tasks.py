@@ -487,20 +487,23 @@ def upscale(model: LatentDiffusion, image: torch.Tensor, options: Sampling = Sam
     multiple = spec.size_multiple // native
     tiles_done = [0]
 
-    def super_resolve(low: torch.Tensor) -> torch.Tensor:
-        padded, pad = pad_to_multiple(low, multiple)
+    def sample_tile(padded: torch.Tensor, refine: dict) -> torch.Tensor:
         if augmented:
             x_T, generators, cond, uncond = _augmented_conditioning(model, padded, text, negative_text, level, options)
         else:
             x_T, generators = _noise(model, [options.seed], tuple(padded.shape[-2:]), options)
             cond, uncond = _condition(model, [prompt], None, padded.to(ref)), None
+        return decode(model, _sample(model, cond, uncond, tile_options, x_T, generators, None, **refine))
+
+    def super_resolve(low: torch.Tensor) -> torch.Tensor:
+        padded, pad = pad_to_multiple(low, multiple)
         with torch.no_grad():
-            refine = {}
-            if strength < 1:
+            if strength == 1:
+                high = sample_tile(padded, {})
+            else:
                 estimate = model.sr_estimator(padded.to(ref)).float().clamp(-1, 1)
-                refine = {"x0": encode(model, estimate), "strength": strength}
-            high = estimate.cpu() if strength == 0 else decode(
-                model, _sample(model, cond, uncond, tile_options, x_T, generators, None, **refine))
+                high = estimate.cpu() if strength == 0 else sample_tile(
+                    padded, {"x0": encode(model, estimate), "strength": strength})
         tiles_done[0] += 1
         if progress is not None:
             progress(tiles_done[0], tiles_done[0])
