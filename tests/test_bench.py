@@ -156,3 +156,71 @@ def test_cli_bench_writes_a_table_and_json(monkeypatch, tmp_path):
     context, rows = bench.read_json(out)
     assert context["device"] == "cpu"
     assert rows[1].name == "UNet step, batch 2" and rows[1].extra["rel_diff"] < PARITY
+
+
+FAKE_SD_CPP = '''#!{python}
+"""A stand-in for stable-diffusion.cpp's sd: checks the file is an SD 1.x single-file checkpoint,
+records its arguments, holds some memory and writes a W x H PNG, as the real binary would."""
+import json, sys
+from PIL import Image
+from safetensors import safe_open
+args = sys.argv[1:]
+value = lambda flag: args[args.index(flag) + 1]
+with safe_open(value("-m"), "pt") as f:
+    keys = set(f.keys())
+assert "model.diffusion_model.input_blocks.0.0.weight" in keys
+assert "first_stage_model.decoder.conv_out.weight" in keys
+assert "cond_stage_model.transformer.text_model.final_layer_norm.weight" in keys
+ballast = bytearray(64 * 2**20)
+json.dump(args, open({record!r}, "w"))
+Image.new("RGB", (int(value("-W")), int(value("-H")))).save(value("-o"))
+'''
+
+
+def test_bench_peer_sd_cpp_times_both_processes_on_one_checkpoint(tmp_path):
+    from typer.testing import CliRunner
+
+    from latentgen.cli import app
+
+    fake = tmp_path / "sd"
+    fake.write_text(FAKE_SD_CPP.format(python=sys.executable, record=str(tmp_path / "args.json")))
+    fake.chmod(0o755)
+    out = tmp_path / "bench.json"
+    result = CliRunner().invoke(app, ["bench", "--arch", "tiny", "--latent", "8", "--steps", "2", "--repeats", "1",
+                                      "--no-diffusers", "--device", "cpu", "--peer", "sd-cpp", str(fake),
+                                      "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    rows = {row.name: row for row in bench.read_json(out)[1]}
+    cold, memory = rows["2-step 64 px image, cold process (ms)"], rows["peak RSS of that process (MB)"]
+    assert cold.latentgen_ms > 0 and cold.sdcpp_ms > 0 and cold.sdcpp_ratio == cold.latentgen_ms / cold.sdcpp_ms
+    assert memory.sdcpp_ms >= 64 and memory.latentgen_ms > memory.sdcpp_ms  # the ballast; torch weighs more
+    args = json.loads((tmp_path / "args.json").read_text())
+    assert args[args.index("--sampling-method") + 1] == "euler" and args[args.index("--steps") + 1] == "2"
+    assert args[args.index("-W") + 1] == "64" and args[args.index("--cfg-scale") + 1] == "7.5"
+    from rich.console import Console
+
+    console = Console(width=200, record=True)
+    console.print(bench.table(list(rows.values()), "peer"))
+    assert "ratio sd.cpp" in console.export_text()
+
+
+def test_bench_peer_refuses_a_missing_binary_and_another_peer(tmp_path):
+    from typer.testing import CliRunner
+
+    from latentgen.cli import app
+
+    missing = CliRunner().invoke(app, ["bench", "--arch", "tiny", "--latent", "8", "--steps", "1", "--repeats", "1",
+                                       "--no-diffusers", "--peer", "sd-cpp", str(tmp_path / "nope"),
+                                       "--out", str(tmp_path / "b.json")])
+    assert missing.exit_code != 0 and "no stable-diffusion.cpp binary" in missing.output
+    other = CliRunner().invoke(app, ["bench", "--peer", "comfy", str(tmp_path), "--out", str(tmp_path / "c.json")])
+    assert other.exit_code != 0 and "--peer takes sd-cpp PATH" in other.output
+
+
+def test_a_reduced_precision_run_says_how_far_its_image_is_from_float32():
+    rows = {row.name: row for row in bench.run(CPU, torch.bfloat16, latent=8, steps=2, repeats=1, arch="tiny",
+                                               with_diffusers=False, warmup=0)}
+    row = rows["guided image vs float32: PSNR (dB)"]
+    assert 15 < row.latentgen_ms < math.inf and 0 < row.extra["rel_diff"] < 0.2
+    assert "guided image vs float32: PSNR (dB)" not in {r.name for r in bench.run(
+        CPU, torch.float32, latent=8, steps=1, repeats=1, arch="tiny", with_diffusers=False, warmup=0)}

@@ -66,6 +66,16 @@ def test_txt2img_writes_png_with_parameters_and_is_deterministic(models, tmp_pat
     assert info.exit_code == 0 and "Negative prompt: blue, dark" in info.stdout
 
 
+def test_the_parameters_name_a_precision_other_than_fp32(models, tmp_path):
+    """--dtype auto may pick bf16 on a CPU; the pixels depend on it, so the PNG says so."""
+    for dtype in ("fp32", "bf16"):
+        result = invoke("-q", "txt2img", "a red heart", "--ckpt", models["txt2img"], "--steps", 2, "--dtype", dtype,
+                        "--out", tmp_path / f"{dtype}.png")
+        assert result.exit_code == 0, result.output
+    assert "Precision" not in images.parse_parameters(images.read_parameters(tmp_path / "fp32.png"))
+    assert images.parse_parameters(images.read_parameters(tmp_path / "bf16.png"))["Precision"] == "bf16"
+
+
 def test_txt2img_never_overwrites_unless_asked(models, tmp_path):
     target = tmp_path / "x.png"
     for _ in range(2):

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from latentgen import images
 from latentgen.distributed import Rank
 from latentgen.jobs import Manifest
 
@@ -26,6 +27,33 @@ def test_shares_cover_every_job_once():
     shares = [Rank(r, 3).share(jobs) for r in range(3)]
     assert shares == [[0, 3, 6], [1, 4], [2, 5]] and sorted(sum(shares, [])) == jobs
     assert Rank().share(jobs) == jobs and Rank(1, 2, 1).device("auto") in ("cpu", "cuda:1")
+
+
+def test_rank_zero_counts_what_every_rank_records(tmp_path):
+    """The whole run's progress on rank 0: other ranks' manifest entries with a new file count,
+    an earlier run's file for the same job counts once it is written again."""
+    import time
+
+    from latentgen.jobs import Job, _RunWatcher
+
+    run_jobs = [Job(i, "p", i) for i in range(3)]
+    old = tmp_path / "old.png"
+    old.write_bytes(b"earlier")
+    rank0 = Manifest.open(tmp_path, "fp", False, Rank(0, 2))
+    rank1 = Manifest.open(tmp_path, "fp", False, Rank(1, 2))
+    rank1.record(run_jobs[2], old)  # as if an earlier run had made it
+    rank0.entries = Manifest.read(tmp_path)
+    reports = []
+    watcher = _RunWatcher(rank0, [rank0.key(job) for job in run_jobs], 3, lambda done, total: reports.append(done))
+    fresh = tmp_path / "new.png"
+    fresh.write_bytes(b"new")
+    rank1.record(run_jobs[1], fresh)
+    time.sleep(1.2)
+    assert reports and reports[-1] == 1
+    time.sleep(0.01)
+    old.write_bytes(b"made again")
+    assert watcher.finished() == 2
+    watcher.stop()
 
 
 def run(args, ranks: int, timeout: int = 300) -> subprocess.CompletedProcess:
@@ -52,11 +80,18 @@ def setup(tmp_path_factory):
 
 @pytest.mark.slow
 def test_two_ranks_write_what_one_process_writes(setup):
+    """... and rank 0 speaks for the whole run: progress, every rank's files, the run's grid."""
     args, root = setup
-    result = run([*args, "--out", root / "two"], 2)
+    result = run([*args[1:], "--out", root / "two", "--grid"], 2)  # not quiet
     assert result.returncode == 0, result.stderr
     names = sorted(p.name for p in (root / "single").glob("*.png"))
-    assert names == sorted(p.name for p in (root / "two").glob("*.png")) and len(names) == 6
+    assert names + ["grid-0.png"] == sorted(p.name for p in (root / "two").glob("*.png")) and len(names) == 6
+    said = result.stdout + result.stderr
+    assert "images (all 2 ranks)" in said and "6/6" in said
+    assert sorted(Path(line.split()[-1]).name for line in said.splitlines() if line.startswith("wrote")) \
+        == sorted(names + ["grid-0.png"])
+    grid = images.grid([images.load_image(root / "single" / name) for name in names])  # job order
+    np.testing.assert_array_equal(pixels(root / "two" / "grid-0.png"), np.array(images.to_pil(grid).convert("RGB")))
     for name in names:
         np.testing.assert_array_equal(pixels(root / "single" / name), pixels(root / "two" / name))
         assert Image.open(root / "single" / name).info == Image.open(root / "two" / name).info

@@ -1,13 +1,17 @@
-"""`latentgen bench`: latentgen against diffusers on the same weights, in one process.
+"""`latentgen bench`: latentgen against diffusers on the same weights, in one process, and
+against stable-diffusion.cpp as whole processes on the same checkpoint file (`--peer sd-cpp`).
 
 diffusers is optional here (a test extra, imported only inside `reference`'s functions): when it
 is importable, the very tensors latentgen runs on are handed to diffusers models (`reference`),
 so both runners share weights, device and dtype. Every comparison also records how far the two
 outputs are apart (`rel_diff`), so a fast but wrong path cannot pass unnoticed. Times are medians
 over repeats after warm-up, the two runners called in turn, measured with CUDA events on GPU and
-perf_counter elsewhere.
+perf_counter elsewhere. A peer binary cannot share tensors, so both it and latentgen load one
+random-weight checkpoint written in the official single-file layout and are timed from process
+start to PNG, with each process's own peak RSS.
 """
 
+import copy
 import json
 import resource
 import statistics
@@ -22,7 +26,7 @@ from typing import Callable, Optional, Sequence, Union
 import torch
 from torch import nn
 
-from . import catalog
+from . import catalog, metrics
 from .errors import LatentgenError
 from .guidance import Conditioning, guided_model
 from .models.autoencoder import AutoencoderKL
@@ -46,6 +50,8 @@ class Architecture:
     embed_dim: int = 4
     scale_factor: float = 0.18215
     context_length: int = 77
+    text: Optional[dict] = None
+    """The CLIP text encoder's config (transformers' CLIPTextConfig names); None: SD 1.x's ViT-L/14."""
 
     def params(self) -> dict:
         """The architecture as an official YAML's `model.params`, the shape diffusers' converter reads."""
@@ -72,6 +78,8 @@ ARCHITECTURES = {
         ddconfig=dict(double_z=True, z_channels=4, resolution=32, in_channels=3, out_ch=3, ch=32, ch_mult=[1, 2],
                       num_res_blocks=1, attn_resolutions=[], dropout=0.0),
         context_length=8,
+        text={"vocab_size": 49408, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+              "num_attention_heads": 2, "max_position_embeddings": 77},
     ),
 }
 DEFAULT_ARCH = "sd15"
@@ -86,10 +94,15 @@ class Row:
     latentgen_ms: float
     diffusers_ms: Optional[float] = None
     extra: dict = field(default_factory=dict)
+    sdcpp_ms: Optional[float] = None
 
     @property
     def ratio(self) -> Optional[float]:
         return None if self.diffusers_ms is None else self.latentgen_ms / self.diffusers_ms
+
+    @property
+    def sdcpp_ratio(self) -> Optional[float]:
+        return None if self.sdcpp_ms is None else self.latentgen_ms / self.sdcpp_ms
 
 
 def time_ms(fns: Sequence[Callable[[], object]], device: torch.device, repeats: int, warmup: int = 2) -> list[float]:
@@ -363,6 +376,17 @@ def image_row(name: str, ours: Runner, theirs: Optional[Runner], work: Workload,
                    max(1, work.repeats // 3), warmup=1, **extra)
 
 
+def precision_row(unet: nn.Module, first_stage: nn.Module, work: Workload) -> Row:
+    """How far this dtype's guided image is from float32's with the same weights and noise (the
+    float32 copies made here): the decoded images' PSNR, their relative L2 distance as `rel_diff`."""
+    ours = _image(latentgen_runner(unet, first_stage), work)().float()
+    full = replace(work, **{name: getattr(work, name).float() for name in ("x", "z", "context", "concat")
+                            if getattr(work, name) is not None})
+    reference = _image(latentgen_runner(copy.deepcopy(unet).float(), copy.deepcopy(first_stage).float()), full)()
+    return Row("guided image vs float32: PSNR (dB)", metrics.psnr(ours.clamp(-1, 1), reference.clamp(-1, 1)),
+               extra={"rel_diff": relative_difference(ours, reference)})
+
+
 def memory_row(ours: Runner, theirs: Optional[Runner], work: Workload) -> Row:
     if work.device.type != "cuda":
         return Row("peak RSS of the process (MB)", peak_memory_mb(lambda: None, work.device))
@@ -402,6 +426,9 @@ def run(device: torch.device, dtype: torch.dtype, latent: int, steps: int, repea
         rows.append(decode_row("decode", ours, theirs, work, image=latent * 8))
         report("peak memory")
         rows.append(memory_row(ours, theirs, work))
+        if dtype != torch.float32:
+            report("the same image in float32")
+            rows.append(precision_row(unet, vae, work))
         rows += fast_rows(ours, theirs, work, report, channels_last, compile_unet, cuda_graph_step)
     if cold:
         rows += cold_start_rows(device, report)
@@ -508,16 +535,120 @@ def cold_start_rows(device: torch.device, report: Report = lambda text: None) ->
     return [Row("cold start to PNG (bundled txt2img)", cold_start_ms(device=str(device)))]
 
 
+# ---- whole processes: latentgen against stable-diffusion.cpp on one file --------------------
+
+PEER_PROMPT = "a photograph of an astronaut riding a horse"
+
+
+def write_checkpoint(arch: Architecture, folder: Path, seed: int = 0) -> tuple[Path, Optional[Path]]:
+    """(model.safetensors, config or None): `arch` with random weights (UNet, KL autoencoder, CLIP
+    text encoder) in the official single-file key layout, fp16 as released checkpoints are; the
+    config (a `cond_stage_config`) only where the text encoder is not SD 1.x's, which the loader
+    would otherwise assume."""
+    from safetensors.torch import save_file
+
+    from .models.text import FrozenCLIPEmbedder
+
+    unet, vae = build_latentgen(arch, torch.device("cpu"), torch.float16, seed)
+    text = random_state_dict(on_meta(lambda: FrozenCLIPEmbedder(arch.text)), torch.device("cpu"), torch.float16,
+                             seed + 2)
+    state = {**{f"model.diffusion_model.{k}": v for k, v in unet.state_dict().items()},
+             **{f"first_stage_model.{k}": v for k, v in vae.state_dict().items()},
+             **{f"cond_stage_model.{k}": v for k, v in text.items()}}
+    folder.mkdir(parents=True, exist_ok=True)
+    weights = folder / "model.safetensors"
+    save_file({k: v.contiguous() for k, v in state.items()}, str(weights))
+    if arch.text is None:
+        return weights, None
+    config = folder / "text-encoder.json"
+    config.write_text(json.dumps({"cond_stage_config": {
+        "target": "ldm.modules.encoders.modules.FrozenCLIPEmbedder", "params": {"config": arch.text}}}))
+    return weights, config
+
+
+@dataclass(frozen=True)
+class ProcessRun:
+    seconds: float
+    peak_rss_mb: float
+
+
+# ru_maxrss of a child forked from this (large) process starts at our own RSS, so the command is
+# forked from a small Python that times it and reports its wait4 figures.
+_MEASURE = """import json, os, sys, time
+begin = time.perf_counter()
+pid = os.fork()
+if pid == 0:
+    os.execvp(sys.argv[2], sys.argv[2:])
+_, status, usage = os.wait4(pid, 0)
+json.dump({"seconds": time.perf_counter() - begin, "rss_kb": usage.ru_maxrss,
+           "code": os.waitstatus_to_exitcode(status)}, open(sys.argv[1], "w"))
+"""
+
+
+def run_process(command: Sequence[str], log: Path) -> ProcessRun:
+    """Wall time from start to exit and the process's own peak RSS; its output goes to `log`."""
+    figures = log.with_suffix(".json")
+    with open(log, "wb") as output:
+        subprocess.run([sys.executable, "-c", _MEASURE, str(figures), *command], stdout=output,
+                       stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, check=True)
+    measured = json.loads(figures.read_text())
+    if measured["code"] != 0:
+        tail = log.read_text(errors="replace").strip().splitlines()[-1:] or ["no output"]
+        raise LatentgenError(f"{Path(command[0]).name} exited with {measured['code']}: {tail[0]} (log: {log})")
+    return ProcessRun(measured["seconds"], measured["rss_kb"] / 1024)
+
+
+def latentgen_command(weights: Path, config: Optional[Path], size: int, steps: int, out: Path, dtype: str) -> list[str]:
+    """A txt2img process with the peer's settings: Euler, guidance 7.5, seed 0."""
+    return [sys.executable, "-m", "latentgen", "-q", "txt2img", PEER_PROMPT, "--ckpt", str(weights),
+            *(["--config", str(config)] if config else []), "--steps", str(steps), "-W", str(size), "-H", str(size),
+            "--sampler", "euler", "--scale", str(GUIDANCE_SCALE), "--seed", "0", "--dtype", dtype, "--device", "cpu",
+            "--out", str(out), "--overwrite"]
+
+
+def sdcpp_command(binary: Path, weights: Path, size: int, steps: int, out: Path) -> list[str]:
+    """stable-diffusion.cpp's CLI (`sd` / `sd-cli`) on the same file and settings; its weight type
+    is the file's (f16)."""
+    return [str(binary), "-m", str(weights), "-p", PEER_PROMPT, "--steps", str(steps), "-W", str(size), "-H", str(size),
+            "--sampling-method", "euler", "--cfg-scale", str(GUIDANCE_SCALE), "-s", "0", "-o", str(out)]
+
+
+def peer_rows(binary: Path, arch: Union[str, Architecture, None], size: int, steps: int, repeats: int, dtype: str,
+              report: Report = lambda text: None, folder: Optional[Path] = None) -> list[Row]:
+    """Cold processes, each from start to PNG, latentgen and the stable-diffusion.cpp `binary` in
+    turn on one random-weight checkpoint (median of `repeats`), and each process's peak RSS."""
+    arch = ARCHITECTURES[arch or DEFAULT_ARCH] if not isinstance(arch, Architecture) else arch
+    if not binary.is_file():
+        raise LatentgenError(f"no stable-diffusion.cpp binary at {binary}")
+    with tempfile.TemporaryDirectory(dir=folder) as temp:
+        work = Path(temp)
+        report("writing the random-weight checkpoint (official single-file layout, fp16)")
+        weights, config = write_checkpoint(arch, work)
+        ours, theirs = [], []
+        for repeat in range(repeats):
+            report(f"cold processes, {steps} steps at {size} px ({repeat + 1}/{repeats})")
+            ours.append(run_process(latentgen_command(weights, config, size, steps, work / "ours.png", dtype),
+                                    work / "latentgen.log"))
+            theirs.append(run_process(sdcpp_command(binary, weights, size, steps, work / "sdcpp.png"),
+                                      work / "sd-cpp.log"))
+    seconds = [statistics.median(run.seconds for run in runs) * 1000 for runs in (ours, theirs)]
+    memory = [max(run.peak_rss_mb for run in runs) for runs in (ours, theirs)]
+    return [Row(f"{steps}-step {size} px image, cold process (ms)", seconds[0], sdcpp_ms=seconds[1],
+                extra={"image": size, "steps": steps}),
+            Row("peak RSS of that process (MB)", memory[0], sdcpp_ms=memory[1])]
+
+
 def to_json(rows: list[Row], context: dict) -> str:
     """The results as the JSON text `read_json` reads back."""
-    return json.dumps({"context": context, "rows": [{**asdict(row), "ratio": row.ratio} for row in rows]}, indent=2)
+    return json.dumps({"context": context, "rows": [{**asdict(row), "ratio": row.ratio, "sdcpp_ratio": row.sdcpp_ratio}
+                                                    for row in rows]}, indent=2)
 
 
 def read_json(path: Path) -> tuple[dict, list[Row]]:
     """(context, rows) of a file holding `to_json`'s text."""
     payload = json.loads(Path(path).read_text())
-    fields = ("name", "latentgen_ms", "diffusers_ms", "extra")
-    return payload["context"], [Row(**{k: row[k] for k in fields}) for row in payload["rows"]]
+    fields = ("name", "latentgen_ms", "diffusers_ms", "extra", "sdcpp_ms")
+    return payload["context"], [Row(**{k: row[k] for k in fields if k in row}) for row in payload["rows"]]
 
 
 def environment(device: torch.device, dtype: torch.dtype) -> dict:
@@ -537,9 +668,15 @@ def table(rows: list[Row], title: str):
     def number(value: Optional[float]) -> str:
         return "-" if value is None else f"{value:.1f}"
 
-    result = Table("measurement", "latentgen", "diffusers", "ratio", "rel. diff", title=title)
+    def ratio(value: Optional[float]) -> str:
+        return "-" if value is None else f"{value:.2f}"
+
+    peer = any(row.sdcpp_ms is not None for row in rows)
+    columns = ["measurement", "latentgen", "diffusers", "ratio", "rel. diff"] + (["sd.cpp", "ratio sd.cpp"] if peer else [])
+    result = Table(*columns, title=title)
     for row in rows:
         rel = row.extra.get("rel_diff")
-        result.add_row(row.name, number(row.latentgen_ms), number(row.diffusers_ms),
-                       "-" if row.ratio is None else f"{row.ratio:.2f}", "-" if rel is None else f"{rel:.1e}")
+        cells = [row.name, number(row.latentgen_ms), number(row.diffusers_ms), ratio(row.ratio),
+                 "-" if rel is None else f"{rel:.1e}"]
+        result.add_row(*cells, *([number(row.sdcpp_ms), ratio(row.sdcpp_ratio)] if peer else []))
     return result

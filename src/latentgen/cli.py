@@ -71,6 +71,7 @@ Seamless = Annotated[bool, typer.Option("--seamless", help="Circular padding in 
 DeviceNoise = Annotated[bool, typer.Option("--device-noise", help="Draw noise on the device (faster, not reproducible across devices).")]
 Inputs = Annotated[Optional[Path], typer.Option("--inputs", help="A folder of images (or a file listing them) to process in one resumable run instead of IMAGE; outputs go to the --out folder under the inputs' names; splits over torchrun's ranks.")]
 Resume = Annotated[bool, typer.Option("--resume", help="Continue a stopped run (same arguments) from its manifest.")]
+Refine = Annotated[Optional[float], typer.Option("--strength", help="Models with a regression estimator (the bundled sr4x and inpaint): the noise level the diffusion model refines the estimate from; 0 is the estimate, 1 samples from pure noise (default: the model's).")]
 MaxMemory = Annotated[Optional[str], typer.Option("--max-memory", help="Refuse to start if the estimated peak memory exceeds this (e.g. 8GB, 512MiB).")]
 
 
@@ -241,7 +242,7 @@ def run_images(command: str, image: Optional[Path], inputs: Optional[Path], out:
                options: tasks.Sampling, settings: dict, make: MakeImage, overwrite: bool, resume: bool,
                rank: distributed.Rank, unit: str = "steps") -> list[Path]:
     """IMAGE alone (written to `--out` or `outputs/COMMAND-SEED.png`), or every image of --inputs in
-    a resumable run (`jobs.run_over_inputs`; image i with seed + i, rank 0 showing its share)."""
+    a resumable run (`jobs.run_over_inputs`; image i with seed + i, rank 0 showing the whole run)."""
     if inputs is None:
         with progress_bar() as bar:
             task = bar.add_task(unit, total=options.steps)
@@ -251,13 +252,8 @@ def run_images(command: str, image: Optional[Path], inputs: Optional[Path], out:
     planned = jobs.plan_inputs(jobs.read_inputs(inputs), seed=options.seed)
     fingerprint = jobs.fingerprint(model, options, None, "", out, extra={"command": command, **settings})
     with progress_bar() as bar:
-        images_task = bar.add_task("images", total=len(planned))
+        images_task = bar.add_task(run_description(rank), total=len(planned))
         steps_task = bar.add_task(unit, total=options.steps)
-
-        def started(count: int) -> None:
-            share = len(rank.share(planned))
-            bar.update(images_task, total=share, completed=share - count,
-                       description="images" if rank.world == 1 else f"images (rank 0's share of {rank.world})")
 
         def made(job: jobs.Job) -> tuple:
             bar.reset(steps_task, total=options.steps)
@@ -265,11 +261,16 @@ def run_images(command: str, image: Optional[Path], inputs: Optional[Path], out:
                         lambda i, n: bar.update(steps_task, completed=i, total=n))
 
         written = jobs.run_over_inputs(planned, out or Path("outputs"), fingerprint, made, resume, overwrite,
-                                       on_start=started, on_image=lambda path: bar.advance(images_task), rank=rank)
+                                       on_progress=lambda done, total: bar.update(images_task, completed=done,
+                                                                                  total=total), rank=rank)
     distributed.finish(rank)
     if resume and not written:
         say("nothing left to do: every image of this run is already written")
     return written
+
+
+def run_description(rank: distributed.Rank) -> str:
+    return "images" if rank.world == 1 else f"images (all {rank.world} ranks)"
 
 
 def sampling_options(sampler, steps, eta, karras, scale, seed, device_noise, model) -> tasks.Sampling:
@@ -312,8 +313,6 @@ def txt2img(
     dtype: Dtype = "auto", out: Out = None, overwrite: Overwrite = False,
 ) -> None:
     """Generate images from a text prompt (or class ids, or unconditionally)."""
-    if grid and distributed.current().world > 1:
-        raise LatentgenError("--grid is not supported under torchrun yet: make the grid in a single process")
     rank, device = join_torchrun(device)
     if prompt is not None and prompt_option is not None:
         raise LatentgenError("give the prompt once: as an argument or with -p/--prompt")
@@ -351,25 +350,17 @@ def txt2img(
         raise LatentgenError("--taesd decodes --preview images: give --preview FILE too")
     decoder = previews.load_taesd(taesd, model.spec.latent_channels) if taesd is not None else None
     writer = previews.preview_writer(model, preview, preview_every, decoder) if preview is not None else None
-    written = []
     with progress_bar() as bar:
-        images_task = bar.add_task("images", total=len(planned))
+        images_task = bar.add_task(run_description(rank), total=len(planned))
         steps_task = bar.add_task("steps", total=options.steps)
-
-        def started(count: int) -> None:
-            share = len(rank.share(planned))
-            bar.update(images_task, total=share, completed=share - count,
-                       description="images" if rank.world == 1 else f"images (rank 0's share of {rank.world})")
-
-        def finished(path: Path) -> None:
-            written.append(path)
-            bar.advance(images_task)
-            bar.reset(steps_task, total=options.steps)
-
-        jobs.run_txt2img(model, planned, out, negative, options, size, batch_size, resume, overwrite,
-                         on_start=started, on_step=lambda i, n: bar.update(steps_task, completed=i, total=n),
-                         on_image=finished, preview=writer, hires=hires, rank=rank)
+        written = jobs.run_txt2img(model, planned, out, negative, options, size, batch_size, resume, overwrite,
+                                   on_progress=lambda done, total: bar.update(images_task, completed=done, total=total),
+                                   on_step=lambda i, n: bar.update(steps_task, completed=i, total=n),
+                                   on_image=lambda path: bar.reset(steps_task, total=options.steps), preview=writer,
+                                   hires=hires, rank=rank)
     distributed.finish(rank)
+    if not rank.main:
+        return
     for path in written:
         say(f"wrote {path}")
     if grid and written:
@@ -447,6 +438,7 @@ def inpaint(
     feather: Annotated[int, typer.Option("--feather", help="Pixels inside the hole over which the fill is blended.")] = 4,
     inputs: Inputs = None,
     masks: Annotated[Optional[Path], typer.Option("--masks", help="With --inputs: one mask for all, or a folder of masks named as the inputs.")] = None,
+    strength: Refine = None,
     resume: Resume = False,
     max_memory: MaxMemory = None, lora: Loras = None, lora_dir: LoraDir = None, vae: Vae = None,
     clip_skip: ClipSkip = None, embeddings: Embeddings = None, vae_tiling: VaeTiling = False,
@@ -471,6 +463,7 @@ def inpaint(
     tasks.check_inputs(model, prompt, negative)
     apply_addons(model, [prompt, negative], lora, lora_dir, vae, clip_skip, embeddings)
     options = sampling_options(sampler, steps, eta, karras, scale, seed, device_noise, model)
+    refined = tasks.refine_strength(model, strength) if model.estimator is not None else None
     need = []
 
     def make(source: Path, sampling: tasks.Sampling, progress) -> tuple:
@@ -478,10 +471,12 @@ def inpaint(
         region = mask_for(mask or masks, source, picture)
         tasks.check_mask(region)
         need.append(memory.check(model, 1, tuple(picture.shape[-2:]), sampling.scale != 1, max_memory))
-        result = tasks.inpaint(model, picture, region, prompt, negative, sampling, feather, progress=progress)
-        return result, jobs.parameters_text(model, sampling, prompt, negative, tuple(picture.shape[-2:]), sampling.seed)
+        result = tasks.inpaint(model, picture, region, prompt, negative, sampling, feather, progress=progress,
+                               strength=strength)
+        return result, jobs.parameters_text(model, sampling, prompt, negative, tuple(picture.shape[-2:]), sampling.seed,
+                                            strength=refined)
 
-    settings = {"prompt": prompt, "negative": negative, "feather": feather, "masks": masks}
+    settings = {"prompt": prompt, "negative": negative, "feather": feather, "masks": masks, "strength": refined}
     written = run_images("inpaint", image, inputs, out, model, options, settings, make, overwrite, resume, rank)
     for path in written:
         say(f"wrote {path}")
@@ -499,7 +494,7 @@ def upscale(
     scale: Annotated[Optional[float], typer.Option("--scale", help="Classifier-free guidance scale of text-conditional upscalers (default 9 for the SD 2 x4 upscaler; 1 = off).")] = None,
     noise_level: Annotated[Optional[int], typer.Option("--noise-level", help="Noise added to the low-res image by the SD 2 x4 upscaler, 0..350 (default 20); more noise, more invented detail.")] = None,
     tile: Annotated[int, typer.Option("--tile", help="Tile size in low-resolution pixels for large images.")] = 128,
-    strength: Annotated[Optional[float], typer.Option("--strength", help="Models with a regression estimator (the bundled sr4x): the noise level the diffusion model refines the estimate from; 0 is the estimate, 1 samples from pure noise (default: the model's).")] = None,
+    strength: Refine = None,
     inputs: Inputs = None, resume: Resume = False,
     max_memory: MaxMemory = None, lora: Loras = None, lora_dir: LoraDir = None, vae: Vae = None,
     clip_skip: ClipSkip = None, embeddings: Embeddings = None, vae_tiling: VaeTiling = False,
@@ -518,7 +513,7 @@ def upscale(
     guidance = scale if scale is not None else tasks.upscale_guidance(model)
     options = sampling_options(sampler, steps, eta, karras, guidance, seed, device_noise, model)
     extra = {"Noise level": tasks.upscale_noise_level(model, noise_level)} if model.noise_augmentation else None
-    refined = tasks.upscale_strength(model, strength) if model.sr_estimator is not None else None
+    refined = tasks.refine_strength(model, strength) if model.estimator is not None else None
     f = model.spec.factor
     sizes = []
 
@@ -634,14 +629,18 @@ def bench(
     channels_last: Annotated[bool, typer.Option("--channels-last", help="Also time channels_last memory format.")] = False,
     compile_unet: Annotated[bool, typer.Option("--compile", help="Also time torch.compile'd UNets.")] = False,
     cuda_graph: Annotated[bool, typer.Option("--cuda-graph", help="Also time a CUDA-graph-captured step (GPU).")] = False,
+    peer: Annotated[Optional[tuple[str, Path]], typer.Option("--peer", help="sd-cpp PATH: also time a stable-diffusion.cpp binary against a latentgen process, both cold, on one random-weight checkpoint file (--steps steps at --latent x 8 px).")] = None,
     arch: Annotated[Optional[str], typer.Option("--arch", hidden=True, help="sd15 (default) or tiny (for tests).")] = None,
     device: Device = "auto", dtype: Dtype = "auto",
     out: Annotated[Path, typer.Option("--out", "-o", help="JSON file for the results (numbered if it exists).")] = Path("bench.json"),
     overwrite: Overwrite = False,
 ) -> None:
-    """Time latentgen and diffusers on the same weights (UNet step, full image, VAE decode, memory)."""
+    """Time latentgen and diffusers on the same weights (UNet step, full image, VAE decode, memory),
+    and with --peer sd-cpp PATH latentgen and stable-diffusion.cpp as whole processes."""
     from . import bench as benchmark
 
+    if peer is not None and (peer[0] != "sd-cpp" or bundled):
+        raise LatentgenError("--peer takes sd-cpp PATH (stable-diffusion.cpp's sd binary), without --bundled")
     target = pick_device(device)
     channels = None if bundled else benchmark.ARCHITECTURES[arch or benchmark.DEFAULT_ARCH].unet["model_channels"]
     precision = pick_dtype(dtype, target, channels)  # auto: per the UNet's size (the bundled ones: fp32 on CPU)
@@ -654,6 +653,9 @@ def bench(
         rows = benchmark.run(target, precision, latent or (64 if gpu else 16), steps or (50 if gpu else 4), repeats,
                              not no_diffusers, say, arch=arch, channels_last=channels_last, compile_unet=compile_unet,
                              cuda_graph_step=cuda_graph, cold=cold)
+    if peer is not None:
+        rows += benchmark.peer_rows(peer[1], arch, (latent or (64 if gpu else 16)) * 8, steps or (50 if gpu else 4),
+                                    max(1, repeats // 3), dtype, say)
     context = benchmark.environment(target, precision)
     written = write_new(out, benchmark.to_json(rows, context), overwrite)
     if not Settings.quiet:

@@ -34,7 +34,7 @@ UNET_PREFIX = "model.diffusion_model."
 FIRST_STAGE_PREFIX = "first_stage_model."
 COND_STAGE_PREFIX = "cond_stage_model."
 LOW_SCALE_PREFIX = "low_scale_model."
-ESTIMATOR_PREFIX = "sr_estimator."  # latentgen's own: an LDM-SR model's regression upscaler (models/estimator.py)
+ESTIMATOR_PREFIX = "estimator."  # latentgen's own: the regression estimate an LDM refines (models/estimator.py)
 AUTOENCODER_ROOTS = ("encoder.", "decoder.", "quant_conv.", "post_quant_conv.", "quantize.")
 
 UNET_TARGET = "ldm.modules.diffusionmodules.openaimodel.UNetModel"

@@ -8,12 +8,16 @@ over a folder of images), so all get resumable runs, split over torchrun's ranks
 import hashlib
 import json
 import secrets
+import threading
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Optional, Sequence, Union
 
+import torch
+
 from . import tasks
 from .errors import LatentgenError
+from .devices import DTYPES
 from .distributed import Rank, wait_for_all
 from .files import atomic_write
 from .images import WRITE_FORMATS, format_parameters, parse_parameters, save_image
@@ -143,7 +147,9 @@ def parameters_text(model: LatentDiffusion, options: Sampling, prompt: str, nega
                     hires: Optional[Hires] = None) -> str:
     """Generation parameters in the AUTOMATIC1111 `parameters` format, with its field and sampler
     names, so its PNG Info, stable-diffusion.cpp and `from_parameters` read them back; `extra` adds
-    task-specific fields (an upscaler's noise level). `size` is the first pass's with `hires`, as in A1111."""
+    task-specific fields (an upscaler's noise level). `size` is the first pass's with `hires`, as in A1111.
+    `Precision` names the UNet's dtype where it is not float32 (`--dtype auto` may pick bf16 on a
+    CPU), since the pixels depend on it."""
     if hires is not None:
         strength = hires.strength
     fields = {
@@ -151,6 +157,7 @@ def parameters_text(model: LatentDiffusion, options: Sampling, prompt: str, nega
         "Schedule type": "Karras" if options.karras else None, "CFG scale": options.scale, "Seed": seed,
         "Size": f"{size[1]}x{size[0]}", "Model hash": model.sha256[:10], "Model": model.name,
         "Eta DDIM": options.eta or None, "Class": label, "Denoising strength": strength,
+        "Precision": precision_name(model),
     }
     if hires is not None:
         fields.update({"Hires upscale": hires.scale, "Hires steps": hires.steps or None,
@@ -158,6 +165,15 @@ def parameters_text(model: LatentDiffusion, options: Sampling, prompt: str, nega
     fields.update(model.infotext)
     fields.update(extra or {})
     return format_parameters(prompt, negative, fields)
+
+
+def precision_name(model: LatentDiffusion) -> Optional[str]:
+    """fp16 / bf16 (`--dtype`'s names) for a UNet in that dtype; None for float32, what the
+    field's absence means."""
+    if model.unet is None:
+        return None
+    dtype = next(model.unet.parameters()).dtype
+    return None if dtype == torch.float32 else next((name for name, value in DTYPES.items() if value == dtype), None)
 
 
 @dataclass(frozen=True)
@@ -294,13 +310,15 @@ def fingerprint(model: LatentDiffusion, options: Sampling, size: Optional[tuple[
 # ---- a run ----------------------------------------------------------------------------------
 
 StepProgress = Callable[[int, int], None]
+RunProgress = Callable[[int, int], None]
+"""on_progress(done, total): images of the whole run finished (earlier runs' included), of all."""
 ImageDone = Callable[[Path], None]
 
 
 def run_txt2img(model: LatentDiffusion, jobs: Sequence[Job], out: Optional[Union[str, Path]] = None,
                 negative: str = "", options: Sampling = Sampling(), size: Optional[tuple[int, int]] = None,
                 batch_size: int = 1, resume: bool = False, overwrite: bool = False,
-                on_start: Optional[Callable[[int], None]] = None, on_step: Optional[StepProgress] = None,
+                on_progress: Optional[RunProgress] = None, on_step: Optional[StepProgress] = None,
                 on_image: Optional[ImageDone] = None, preview: tasks.Preview = None,
                 hires: Optional[Hires] = None, rank: Rank = Rank()) -> list[Path]:
     """Make and write every job's image; the paths written, in job order (this call's images only).
@@ -308,10 +326,11 @@ def run_txt2img(model: LatentDiffusion, jobs: Sequence[Job], out: Optional[Union
     A folder `out` (or any run with `resume`) keeps a manifest of finished images, so that after a
     stopped run, the same call with `resume=True` makes only the missing ones, the same pixels as
     an uninterrupted run. Images are written atomically, with their parameters, never over an
-    existing file unless `overwrite`. `on_start(count)` hears how many images are left to make,
-    `on_step(done, total)` each sampling step, `on_image(path)` each image written, `preview(done, total, x0)`
-    the current estimate. Under torchrun (`rank`), this process makes its share of the jobs
-    (distributed.py) and the files are those of a single process."""
+    existing file unless `overwrite`. `on_progress(done, total)` hears the run's progress,
+    `on_step(done, total)` each sampling step, `on_image(path)` each image this process wrote,
+    `preview(done, total, x0)` the current estimate. Under torchrun (`rank`), this process makes
+    its share of the jobs (distributed.py), the files are those of a single process, and rank 0
+    hears the whole run's progress and returns the paths every rank wrote."""
     out = Path(out) if out is not None else None
     size = tasks.check_size(model, *(size or (None, None)))
 
@@ -323,11 +342,11 @@ def run_txt2img(model: LatentDiffusion, jobs: Sequence[Job], out: Optional[Union
                                               hires=hires)) for job, image in zip(batch, images)]
 
     return _run(jobs, out, fingerprint(model, options, size, negative, out, hires), make,
-                lambda job: job_path(out, job, len(jobs)), batch_size, resume, overwrite, on_start, on_image, rank)
+                lambda job: job_path(out, job, len(jobs)), batch_size, resume, overwrite, on_progress, on_image, rank)
 
 
 def run_over_inputs(jobs: Sequence[Job], out: Path, settings: str, make: Callable[[Job], tuple],
-                    resume: bool = False, overwrite: bool = False, on_start: Optional[Callable[[int], None]] = None,
+                    resume: bool = False, overwrite: bool = False, on_progress: Optional[RunProgress] = None,
                     on_image: Optional[ImageDone] = None, rank: Rank = Rank()) -> list[Path]:
     """A run of one command over input images (`plan_inputs`): `make(job)` -> (image, parameters)
     of the job's `source`, written to the folder `out` as `<source stem>.png`, resumable and split
@@ -335,33 +354,85 @@ def run_over_inputs(jobs: Sequence[Job], out: Path, settings: str, make: Callabl
     if is_file_target(out):
         raise LatentgenError(f"--out {out} names one file; a run over --inputs writes a folder")
     return _run(jobs, out, settings, lambda batch: [make(job) for job in batch],
-                lambda job: out / f"{job.source.stem}.png", 1, resume, overwrite, on_start, on_image, rank)
+                lambda job: out / f"{job.source.stem}.png", 1, resume, overwrite, on_progress, on_image, rank)
 
 
 def _run(jobs: Sequence[Job], out: Optional[Path], settings: str, make: Callable[[list[Job]], list[tuple]],
          path_of: Callable[[Job], Path], batch_size: int, resume: bool, overwrite: bool,
-         on_start: Optional[Callable[[int], None]], on_image: Optional[ImageDone], rank: Rank) -> list[Path]:
+         on_progress: Optional[RunProgress], on_image: Optional[ImageDone], rank: Rank) -> list[Path]:
     """The loop both kinds of run share: this rank's share of `jobs` not yet done, made a batch at
-    a time and written with their parameters, each recorded in the manifest once it is on disk."""
+    a time and written with their parameters, each recorded in the manifest once it is on disk.
+    Rank 0 of several follows the other ranks' manifests for the progress and returns every
+    rank's images."""
     folder = out.parent if is_file_target(out) else (out or Path("outputs"))
     keep_manifest = resume or rank.world > 1 or (out is not None and (len(jobs) > 1 or not is_file_target(out)))
     if resume and rank.main:
         clear_stale(folder)
     wait_for_all(rank)  # no rank writes before the stale files are gone
     manifest = Manifest.open(folder, settings, resume, rank) if keep_manifest else None
-    todo = [job for job in rank.share(jobs) if manifest is None or not resume or not manifest.done(job)]
-    if on_start is not None:
-        on_start(len(todo))
+    pending = [job for job in jobs if manifest is None or not resume or not manifest.done(job)]
+    left = {id(job) for job in pending}
+    todo = [job for job in rank.share(jobs) if id(job) in left]
+    report = on_progress if rank.main else None
+    watcher = _RunWatcher(manifest, [manifest.key(job) for job in pending], len(jobs), report) \
+        if report is not None and rank.world > 1 else None
+    if report is not None:
+        report(len(jobs) - len(pending), len(jobs))
     written = []
-    for batch in batched(todo, batch_size):
-        for job, (image, info) in zip(batch, make(batch)):
-            path = save_image(image, path_of(job), parameters=info, overwrite=overwrite or resume, check=True)
-            written.append(path)
-            if manifest is not None:
-                manifest.record(job, path)
-            if on_image is not None:
-                on_image(path)
-    wait_for_all(rank)
+    try:
+        for batch in batched(todo, batch_size):
+            for job, (image, info) in zip(batch, make(batch)):
+                path = save_image(image, path_of(job), parameters=info, overwrite=overwrite or resume, check=True)
+                written.append(path)
+                if manifest is not None:
+                    manifest.record(job, path)
+                if on_image is not None:
+                    on_image(path)
+                if report is not None and watcher is None:
+                    report(len(jobs) - len(pending) + len(written), len(jobs))
+        wait_for_all(rank)
+    finally:
+        if watcher is not None:
+            watcher.stop()
     if rank.world > 1 and rank.main:
         Manifest.fold(folder)
+        entries = Manifest.read(folder)
+        written = [Path(entries[key]) for key in (manifest.key(job) for job in pending) if key in entries]
+        report(len(jobs), len(jobs))
     return written
+
+
+class _RunWatcher:
+    """Rank 0's view of a torchrun run: a thread that counts the run's `keys` the ranks' manifests
+    record with a new file (every half second, until stopped), so the progress covers all ranks.
+    Started before rank 0 records anything: what its manifest held then is the run's past."""
+
+    def __init__(self, manifest: Manifest, keys: list[str], total: int, report: RunProgress):
+        self.folder, self.keys, self.total, self.report = manifest.path.parent, keys, total, report
+        wanted = set(keys)
+        self.before = {key: _mtime(file) for key, file in manifest.entries.items() if key in wanted}
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=self._watch, daemon=True)
+        self.thread.start()
+
+    def finished(self) -> int:
+        entries = Manifest.read(self.folder)
+        return sum(1 for key in self.keys if key in entries and _mtime(entries[key]) not in (None, self.before.get(key)))
+
+    def _watch(self) -> None:
+        while not self.stopped.wait(0.5):
+            try:
+                self.report(self.total - len(self.keys) + self.finished(), self.total)
+            except (OSError, LatentgenError):  # a manifest being replaced: read it next time
+                continue
+
+    def stop(self) -> None:
+        self.stopped.set()
+        self.thread.join()
+
+
+def _mtime(file: str) -> Optional[float]:
+    try:
+        return Path(file).stat().st_mtime_ns
+    except OSError:
+        return None

@@ -42,9 +42,9 @@ class ModelSpec:
     - `native_latent`: the latent side the UNet was trained at; None for a lone autoencoder.
     - `default_steps`: the sampling steps the CLI uses without --steps (a config's `default_steps`,
       where its card measured them best); None: tasks.DEFAULT_STEPS.
-    - `default_strength`: an LDM-SR model with a regression estimator (`sr_estimator`): the noise
-      level, as img2img strength, that `upscale` refines the estimate from (a config's
-      `default_strength`); None: 1, sampling from pure noise as the paper's LDM-SR.
+    - `default_strength`: a model with a regression estimator (`LatentDiffusion.estimator`): the
+      noise level, as img2img strength, that `upscale` or `inpaint` refines the estimate from (a
+      config's `default_strength`); None: 1, sampling from pure noise as the paper's models.
     """
 
     family: str
@@ -100,8 +100,8 @@ class LatentDiffusion:
 
     `unet` and `cond_stage` are None for a standalone autoencoder; `cond_stage` is None for
     unconditional and pure concat-conditioned models; `noise_augmentation` is set for the SD 2 x4
-    upscaler only; `sr_estimator` (a regression upscaler, models/estimator.py) for LDM-SR models
-    whose config has an `sr_estimator_config`. `params` is the official-YAML `model.params` the networks were built from,
+    upscaler only; `estimator` (a regression upscaler or inpainter, models/estimator.py) for LDM-SR
+    and inpainting models whose config has an `estimator_config`. `params` is the official-YAML `model.params` the networks were built from,
     kept to export or convert the architecture (reference.py, training); facts come from `spec`.
     """
 
@@ -114,7 +114,7 @@ class LatentDiffusion:
     name: str = ""
     sha256: str = ""
     noise_augmentation: Optional[NoiseAugmentation] = None
-    sr_estimator: Optional[nn.Module] = None
+    estimator: Optional[nn.Module] = None
     infotext: dict = field(default_factory=dict)
     """AUTOMATIC1111 fields of what was added after loading (LoRA hashes, VAE, clip skip; addons.py)."""
     vae_tiling: bool = False
@@ -133,7 +133,7 @@ class LatentDiffusion:
         return self.spec.parameterization
 
     def modules(self) -> list[nn.Module]:
-        return [m for m in (self.unet, self.first_stage, self.cond_stage, self.sr_estimator) if m is not None]
+        return [m for m in (self.unet, self.first_stage, self.cond_stage, self.estimator) if m is not None]
 
     def to(self, device=None, dtype: Optional[torch.dtype] = None) -> "LatentDiffusion":
         """Move every network. `alphas_cumprod` stays a float64 CPU tensor (MPS has no float64);

@@ -28,7 +28,7 @@ import torch
 from . import catalog, detect
 from .errors import LatentgenError
 from .files import atomic_write, require_file, write_new
-from .ldm import LatentDiffusion, ModelSpec, NoiseAugmentation
+from .ldm import LOW_RES_IMAGE, LatentDiffusion, ModelSpec, NoiseAugmentation
 from .models import adopt, on_meta
 from .schedules import TrainingSchedule
 
@@ -576,16 +576,23 @@ def _build_cond_stage(config: Any, state: dict, leftover: list[str],
     return _load_into(lambda: cls(**kwargs), state, detect.COND_STAGE_PREFIX, leftover, what, dtype)
 
 
-def _build_estimator(config: Optional[dict], state: dict, dtype: torch.dtype) -> Optional[torch.nn.Module]:
-    """An LDM-SR model's regression upscaler (`sr_estimator.*`), where its config describes one."""
+def _build_estimator(config: Optional[dict], state: dict, spec: ModelSpec,
+                     dtype: torch.dtype) -> Optional[torch.nn.Module]:
+    """The regression estimator (`estimator.*`) an LDM-SR or inpainting model refines, where its
+    config describes one of the kind its conditioning takes."""
     if not config:
         return None
-    from .models.estimator import ResidualUpscaler
+    from .models.estimator import ESTIMATORS
 
-    if detect.target_name(config) != "ResidualUpscaler":
-        raise LatentgenError(f"sr_estimator_config names {config.get('target')!r}; known: ResidualUpscaler")
-    params = _constructor_kwargs(ResidualUpscaler, config.get("params", {}))
-    return _load_into(lambda: ResidualUpscaler(**params), state, detect.ESTIMATOR_PREFIX, [], "SR estimator", dtype)
+    name = detect.target_name(config)
+    wanted = "ResidualUpscaler" if spec.concat == LOW_RES_IMAGE else "ResidualInpainter" if spec.concat else None
+    if name not in ESTIMATORS:
+        raise LatentgenError(f"estimator_config names {config.get('target')!r}; known: {', '.join(ESTIMATORS)}")
+    if name != wanted:
+        raise LatentgenError(f"a {name} estimator does not fit a {spec.family} model")
+    kind = ESTIMATORS[name]
+    params = _constructor_kwargs(kind, config.get("params", {}))
+    return _load_into(lambda: kind(**params), state, detect.ESTIMATOR_PREFIX, [], f"estimator ({name})", dtype)
 
 
 def _noise_augmentation(low_scale_config: Optional[dict]) -> Optional[NoiseAugmentation]:
@@ -676,7 +683,7 @@ def load_model(path: PathLike, config: Union[PathLike, dict, None] = None, use_e
         first_state = split_state_dict(read_checkpoint(named_first_stage(params["first_stage"])[1])[0], True, use_ema)[1]
         first_prefix = ""
     estimator_state = {}
-    if params.get("sr_estimator_config"):
+    if params.get("estimator_config"):
         prefix = detect.ESTIMATOR_PREFIX
         estimator_state = {k[len(prefix):]: state_dict[k] for k in leftover if k.startswith(prefix)}
         leftover = [k for k in leftover if not k.startswith(prefix)]
@@ -691,10 +698,10 @@ def load_model(path: PathLike, config: Union[PathLike, dict, None] = None, use_e
     first_stage = _load_into(_first_stage_factory(params["first_stage_config"]), first_state, first_prefix, leftover,
                              "first-stage autoencoder", dtype)
     cond_stage = _build_cond_stage(params.get("cond_stage_config"), cond_state, [], dtype) if unet is not None else None
-    estimator = _build_estimator(params.get("sr_estimator_config"), estimator_state, dtype)
+    estimator = _build_estimator(params.get("estimator_config"), estimator_state, spec, dtype)
     return LatentDiffusion(
         unet=unet, first_stage=first_stage, cond_stage=cond_stage, spec=spec,
         alphas_cumprod=spec.schedule.alphas_cumprod(), params=params, name=path.name if path.is_dir() else path.stem,
         sha256=file_sha256(weights), noise_augmentation=_noise_augmentation(params.get("low_scale_config")),
-        sr_estimator=estimator,
+        estimator=estimator,
     )

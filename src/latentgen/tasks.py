@@ -352,6 +352,21 @@ def img2img(model: LatentDiffusion, image: torch.Tensor, prompt: str = "", negat
     return result if mask is None else fill_hole(image, result, mask, 0)
 
 
+def refine_strength(model: LatentDiffusion, strength: Optional[float]) -> float:
+    """The strength an upscale or inpaint refines the model's regression estimate from (and its PNG
+    parameters record): 0 is the estimate itself, 1 samples from pure noise (the estimate unused);
+    models without an estimator always use 1."""
+    if model.estimator is None:
+        if strength is not None and strength != 1:
+            raise LatentgenError(f"{model.name} has no regression estimator to start from: its strength is 1")
+        return 1.0
+    strength = model.spec.default_strength if strength is None else strength
+    strength = 1.0 if strength is None else strength
+    if not 0 <= strength <= 1:
+        raise LatentgenError(f"strength must be between 0 and 1, got {strength}")
+    return strength
+
+
 # ---- inpaint --------------------------------------------------------------------------------
 
 
@@ -364,29 +379,41 @@ def check_mask(mask: torch.Tensor) -> None:
 
 
 def inpaint(model: LatentDiffusion, image: torch.Tensor, mask: torch.Tensor, prompt: str = "", negative: str = "",
-            options: Sampling = Sampling(), feather: int = 4, progress: Progress = None) -> torch.Tensor:
+            options: Sampling = Sampling(), feather: int = 4, progress: Progress = None,
+            strength: Optional[float] = None) -> torch.Tensor:
     """Fill mask == 1 in `image`. Dedicated inpainting models get the masked image and mask
-    concatenated (LDM: 7 channels, SD: 9); any other model inpaints by masked sampling.
+    concatenated (LDM: 7 channels, SD: 9); any other model inpaints by masked sampling. A model
+    with a regression estimator starts from the estimate's latent noised to `strength` (SDEdit;
+    its config's default_strength unless given) and returns the estimate at 0.
     Pixels outside the mask come back exactly as they went in (the seam is blended inside the hole)."""
     spec = _diffusion(model, "inpaint")
     if spec.concat == LOW_RES_IMAGE:
         raise LatentgenError(f"{model.name} is a super-resolution model: use upscale")
+    strength = refine_strength(model, strength)
     check_inputs(model, prompt, negative)
     check_mask(mask)
     padded, pad = pad_to_multiple(image, spec.size_multiple)
     padded_mask, _ = pad_to_multiple(mask, spec.size_multiple)
     ref = _params(model.unet)
     padded, padded_mask = padded.to(ref), padded_mask.to(ref)
+    hole = (padded_mask >= 0.5).to(ref)
+    refine = {}
+    if strength < 1:
+        with torch.no_grad():
+            estimate = model.estimator(torch.cat([padded * (1 - hole), hole], 1)).float().clamp(-1, 1)
+        if strength == 0:
+            return fill_hole(image, crop_padding(estimate.cpu(), pad), mask, feather)
+        refine = {"x0": encode(model, estimate), "strength": strength}
     latent_size = (padded.shape[-2] // spec.factor, padded.shape[-1] // spec.factor)
     small_mask = F.interpolate(padded_mask, size=latent_size, mode="nearest")
     x_T, generators = _noise(model, [options.seed], latent_size, options)
     windows = _windows(model, [prompt, negative])
     with torch.no_grad():
         if spec.concat in (MASK_THEN_MASKED_IMAGE, MASKED_IMAGE_THEN_MASK):
-            concat = inpainting_concat(spec.concat, encode(model, padded * (padded_mask < 0.5)), small_mask)
+            concat = inpainting_concat(spec.concat, encode(model, padded * (1 - hole)), small_mask)
             cond = _condition(model, [prompt], None, concat, windows)
             uncond = _unconditional(model, negative, 1, concat, windows) if options.scale != 1 else None
-            z = _sample(model, cond, uncond, options, x_T, generators, progress)
+            z = _sample(model, cond, uncond, options, x_T, generators, progress, **refine)
         else:
             cond = _condition(model, [prompt], None, windows=windows)
             uncond = _unconditional(model, negative, 1, windows=windows) if options.scale != 1 else None
@@ -419,21 +446,6 @@ def upscale_noise_level(model: LatentDiffusion, noise_level: Optional[int]) -> i
     if not 0 <= level <= augmentation.max_noise_level:
         raise LatentgenError(f"the noise level must be between 0 and {augmentation.max_noise_level}, got {level}")
     return level
-
-
-def upscale_strength(model: LatentDiffusion, strength: Optional[float]) -> float:
-    """The strength an upscale refines its regression estimate from (and its PNG parameters record):
-    0 is the estimate itself, 1 samples from pure noise (the estimate unused); models without an
-    estimator always use 1."""
-    if model.sr_estimator is None:
-        if strength is not None and strength != 1:
-            raise LatentgenError(f"{model.name} has no regression estimator to start from: its strength is 1")
-        return 1.0
-    strength = model.spec.default_strength if strength is None else strength
-    strength = 1.0 if strength is None else strength
-    if not 0 <= strength <= 1:
-        raise LatentgenError(f"strength must be between 0 and 1, got {strength}")
-    return strength
 
 
 def _augmented_conditioning(model: LatentDiffusion, low: torch.Tensor, text: Conditioning, negative: Optional[Conditioning],
@@ -473,7 +485,7 @@ def upscale(model: LatentDiffusion, image: torch.Tensor, options: Sampling = Sam
     if tile < 16:
         raise LatentgenError(f"the tile must be at least 16 pixels, got {tile}")
     level = upscale_noise_level(model, noise_level)
-    strength = upscale_strength(model, strength)
+    strength = refine_strength(model, strength)
     augmented = model.noise_augmentation is not None
     check_inputs(model, prompt, negative)
     if not augmented and options.scale != 1:
@@ -501,7 +513,7 @@ def upscale(model: LatentDiffusion, image: torch.Tensor, options: Sampling = Sam
             if strength == 1:
                 high = sample_tile(padded, {})
             else:
-                estimate = model.sr_estimator(padded.to(ref)).float().clamp(-1, 1)
+                estimate = model.estimator(padded.to(ref)).float().clamp(-1, 1)
                 high = estimate.cpu() if strength == 0 else sample_tile(
                     padded, {"x0": encode(model, estimate), "strength": strength})
         tiles_done[0] += 1

@@ -252,11 +252,12 @@ def ldm(
 @train_app.command("estimator")
 def estimator(
     run: Path = typer.Option(..., "--run", "--run-dir", help="run folder: checkpoint.pt, samples/, export/"),
-    into: Optional[Path] = typer.Option(None, help="an LDM-SR model folder to store the trained estimator in "
-                                                   "(its `upscale` then refines the estimate)"),
-    factor: int = typer.Option(4, help="upscaling factor (the LDM-SR model's f)"),
-    channels: int = typer.Option(32, help="width of the low-resolution convolutions"),
-    blocks: int = typer.Option(6, help="residual blocks"),
+    into: Optional[Path] = typer.Option(None, help="an LDM-SR (sr) or inpainting (inpaint) model folder to store the "
+                                                   "trained estimator in (its upscale / inpaint then refines the estimate)"),
+    task: str = typer.Option("sr", help="sr: a regression upscaler; inpaint: a regression inpainter"),
+    factor: int = typer.Option(4, help="sr: upscaling factor (the LDM-SR model's f)"),
+    channels: int = typer.Option(32, help="width of the low-resolution convolutions (inpaint: at 1/4 resolution)"),
+    blocks: int = typer.Option(6, help="residual blocks (inpaint: at 1/8 resolution, twice --channels wide)"),
     photos: Path = typer.Option(DATA / "photos-128.npy", help="prepared photo crops"),
     crop: int = typer.Option(128, help="high-resolution training crop size"),
     batch: int = typer.Option(16),
@@ -266,6 +267,7 @@ def estimator(
     min_lr: float = typer.Option(0.02, help="final learning rate as a fraction of --lr"),
     grad_clip: float = typer.Option(1.0, help="gradient-norm clip (0: off)"),
     precision: str = typer.Option("fp32", help="fp32, or bf16 autocast (fp32 master weights)"),
+    channels_last: bool = typer.Option(False, help="channels-last memory format (with bf16: 1.4x faster for inpaint here)"),
     seed: int = typer.Option(0),
     checkpoint_every: int = typer.Option(500),
     sample_every: int = typer.Option(0, help="save target/estimate grids every N steps (0: never)"),
@@ -274,14 +276,15 @@ def estimator(
     resume: bool = typer.Option(True, help="continue from the run folder's checkpoint"),
 ) -> None:
     """A regression upscaler (bicubic + learned residual, MSE) on clean bicubic downsamples of the
-    photo crops: the estimate an LDM-SR model's `upscale` refines instead of sampling from noise."""
+    photo crops, or a regression inpainter (push-pull fill + learned residual, MSE in the hole) on
+    masked crops: the estimate an LDM's `upscale` / `inpaint` refines instead of sampling from noise."""
     from .autoencoder import load_photos
     from .estimator import EstimatorConfig, attach, train_estimator
 
     _check_precision(precision)
-    config = EstimatorConfig(factor=factor, channels=channels, blocks=blocks, crop=crop, batch=batch, lr=lr,
+    config = EstimatorConfig(task=task, factor=factor, channels=channels, blocks=blocks, crop=crop, batch=batch, lr=lr,
                              steps=steps, warmup=warmup, min_lr=min_lr, grad_clip=grad_clip, precision=precision,
-                             seed=seed, checkpoint_every=checkpoint_every, sample_every=sample_every,
+                             channels_last=channels_last, seed=seed, checkpoint_every=checkpoint_every, sample_every=sample_every,
                              max_minutes=max_minutes, device=device)
     rank = _join(config)
     with _flushed_denormals():  # as for dc: the zero-initialised residuals start near zero
@@ -317,7 +320,7 @@ def evaluate(
     datasets: str = typer.Option(",".join(DATASETS), help="which of them"),
     crop: int = typer.Option(128, help="central crop side in pixels (the high-res side for SR); 0: whole images"),
     steps: Optional[int] = typer.Option(None, help="DDIM steps (default: the model's default_steps, else 50)"),
-    strength: Optional[float] = typer.Option(None, help="SR with a regression estimator: the strength its estimate "
+    strength: Optional[float] = typer.Option(None, help="SR and inpainting with a regression estimator: the strength its estimate "
                                                         "is refined from (default: the model's)"),
     seed: int = typer.Option(0, help="noise and inpainting-mask seed (txt2img: the first seed)"),
     seeds: int = typer.Option(10, help="txt2img: seeds per colour prompt"),

@@ -100,6 +100,10 @@ class DCTrainer:
         """What the model gets for target `x`: `x` itself (an autoencoder)."""
         return x
 
+    def loss_weight(self, inputs: torch.Tensor) -> Optional[torch.Tensor]:
+        """Per-pixel weight of the MSE for these model inputs ([B, 1, H, W]); None: every pixel alike."""
+        return None
+
     def state(self) -> dict:
         return {"config": asdict(self.config), "model": self.model.state_dict(), "opt": self.optimizer.state_dict(),
                 "step": self.step, "random": runs.random_state(self.generator)}
@@ -127,9 +131,11 @@ class DCTrainer:
                            enabled=self.config.precision != "fp32"):
             return model(x).float()
 
-    def loss(self, x: torch.Tensor, xrec: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
-        """MSE + ssim_weight * (1 - SSIM) + fft_weight * FFT-magnitude L1."""
-        mse = (x - xrec).square().mean()
+    def loss(self, x: torch.Tensor, xrec: torch.Tensor,
+             weight: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, dict[str, float]]:
+        """MSE (over the pixels `weight` selects) + ssim_weight * (1 - SSIM) + fft_weight * FFT-magnitude L1."""
+        error = (x - xrec).square()
+        mse = error.mean() if weight is None else (error * weight).sum() / (weight.sum() * x.shape[1]).clamp_min(1)
         total, parts = mse, {"mse": mse.item(), "psnr": 10 * math.log10(4 / max(mse.item(), 1e-10))}
         if self.config.ssim_weight:
             structural = 1 - losses.ssim_map(x, xrec).mean()
@@ -147,7 +153,8 @@ class DCTrainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         x = self.batch()
-        loss, parts = self.loss(x, self.reconstruct(self.inputs(x), train=True))
+        inputs = self.inputs(x)
+        loss, parts = self.loss(x, self.reconstruct(inputs, train=True), self.loss_weight(inputs))
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), config.grad_clip or float("inf"))

@@ -116,9 +116,10 @@ def score_sr(model: LatentDiffusion, image: torch.Tensor, index: int, options: t
             metrics.green_share(high), metrics.green_share(bicubic), metrics.green_share(image))
 
 
-def score_inpaint(model: LatentDiffusion, image: torch.Tensor, index: int, options: tasks.Sampling) -> tuple:
+def score_inpaint(model: LatentDiffusion, image: torch.Tensor, index: int, options: tasks.Sampling,
+                  strength: Optional[float] = None) -> tuple:
     hole = random_mask(*image.shape[-2:], torch.Generator().manual_seed(options.seed + index))[None]
-    filled = tasks.inpaint(model, image, hole, options=options, feather=0)
+    filled = tasks.inpaint(model, image, hole, options=options, feather=0, strength=strength)
     baseline = telea_inpaint(image, hole)
     return (hole_psnr(filled, image, hole), metrics.ssim(filled, image),
             hole_psnr(baseline, image, hole), metrics.ssim(baseline, image))
@@ -131,7 +132,7 @@ def evaluate(model: LatentDiffusion, folder: Path, datasets: tuple[str, ...] = D
              options: tasks.Sampling = tasks.Sampling(),
              progress: Optional[Callable[[int, int], None]] = None, strength: Optional[float] = None) -> list[Score]:
     """Scores of every image of `datasets` under `folder` (its central `crop` square); SR with
-    `strength` (tasks.upscale's)."""
+    `strength` (tasks.upscale's and tasks.inpaint's)."""
     task = task_of(model)
     paths = [(name, path) for name in datasets for path in sorted((folder / name).glob("*.png"))]
     if not paths:
@@ -140,7 +141,7 @@ def evaluate(model: LatentDiffusion, folder: Path, datasets: tuple[str, ...] = D
     for index, (dataset, path) in enumerate(paths):
         image = center_crop(load_image(path), crop, model.spec.factor)
         with torch.no_grad():
-            extra = {"strength": strength} if task == "sr" else {}
+            extra = {"strength": strength} if task in ("sr", "inpaint") else {}
             values = SCORERS[task](model, image, index, options, **extra)
         scores.append(Score(dataset, path.name, *values))
         if progress is not None:
