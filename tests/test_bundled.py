@@ -22,12 +22,12 @@ BUNDLED = {"dc-f4": ("autoencoder-dc", 4), "dc-f8": ("autoencoder-dc", 8), "dc-f
            "inpaint": ("ldm-inpaint", 4), "sr4x": ("ldm-sr", 4)}
 WEIGHTS = Path(__file__).resolve().parents[1] / "weights"
 
-# Regression floors a margin below what the CPU-trained models measured here (see their model
-# cards): these models are undertrained, below the classic baselines, and the floors only keep a
-# retrain from silently getting worse; the contracts (sizes, kept pixels, flatness) are exact.
-INPAINT_HOLE_PSNR = 11.0  # measured 12.8 dB in the hole with the previous model (OpenCV Telea: 17.7)
-UPSCALE_PSNR = 20.5  # measured 22.2 dB (bicubic: 26.1)
-FLAT_DEVIATION = 8.0  # measured 3.5 levels mean absolute deviation over a 4x-upscaled flat colour
+# The defaults against their classic baselines on one photo, a margin below what was measured
+# here (the model cards hold the held-out numbers), so a retrain cannot silently fall behind
+# them; the contracts (sizes, kept pixels, flatness) are exact.
+INPAINT_OVER_TELEA = 0.6  # dB in the hole: measured 18.90 against OpenCV Telea's 17.68 (+1.22)
+UPSCALE_OVER_BICUBIC = 0.6  # dB: measured 27.30 against bicubic's 26.12 (+1.18)
+FLAT_DEVIATION = 2.0  # levels of mean absolute deviation over a 4x-upscaled flat colour: measured 0.13
 
 runner = CliRunner()
 
@@ -102,7 +102,7 @@ def test_inpaint_default_keeps_every_unmasked_pixel(tmp_path):
     hole = torch.from_numpy(mask == 255)[None, None].float()
     score = evaluate.hole_psnr(as_tensor(filled), as_tensor(original), hole)
     telea = evaluate.hole_psnr(evaluate.telea_inpaint(as_tensor(original), hole), as_tensor(original), hole)
-    assert score > INPAINT_HOLE_PSNR, (score, telea)
+    assert score > telea + INPAINT_OVER_TELEA, (score, telea)
 
 
 def test_upscale_default_is_4x_and_flat_stays_flat(tmp_path):
@@ -115,7 +115,7 @@ def test_upscale_default_is_4x_and_flat_stays_flat(tmp_path):
     bicubic = F.interpolate(as_tensor(pixels(tmp_path / "low.png")), scale_factor=4, mode="bicubic").clamp(-1, 1)
     truth = as_tensor(pixels(source))
     score, baseline = metrics.psnr(high, truth), metrics.psnr(bicubic, truth)
-    assert score > UPSCALE_PSNR, (score, baseline)
+    assert score > baseline + UPSCALE_OVER_BICUBIC, (score, baseline)
     Image.fromarray(np.full((40, 40, 3), (90, 140, 200), dtype=np.uint8)).save(tmp_path / "flat.png")
     flat = pixels(invoke("upscale", tmp_path / "flat.png", "--steps", 20, "--tile", 24,
                          "--out", tmp_path / "flat-4x.png")["outputs"][0]).astype(float)

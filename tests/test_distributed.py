@@ -82,14 +82,30 @@ def setup(tmp_path_factory):
 def test_two_ranks_write_what_one_process_writes(setup):
     """... and rank 0 speaks for the whole run: progress, every rank's files, the run's grid."""
     args, root = setup
-    result = run([*args[1:], "--out", root / "two", "--grid"], 2)  # not quiet
+    listening = ("import os, sys\nfrom latentgen import cli, jobs\n"
+                 "real = jobs.run_txt2img\n"
+                 "def run_txt2img(*args, on_progress, **kwargs):\n"
+                 "    def heard(done, total):\n"
+                 "        with open(os.environ['PROGRESS_LOG'], 'a') as log:\n"
+                 "            log.write(f\"{os.environ['RANK']} {done} {total}\\n\")\n"
+                 "        on_progress(done, total)\n"
+                 "    return real(*args, on_progress=heard, **kwargs)\n"
+                 "jobs.run_txt2img = run_txt2img\n"
+                 "sys.argv = ['latentgen', *sys.argv[1:]]\ncli.app()\n")
+    script, heard = root / "listening.py", root / "progress.log"
+    script.write_text(listening)
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                             str(script), *map(str, [*args[1:], "--out", root / "two", "--grid"])],  # not quiet
+                            env={**ENV, "PROGRESS_LOG": str(heard)}, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     names = sorted(p.name for p in (root / "single").glob("*.png"))
     assert names + ["grid-0.png"] == sorted(p.name for p in (root / "two").glob("*.png")) and len(names) == 6
-    said = result.stdout + result.stderr
-    assert "images (all 2 ranks)" in said and "6/6" in said
-    assert sorted(Path(line.split()[-1]).name for line in said.splitlines() if line.startswith("wrote")) \
-        == sorted(names + ["grid-0.png"])
+    reports = [line.split() for line in heard.read_text().splitlines()]
+    assert {rank for rank, _, _ in reports} == {"0"}  # rank 0 alone hears the progress, of the whole run
+    done = [int(count) for _, count, _ in reports]
+    assert done[0] == 0 and done[-1] == 6 and done == sorted(done) and {total for _, _, total in reports} == {"6"}
+    wrote = [Path(line.split()[-1]).name for line in result.stderr.splitlines() if line.startswith("wrote ")]
+    assert wrote == names + ["grid-0.png"]  # every rank's images, in job order, then the grid
     grid = images.grid([images.load_image(root / "single" / name) for name in names])  # job order
     np.testing.assert_array_equal(pixels(root / "two" / "grid-0.png"), np.array(images.to_pil(grid).convert("RGB")))
     for name in names:
