@@ -85,6 +85,11 @@ ARCHITECTURES = {
 DEFAULT_ARCH = "sd15"
 
 
+def architecture(arch: Union[str, Architecture, None]) -> Architecture:
+    """An Architecture as given, by name, or the default (SD 1.5)."""
+    return arch if isinstance(arch, Architecture) else ARCHITECTURES[arch or DEFAULT_ARCH]
+
+
 @dataclass
 class Row:
     """One measurement: what, the value per runner (None where a runner was not run), and notes such
@@ -404,7 +409,7 @@ def run(device: torch.device, dtype: torch.dtype, latent: int, steps: int, repea
     guided `steps`-step DDIM image with decode, the decode alone, peak memory; then each requested
     fast path (channels_last, torch.compile, CUDA graph) as rows of their own; then, if asked and
     the bundled txt2img model exists, the cold start."""
-    arch = ARCHITECTURES[arch or DEFAULT_ARCH] if not isinstance(arch, Architecture) else arch
+    arch = architecture(arch)
     report("building the UNet and autoencoder with random weights")
     unet, vae = build_latentgen(arch, device, dtype, seed)
     ours, theirs = latentgen_runner(unet, vae), None
@@ -614,13 +619,13 @@ def sdcpp_command(binary: Path, weights: Path, size: int, steps: int, out: Path)
 
 
 def peer_rows(binary: Path, arch: Union[str, Architecture, None], size: int, steps: int, repeats: int, dtype: str,
-              report: Report = lambda text: None, folder: Optional[Path] = None) -> list[Row]:
+              report: Report = lambda text: None) -> list[Row]:
     """Cold processes, each from start to PNG, latentgen and the stable-diffusion.cpp `binary` in
     turn on one random-weight checkpoint (median of `repeats`), and each process's peak RSS."""
-    arch = ARCHITECTURES[arch or DEFAULT_ARCH] if not isinstance(arch, Architecture) else arch
+    arch = architecture(arch)
     if not binary.is_file():
         raise LatentgenError(f"no stable-diffusion.cpp binary at {binary}")
-    with tempfile.TemporaryDirectory(dir=folder) as temp:
+    with tempfile.TemporaryDirectory() as temp:
         work = Path(temp)
         report("writing the random-weight checkpoint (official single-file layout, fp16)")
         weights, config = write_checkpoint(arch, work)

@@ -431,7 +431,7 @@ class _RunWatcher:
         self.thread.join()
 
 
-def _mtime(file: str) -> Optional[float]:
+def _mtime(file: str) -> Optional[int]:
     try:
         return Path(file).stat().st_mtime_ns
     except OSError:

@@ -78,6 +78,13 @@ class ModelSpec:
         levels = len(self.unet.channel_mult) if self.unet is not None else 1
         return self.factor * 2 ** (levels - 1)
 
+    @property
+    def estimator_kind(self) -> Optional[str]:
+        """The regression estimator (models/estimator.py) a model of this concat layout refines, if any."""
+        if self.concat == LOW_RES_IMAGE:
+            return "ResidualUpscaler"
+        return "ResidualInpainter" if self.concat else None
+
 
 @dataclass(frozen=True)
 class NoiseAugmentation:

@@ -28,7 +28,7 @@ import torch
 from . import catalog, detect
 from .errors import LatentgenError
 from .files import atomic_write, require_file, write_new
-from .ldm import LOW_RES_IMAGE, LatentDiffusion, ModelSpec, NoiseAugmentation
+from .ldm import LatentDiffusion, ModelSpec, NoiseAugmentation
 from .models import adopt, on_meta
 from .schedules import TrainingSchedule
 
@@ -585,10 +585,9 @@ def _build_estimator(config: Optional[dict], state: dict, spec: ModelSpec,
     from .models.estimator import ESTIMATORS
 
     name = detect.target_name(config)
-    wanted = "ResidualUpscaler" if spec.concat == LOW_RES_IMAGE else "ResidualInpainter" if spec.concat else None
     if name not in ESTIMATORS:
         raise LatentgenError(f"estimator_config names {config.get('target')!r}; known: {', '.join(ESTIMATORS)}")
-    if name != wanted:
+    if name != spec.estimator_kind:
         raise LatentgenError(f"a {name} estimator does not fit a {spec.family} model")
     kind = ESTIMATORS[name]
     params = _constructor_kwargs(kind, config.get("params", {}))

@@ -17,10 +17,9 @@ from typing import Callable, Optional
 import torch
 
 from latentgen import distributed
-from latentgen.detect import ESTIMATOR_PREFIX
+from latentgen.detect import ESTIMATOR_PREFIX, target_name
 from latentgen.errors import LatentgenError
 from latentgen.files import atomic_write
-from latentgen.ldm import LOW_RES_IMAGE, MASK_THEN_MASKED_IMAGE, MASKED_IMAGE_THEN_MASK
 from latentgen.models.estimator import (INPAINTER_TARGET, UPSCALER_TARGET, ResidualInpainter, ResidualUpscaler,
                                         zero_init_residuals)
 
@@ -127,10 +126,10 @@ def attach(model_folder: Path, estimator_folder: Path) -> None:
 
     spec = read_spec(model_folder)[0]
     estimator = json.loads((estimator_folder / "config.json").read_text())["model"]
-    if estimator["target"] == INPAINTER_TARGET:
-        if spec.concat not in (MASKED_IMAGE_THEN_MASK, MASK_THEN_MASKED_IMAGE):
-            raise LatentgenError(f"{model_folder} is not an inpainting model folder")
-    elif spec.concat != LOW_RES_IMAGE or spec.factor != estimator["params"]["factor"]:
+    kind = target_name(estimator)
+    if kind == "ResidualInpainter" and spec.estimator_kind != kind:
+        raise LatentgenError(f"{model_folder} is not an inpainting model folder")
+    if kind == "ResidualUpscaler" and (spec.estimator_kind != kind or spec.factor != estimator["params"]["factor"]):
         raise LatentgenError(f"{model_folder} is not an x{estimator['params']['factor']} LDM-SR model folder")
     weights = model_folder / "model.safetensors"
     tensors = {k: v for k, v in load_file(weights).items() if not k.startswith(ESTIMATOR_PREFIX)}
