@@ -180,6 +180,18 @@ def test_hue_variants_turn_one_hue_emoji_and_rewrite_their_colour_word():
     assert "red apple" in captions[0] and "red" not in captions[1]
 
 
+def test_square_tiles_keep_their_hue_and_caption_it_as_the_background():
+    """A keycap or a sign on a purple square is not hue-turned (a turned "yellow dotted six pointed
+    star" was a yellow square, and "a yellow star" drew one); its colour is said as the tile's."""
+    tile = np.full((16, 16, 3), (120, 40, 200), dtype=np.uint8)
+    assert data.fills_corners(tile) and not data.fills_corners(_disc((220, 20, 30)))
+    star = {**data.describe_emoji(_heart_record(), KEYWORDS), "name": "dotted six pointed star",
+            "category": "symbols", "subcategory": "religion", "tile": True}
+    assert data.measured_colour(tile) == "purple" and data.hue_variants(tile, star, 2, random.Random(0)) == []
+    captions = data.emoji_captions({**star, "colour": "purple"}, "x", random.Random(0), 2)
+    assert "dotted six pointed star on a purple square" in captions[0] and "purple" not in captions[1]
+
+
 def _png(colour, alpha=255) -> bytes:
     buffer = io.BytesIO()
     Image.new("RGBA", (8, 8), (*colour, alpha)).save(buffer, format="PNG")
@@ -200,6 +212,8 @@ def test_emoji_package_reading_composites_on_white(tmp_path):
     assert images[0][0, 0].tolist() == [255, 0, 0]
     assert images[1][0, 0].tolist() == [255, 255, 255]  # transparent -> white background
     assert all(len(r["captions"]) == 2 and r["style"] == "twemoji style" for r in records)
+    _, untoned = data.read_emoji_package(tgz, "twitter", KEYWORDS, 8, 2, random.Random(0), skin_tones=0)
+    assert [r["name"] for r in untoned] == ["red heart"]
 
 
 def test_prepare_photos_is_seeded_and_documented(tmp_path):
@@ -493,6 +507,16 @@ def test_v_prediction_zero_snr_min_snr_ldm_trains_exports_and_samples(tmp_path, 
     with pytest.raises(LatentgenError, match="needs v-prediction"):
         train_ldm(replace(config, parameterization="eps"), first_stage, sources, tmp_path / "eps",
                   text_encoder=FakeTextEncoder(), quiet=True)
+
+
+def test_bf16_precision_runs_the_unet_in_bf16_on_fp32_master_weights(first_stage):
+    """--precision bf16 autocasts the UNet on CPU too (issue 14: avx512_bf16); the weights stay fp32."""
+    trainer = LDMTrainer.create(replace(_ldm_config("inpaint", 1), precision="bf16"), first_stage,
+                                LDMData(photos=_photos()))
+    dtypes = []
+    trainer.unet.register_forward_hook(lambda module, inputs, output: dtypes.append(output.dtype))
+    assert np.isfinite(trainer.train_step()["loss"])
+    assert dtypes == [torch.bfloat16] and all(p.dtype == torch.float32 for p in trainer.unet.parameters())
 
 
 @pytest.mark.slow

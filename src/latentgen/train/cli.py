@@ -61,6 +61,8 @@ def prepare_emoji(
     captions: int = typer.Option(2, help="captions per image"),
     hue_variants: int = typer.Option(2, help="hue-rotated copies of each one-hue emoji (not faces or people), "
                                              "their colour words rewritten to the new hue"),
+    skin_tones: int = typer.Option(1, help="skin-tone variants kept per emoji, picked at random (-1: all); "
+                                           "they differ in colour alone"),
     contexts: bool = typer.Option(True, help="precompute the MiniLM contexts of all captions (fp16)"),
     seed: int = typer.Option(0),
 ) -> None:
@@ -73,7 +75,8 @@ def prepare_emoji(
     with Progress(console=console, transient=True) as progress:
         task = progress.add_task("text contexts", total=None)
         path = datasets.prepare_emoji(out, version, size, captions, seed, hue_variants, encoder,
-                                      progress=lambda done, total: progress.update(task, completed=done, total=total))
+                                      progress=lambda done, total: progress.update(task, completed=done, total=total),
+                                      skin_tones=None if skin_tones < 0 else skin_tones)
     console.print(f"wrote {path}")
 
 
@@ -208,6 +211,7 @@ def ldm(
     prediction: str = typer.Option("eps", help="eps or v (velocity) targets"),
     zero_terminal_snr: bool = typer.Option(False, help="rescale the schedule to pure noise at T (Lin et al. 2023; needs v)"),
     min_snr_gamma: float = typer.Option(0.0, help="Min-SNR-gamma loss weighting (Hang et al. 2023; 5 is theirs; 0: off)"),
+    precision: str = typer.Option("fp32", help="fp32, or bf16 autocast of the UNet (fp32 master weights; also on CPU)"),
     ema_half_life: int = typer.Option(0, help="EMA half-life in steps (0: --ema-decay as CompVis, 0.9999)"),
     emoji_fraction: float = typer.Option(0.25, help="sr: share of emoji mosaics among the targets"),
     contexts: bool = typer.Option(True, help="txt2img: use the precomputed text contexts when prepared"),
@@ -232,9 +236,10 @@ def ldm(
         num_res_blocks=num_res_blocks, attention_resolutions=_numbers(attention_resolutions),
         num_head_channels=num_head_channels, batch=batch, lr=lr, steps=steps, cond_drop=cond_drop,
         parameterization=prediction, zero_terminal_snr=zero_terminal_snr, min_snr_gamma=min_snr_gamma,
-        ema_half_life=ema_half_life, emoji_fraction=emoji_fraction, seed=seed, checkpoint_every=checkpoint_every, sample_every=sample_every,
+        precision=precision, ema_half_life=ema_half_life, emoji_fraction=emoji_fraction, seed=seed, checkpoint_every=checkpoint_every, sample_every=sample_every,
         max_minutes=max_minutes, device=device,
     )
+    _check_precision(precision)
     rank = _join(config)
     wants_emoji = task == "txt2img" or (task == "sr" and emoji_fraction > 0)
     sources = LDMData(

@@ -203,6 +203,12 @@ def _article(word: str) -> str:
     return "an" if word[:1].lower() in "aeiou" else "a"
 
 
+def coloured_name(info: dict, colour: str) -> str:
+    """The name with its measured colour: "blue heart", but "hash key on a cyan square" for a
+    square tile, whose colour is the tile's, not the symbol's."""
+    return f"{info['name']} on {_article(colour)} {colour} square" if info.get("tile") else f"{colour} {info['name']}"
+
+
 def emoji_captions(info: dict, style: str, rng: random.Random, count: int) -> list[str]:
     """`count` different captions from varied templates; about half name the style. When the
     pixels have a colour the name does not say (`info["colour"]`), every other caption says it."""
@@ -211,7 +217,7 @@ def emoji_captions(info: dict, style: str, rng: random.Random, count: int) -> li
     colour = info.get("colour")
     captions = []
     for i, template in enumerate(templates):
-        name = f"{colour} {info['name']}" if colour and i % 2 == 0 else info["name"]
+        name = coloured_name(info, colour) if colour and i % 2 == 0 else info["name"]
         picked = rng.sample(keywords, k=min(2, len(keywords)))
         captions.append(template.format(
             a=_article(name), name=name, style=style, keyword=picked[0],
@@ -232,6 +238,16 @@ def measured_colour(image: np.ndarray, min_share: float = 0.6, min_coverage: flo
     return name
 
 
+def fills_corners(image: np.ndarray, inset: float = 0.1, min_fill: float = 0.9) -> bool:
+    """Whether an emoji is a square tile (keycaps, buttons, signs, scenes): patches near its four
+    corners are `min_fill` non-white. A tile's one hue is its background's."""
+    size = image.shape[0]
+    start, end = round(inset * size), round(2 * inset * size)
+    corners = [image[start:end, start:end], image[start:end, -end:-start],
+               image[-end:-start, start:end], image[-end:-start, -end:-start]]
+    return float(np.mean([(patch.min(-1) < 230).mean() for patch in corners])) >= min_fill
+
+
 def _range_centre(name: str) -> float:
     start, end = metrics.HUE_RANGES[name]
     return ((start + end + (360 if end < start else 0)) / 2) % 360
@@ -245,8 +261,10 @@ def rotate_hue(image: np.ndarray, degrees: float) -> np.ndarray:
 
 
 def _rotatable(info: dict, colour: Optional[str]) -> bool:
-    """One clear hue, not a face or a person, and a name whose colour word (if any) is that hue."""
-    if colour is None or info["category"] in NO_ROTATION_CATEGORIES:
+    """One clear hue, not a face, a person or a square tile (a turned tile would caption its
+    symbol with the background's colour: "a yellow star" on a yellow square), and a name whose
+    colour word (if any) is that hue."""
+    if colour is None or info.get("tile") or info["category"] in NO_ROTATION_CATEGORIES:
         return False
     if info["subcategory"].startswith(NO_ROTATION_SUBCATEGORIES) or "skin tone" in info["name"]:
         return False
@@ -283,9 +301,12 @@ def _emoji_image(png: bytes) -> np.ndarray:
 
 
 def read_emoji_package(tgz: Path, set_name: str, keywords: dict, size: int, captions: int,
-                       rng: random.Random, variants: int = 0) -> tuple[list[np.ndarray], list[dict]]:
-    """Every emoji image of one emoji-datasource tarball (skin tones included) with its captions,
-    and `variants` hue-rotated copies of each one-hue emoji (hue_variants)."""
+                       rng: random.Random, variants: int = 0,
+                       skin_tones: Optional[int] = None) -> tuple[list[np.ndarray], list[dict]]:
+    """Every emoji image of one emoji-datasource tarball with its captions, and `variants`
+    hue-rotated copies of each one-hue emoji (hue_variants). Of an emoji's skin-tone variants,
+    `skin_tones` picked at random are kept (all for None): they differ in colour alone, and all
+    five (25 for two people) would give people a third of the set and every other shape less."""
     images, records = [], []
     style = EMOJI_STYLES[set_name]
 
@@ -297,7 +318,10 @@ def read_emoji_package(tgz: Path, set_name: str, keywords: dict, size: int, capt
     with tarfile.open(tgz) as tar:
         table = json.loads(_tar_member(tar, "emoji.json"))
         for record in table:
-            for tone_key in ["", *record.get("skin_variations", {})]:
+            tones = list(record.get("skin_variations", {}))
+            if skin_tones is not None:
+                tones = rng.sample(tones, k=min(skin_tones, len(tones)))
+            for tone_key in ["", *tones]:
                 entry = record if not tone_key else record["skin_variations"][tone_key]
                 png = _tar_member(tar, f"img/{set_name}/64/{entry['image']}")
                 if png is None or not entry.get(f"has_img_{set_name}", True):
@@ -305,7 +329,7 @@ def read_emoji_package(tgz: Path, set_name: str, keywords: dict, size: int, capt
                 image = _emoji_image(png)
                 if image.shape[0] != size:
                     image = np.asarray(Image.fromarray(image).resize((size, size), Image.LANCZOS))
-                info = describe_emoji(record, keywords, tone_key)
+                info = {**describe_emoji(record, keywords, tone_key), "tile": fills_corners(image)}
                 colour = measured_colour(image)
                 said = set(info["name"].split()) & COLOUR_WORDS
                 add(image, {**info, "colour": colour if not said and "skin tone" not in info["name"] else None},
@@ -317,10 +341,11 @@ def read_emoji_package(tgz: Path, set_name: str, keywords: dict, size: int, capt
 
 def prepare_emoji(dst: Path, version: str = EMOJI_VERSION, size: int = 64, captions: int = 2, seed: int = 0,
                   variants: int = 2, encoder: Optional[Callable[[list[str]], torch.Tensor]] = None, batch: int = 64,
-                  progress: Optional[Callable[[int, int], None]] = None) -> Path:
+                  progress: Optional[Callable[[int, int], None]] = None, skin_tones: Optional[int] = 1) -> Path:
     """Fetch both emoji sets with npm and write emoji.npz (uint8 [N, size, size, 3]) and
     emoji.json (name, style, keywords, measured colour and `captions` per image), `variants`
-    hue-rotated copies of each one-hue emoji included; with an `encoder`, also the
+    hue-rotated copies of each one-hue emoji and `skin_tones` skin-tone variants of each emoji
+    included (read_emoji_package); with an `encoder`, also the
     text contexts of every caption as emoji-contexts.npy (fp16 [N * captions, L, D], image-major)
     and of the empty prompt as emoji-empty-context.npy."""
     rng = random.Random(seed)
@@ -334,13 +359,14 @@ def prepare_emoji(dst: Path, version: str = EMOJI_VERSION, size: int = 64, capti
         for set_name, package in EMOJI_SETS.items():
             tgz = next(Path(tmp).glob(f"{package}-*.tgz"))
             set_images, set_records = read_emoji_package(tgz, set_name, keywords, size, captions, rng,
-                                                            variants)
+                                                            variants, skin_tones)
             images += set_images
             records += set_records
     dst.mkdir(parents=True, exist_ok=True)
     np.savez_compressed(dst / "emoji.npz", images=np.stack(images))
     (dst / "emoji.json").write_text(json.dumps({"version": version, "seed": seed, "size": size,
                                                 "captions_per_image": captions, "hue_variants": variants,
+                                                "skin_tones": skin_tones,
                                                 "emoji": records}))
     if encoder is not None:
         texts = [caption for record in records for caption in record["captions"]]

@@ -69,6 +69,7 @@ class LDMConfig:
     zero_terminal_snr: bool = False
     parameterization: str = "eps"
     min_snr_gamma: float = 0.0
+    precision: str = "fp32"
     batch: int = 16
     lr: float = 2e-4
     steps: int = 20000
@@ -308,7 +309,7 @@ class LDMTrainer:
         x_t = losses.q_sample(z0, t, noise, self.alphas_cumprod)
         if concat is not None:
             x_t = torch.cat([x_t, concat], 1)
-        with runs.autocast(self.device):
+        with runs.autocast(self.device, cpu_bf16=self.config.precision == "bf16"):
             output = self.parallel_unet(x_t, t, context=context)
         config = self.config
         alpha = self.alphas_cumprod.to(self.device)[t].float().view(-1, 1, 1, 1)
