@@ -495,3 +495,18 @@ def test_weights_are_materialised_in_the_asked_dtype(tmp_path):
         assert ours.dtype == (torch.bfloat16 if reference.is_floating_point() else reference.dtype)
         assert torch.equal(ours, reference.to(ours.dtype))
     assert all(p.dtype == torch.bfloat16 for m in half.modules() for p in m.parameters())
+
+
+def test_safetensors_are_read_at_their_offsets_exactly_as_safetensors_reads_them(tmp_path):
+    """The reader fills each tensor from its header offsets (no memory map, so loading an fp16 SD
+    checkpoint in bf16 stays near one copy): every dtype, 0-d and empty tensors, metadata kept."""
+    tensors = {"a": torch.randn(3, 5).half(), "b": torch.randn(7).bfloat16(), "c": torch.tensor(2.5),
+               "d": torch.arange(6, dtype=torch.int64).reshape(2, 3), "e": torch.tensor([True, False]),
+               "f": torch.empty(0, 4), "g": torch.randn(2, 2).to(torch.float8_e4m3fn)}
+    path = tmp_path / "mixed.safetensors"
+    save_file(tensors, str(path), metadata={"format": "pt"})
+    state, metadata = read_checkpoint(path)
+    assert metadata == {"format": "pt"} and state.keys() == tensors.keys()
+    for name, tensor in tensors.items():
+        assert state[name].dtype == tensor.dtype and state[name].shape == tensor.shape
+        assert torch.equal(state[name].reshape(-1).view(torch.uint8), tensor.reshape(-1).view(torch.uint8))

@@ -164,14 +164,24 @@ def _validate_entry(path: Path, name: str, entry: Any, data_len: int) -> tuple[i
 
 
 def _read_safetensors(path: Path) -> tuple[dict, dict]:
-    from safetensors import SafetensorError, safe_open
-
+    """Every tensor, read at its validated header offsets straight into its own buffer. Not memory
+    mapped: the pages a map touches count as resident beside the tensors until it closes (an SD
+    checkpoint loaded in bf16 peaked at twice its size)."""
     header, metadata = read_safetensors_header(path)
+    state = {}
     try:
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            return {name: f.get_tensor(name) for name in header}, metadata
-    except (SafetensorError, OSError, RuntimeError, ValueError) as error:
+        with open(path, "rb") as f:
+            (header_len,) = struct.unpack("<Q", f.read(8))
+            for name, entry in header.items():
+                begin, end = entry["data_offsets"]
+                tensor = torch.empty(entry["shape"], dtype=SAFETENSORS_DTYPES[entry["dtype"]][1])
+                f.seek(8 + header_len + begin)
+                if f.readinto(memoryview(tensor.reshape(-1).view(torch.uint8).numpy())) != end - begin:
+                    raise LatentgenError(f"{path} is truncated: tensor {name[:100]!r} ends past the file")
+                state[name] = tensor
+    except OSError as error:
         raise LatentgenError(f"{path} could not be read as safetensors: {_first_line(error)}") from None
+    return state, metadata
 
 
 def _first_line(error: BaseException) -> str:
@@ -524,14 +534,20 @@ def _constructor_kwargs(cls: type, params: dict) -> dict:
 def _load_into(factory, state: dict, prefix: str, leftover: list[str], what: str,
                dtype: torch.dtype = torch.float32) -> torch.nn.Module:
     """Build on the meta device (no wasted random init), check the keys, then adopt the tensors,
-    their floating-point ones in `dtype` (a bf16 run never holds a float32 copy of the weights)."""
+    their floating-point ones in `dtype` (a bf16 run never holds a float32 copy of the weights).
+    `state` is emptied tensor by tensor as they are converted, so that the file's copy of each is
+    freed before the next is made (else an fp16 checkpoint loaded in bf16 is resident twice)."""
     try:
         module = on_meta(factory)
     except (TypeError, KeyError, ValueError, AssertionError) as error:
         raise LatentgenError(f"the config does not describe a buildable {what}: {_first_line(error)}") from None
     check_keys(module, state, prefix, leftover, what)
-    state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+    state = {k: _in_dtype(state.pop(k), dtype) for k in list(state)}
     return adopt(factory, state, module).to(dtype)  # .to: buffers outside the state dict too
+
+
+def _in_dtype(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return tensor.to(dtype) if tensor.is_floating_point() else tensor
 
 
 def _unet_factory(params: dict):
@@ -686,6 +702,7 @@ def load_model(path: PathLike, config: Union[PathLike, dict, None] = None, use_e
         prefix = detect.ESTIMATOR_PREFIX
         estimator_state = {k[len(prefix):]: state_dict[k] for k in leftover if k.startswith(prefix)}
         leftover = [k for k in leftover if not k.startswith(prefix)]
+    del state_dict  # the parts above hold every tensor still needed; _load_into frees them as it goes
     spec = detect.model_spec(params)
     if callable(dtype):
         dtype = dtype(spec)
