@@ -109,7 +109,11 @@ def read_safetensors_header(path: PathLike) -> tuple[dict, dict]:
     end: sane header length, known dtypes, shape x itemsize == byte span, spans inside the data
     section, not overlapping.
     """
-    path = Path(path)
+    return _read_header(Path(path))[:2]
+
+
+def _read_header(path: Path) -> tuple[dict, dict, int]:
+    """read_safetensors_header, and where the data section starts (its offsets count from there)."""
     size = path.stat().st_size
     with open(path, "rb") as f:
         prefix = f.read(8)
@@ -138,7 +142,7 @@ def read_safetensors_header(path: PathLike) -> tuple[dict, dict]:
     for (begin, end, name), (next_begin, _, next_name) in zip(spans, spans[1:]):
         if next_begin < end:
             raise LatentgenError(f"{path} is corrupt: tensors {name!r} and {next_name!r} overlap")
-    return header, metadata
+    return header, metadata, 8 + header_len
 
 
 def _validate_entry(path: Path, name: str, entry: Any, data_len: int) -> tuple[int, int, str]:
@@ -167,15 +171,14 @@ def _read_safetensors(path: Path) -> tuple[dict, dict]:
     """Every tensor, read at its validated header offsets straight into its own buffer. Not memory
     mapped: the pages a map touches count as resident beside the tensors until it closes (an SD
     checkpoint loaded in bf16 peaked at twice its size)."""
-    header, metadata = read_safetensors_header(path)
+    header, metadata, data_start = _read_header(path)
     state = {}
     try:
         with open(path, "rb") as f:
-            (header_len,) = struct.unpack("<Q", f.read(8))
             for name, entry in header.items():
                 begin, end = entry["data_offsets"]
                 tensor = torch.empty(entry["shape"], dtype=SAFETENSORS_DTYPES[entry["dtype"]][1])
-                f.seek(8 + header_len + begin)
+                f.seek(data_start + begin)
                 if f.readinto(memoryview(tensor.reshape(-1).view(torch.uint8).numpy())) != end - begin:
                     raise LatentgenError(f"{path} is truncated: tensor {name[:100]!r} ends past the file")
                 state[name] = tensor
