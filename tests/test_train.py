@@ -198,15 +198,19 @@ def _png(colour, alpha=255) -> bytes:
     return buffer.getvalue()
 
 
-def test_emoji_package_reading_composites_on_white(tmp_path):
-    tgz = tmp_path / "emoji-datasource-twitter-16.0.0.tgz"
-    with tarfile.open(tgz, "w:gz") as tar:
-        for name, payload in {"package/emoji.json": json.dumps([_heart_record(tones=True)]).encode(),
-                              "package/img/twitter/64/2764-fe0f.png": _png((255, 0, 0)),
-                              "package/img/twitter/64/tone.png": _png((0, 0, 0), alpha=0)}.items():
+def _tarball(path, members: dict) -> None:
+    with tarfile.open(path, "w:gz") as tar:
+        for name, payload in members.items():
             info = tarfile.TarInfo(name)
             info.size = len(payload)
             tar.addfile(info, io.BytesIO(payload))
+
+
+def test_emoji_package_reading_composites_on_white(tmp_path):
+    tgz = tmp_path / "emoji-datasource-twitter-16.0.0.tgz"
+    _tarball(tgz, {"package/emoji.json": json.dumps([_heart_record(tones=True)]).encode(),
+                   "package/img/twitter/64/2764-fe0f.png": _png((255, 0, 0)),
+                   "package/img/twitter/64/tone.png": _png((0, 0, 0), alpha=0)})
     images, records = data.read_emoji_package(tgz, "twitter", KEYWORDS, 8, 2, random.Random(0))
     assert [r["name"] for r in records] == ["red heart", "red heart, medium skin tone"]
     assert images[0][0, 0].tolist() == [255, 0, 0]
@@ -214,6 +218,27 @@ def test_emoji_package_reading_composites_on_white(tmp_path):
     assert all(len(r["captions"]) == 2 and r["style"] == "twemoji style" for r in records)
     _, untoned = data.read_emoji_package(tgz, "twitter", KEYWORDS, 8, 2, random.Random(0), skin_tones=0)
     assert [r["name"] for r in untoned] == ["red heart"]
+
+
+def test_an_old_package_is_named_by_the_current_table(tmp_path):
+    """The 2017 Noto drawings ("blob") come from emoji-datasource 3.0.0, whose table has legacy
+    names, no subcategories and no variation selectors: each drawing is found by its bare code
+    points and described by the current table, and what the old package does not draw is skipped."""
+    old_table = [{"unified": "2764", "name": "HEAVY BLACK HEART", "short_names": ["heart"], "category": "Symbols",
+                  "image": "2764.png", "has_img_google": True},
+                 {"unified": "1F600", "image": "1f600.png", "has_img_google": False}]
+    tgz = tmp_path / "emoji-datasource-google-3.0.0.tgz"
+    _tarball(tgz, {"package/emoji.json": json.dumps(old_table).encode(),
+                   "package/img/google/64/2764.png": _png((200, 0, 0)),
+                   "package/img/google/64/1f600.png": _png((250, 200, 0))})
+    grinning = {**_heart_record(), "unified": "1F600", "image": "1f600.png", "subcategory": "face smiling"}
+    images, records = data.read_emoji_package(tgz, "blob", KEYWORDS, 8, 2, random.Random(0),
+                                              table=[_heart_record(), grinning])
+    assert [(r["name"], r["subcategory"], r["image"], r["style"]) for r in records] == [
+        ("red heart", "heart", "2764.png", "blob emoji style")]
+    assert images[0][0, 0].tolist() == [200, 0, 0]
+    with pytest.raises(LatentgenError, match="unknown emoji sets"):
+        data.prepare_emoji(tmp_path / "out", sets=["apple"])
 
 
 def test_prepare_photos_is_seeded_and_documented(tmp_path):

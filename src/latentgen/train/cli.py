@@ -56,7 +56,8 @@ def prepare_photos(
 @train_app.command("prepare-emoji")
 def prepare_emoji(
     out: Path = typer.Option(DATA, help="output folder"),
-    version: str = typer.Option(datasets.EMOJI_VERSION, help="emoji-datasource-google/-twitter version"),
+    version: str = typer.Option(datasets.EMOJI_VERSION, help="emoji-datasource version of the current drawings "
+                                 "and of the table naming all"),
     size: int = typer.Option(64, help="image size (the packages' PNGs are 64 px)"),
     captions: int = typer.Option(2, help="captions per image"),
     hue_variants: int = typer.Option(2, help="hue-rotated copies of each one-hue emoji (not faces or people), "
@@ -64,9 +65,11 @@ def prepare_emoji(
     skin_tones: int = typer.Option(1, help="skin-tone variants kept per emoji, picked at random (-1: all); "
                                            "they differ in colour alone"),
     contexts: bool = typer.Option(True, help="precompute the MiniLM contexts of all captions (fp16)"),
+    sets: str = typer.Option(",".join(datasets.EMOJI_SETS), help="emoji drawings to include (google: Noto, "
+                             "twitter: Twemoji, blob: Noto of 2017)"),
     seed: int = typer.Option(0),
 ) -> None:
-    """Both emoji sets (npm), their captions and, optionally, the captions' text contexts."""
+    """The emoji sets (npm), their captions and, optionally, the captions' text contexts."""
     encoder = None
     if contexts:
         from latentgen.models.text import MiniLMEmbedder
@@ -76,7 +79,8 @@ def prepare_emoji(
         task = progress.add_task("text contexts", total=None)
         path = datasets.prepare_emoji(out, version, size, captions, seed, hue_variants, encoder,
                                       progress=lambda done, total: progress.update(task, completed=done, total=total),
-                                      skin_tones=None if skin_tones < 0 else skin_tones)
+                                      skin_tones=None if skin_tones < 0 else skin_tones,
+                                      sets=[name.strip() for name in sets.split(",")])
     console.print(f"wrote {path}")
 
 

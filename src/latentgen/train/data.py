@@ -14,7 +14,7 @@ import tarfile
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Callable, NamedTuple, Optional, Sequence
 
 import numpy as np
 import torch
@@ -26,9 +26,28 @@ from latentgen.errors import LatentgenError
 
 PHOTO_SUFFIXES = (".jpg", ".jpeg", ".png")
 EMOJI_VERSION = "16.0.0"
-EMOJI_SETS = {"google": "emoji-datasource-google", "twitter": "emoji-datasource-twitter"}
-# The style word each set adds to its captions, so that a prompt can ask for one look or the other.
-EMOJI_STYLES = {"google": "noto emoji style", "twitter": "twemoji style"}
+
+
+class EmojiSource(NamedTuple):
+    """One drawing of the emoji: the npm package (and version; None: prepare_emoji's) holding its
+    64 px PNGs under img/<images>/64, and the style word its captions add, so that a prompt can ask
+    for one look or another."""
+
+    package: str
+    version: Optional[str]
+    images: str
+    style: str
+
+
+EMOJI_SETS = {
+    "google": EmojiSource("emoji-datasource-google", None, "google", "noto emoji style"),
+    "twitter": EmojiSource("emoji-datasource-twitter", None, "twitter", "twemoji style"),
+    # Noto before Android 8 (2017), Apache-2.0 like today's: other drawings of the same emoji
+    # (the "blobs"), so that a name is seen drawn three ways rather than two.
+    "blob": EmojiSource("emoji-datasource-google", "3.0.0", "google", "blob emoji style"),
+}
+# The package whose emoji.json (at prepare_emoji's version) names and sorts every set's drawings.
+EMOJI_TABLE = "emoji-datasource-google"
 # CLDR names and keywords (MIT): emoji-datasource has only the legacy Unicode names, where
 # "HEAVY BLACK HEART" is the red heart.
 EMOJI_KEYWORDS = "emojilib@4.0.3"
@@ -300,31 +319,47 @@ def _emoji_image(png: bytes) -> np.ndarray:
     return np.asarray(Image.alpha_composite(canvas, image).convert("RGB"))
 
 
+def _bare(unified: str) -> str:
+    """A code point sequence without variation selectors, which old and new tables spell differently."""
+    return unified.upper().replace("-FE0F", "")
+
+
+def _image_files(table: list[dict], images: str) -> dict[str, str]:
+    """The PNG of every emoji and skin-tone variant a package draws, by bare code point sequence."""
+    return {_bare(entry["unified"]): entry["image"]
+            for record in table for entry in [record, *record.get("skin_variations", {}).values()]
+            if entry.get(f"has_img_{images}", True)}
+
+
 def read_emoji_package(tgz: Path, set_name: str, keywords: dict, size: int, captions: int,
-                       rng: random.Random, variants: int = 0,
-                       skin_tones: Optional[int] = None) -> tuple[list[np.ndarray], list[dict]]:
+                       rng: random.Random, variants: int = 0, skin_tones: Optional[int] = None,
+                       table: Optional[list[dict]] = None) -> tuple[list[np.ndarray], list[dict]]:
     """Every emoji image of one emoji-datasource tarball with its captions, and `variants`
-    hue-rotated copies of each one-hue emoji (hue_variants). Of an emoji's skin-tone variants,
-    `skin_tones` picked at random are kept (all for None): they differ in colour alone, and all
-    five (25 for two people) would give people a third of the set and every other shape less."""
+    hue-rotated copies of each one-hue emoji (hue_variants). Names and categories come from
+    `table` (the current emoji.json; default the tarball's own), so that an old package's drawings
+    are described like the new ones. Of an emoji's skin-tone variants, `skin_tones` picked at
+    random are kept (all for None): they differ in colour alone, and all five (25 for two people)
+    would give people a third of the set and every other shape less."""
     images, records = [], []
-    style = EMOJI_STYLES[set_name]
+    source = EMOJI_SETS[set_name]
 
     def add(image: np.ndarray, info: dict, file: str) -> None:
         images.append(image)
-        records.append({"set": set_name, "style": style, "image": file, **info,
-                        "captions": emoji_captions(info, style, rng, captions)})
+        records.append({"set": set_name, "style": source.style, "image": file, **info,
+                        "captions": emoji_captions(info, source.style, rng, captions)})
 
     with tarfile.open(tgz) as tar:
-        table = json.loads(_tar_member(tar, "emoji.json"))
-        for record in table:
+        own = json.loads(_tar_member(tar, "emoji.json"))
+        files = _image_files(own, source.images)
+        for record in table or own:
             tones = list(record.get("skin_variations", {}))
             if skin_tones is not None:
                 tones = rng.sample(tones, k=min(skin_tones, len(tones)))
             for tone_key in ["", *tones]:
                 entry = record if not tone_key else record["skin_variations"][tone_key]
-                png = _tar_member(tar, f"img/{set_name}/64/{entry['image']}")
-                if png is None or not entry.get(f"has_img_{set_name}", True):
+                file = files.get(_bare(entry["unified"]))
+                png = _tar_member(tar, f"img/{source.images}/64/{file}") if file else None
+                if png is None:
                     continue
                 image = _emoji_image(png)
                 if image.shape[0] != size:
@@ -333,40 +368,47 @@ def read_emoji_package(tgz: Path, set_name: str, keywords: dict, size: int, capt
                 colour = measured_colour(image)
                 said = set(info["name"].split()) & COLOUR_WORDS
                 add(image, {**info, "colour": colour if not said and "skin tone" not in info["name"] else None},
-                    entry["image"])
+                    file)
                 for rotated, rotated_info in hue_variants(image, info, variants, rng):
-                    add(rotated, rotated_info, entry["image"])
+                    add(rotated, rotated_info, file)
     return images, records
 
 
 def prepare_emoji(dst: Path, version: str = EMOJI_VERSION, size: int = 64, captions: int = 2, seed: int = 0,
                   variants: int = 2, encoder: Optional[Callable[[list[str]], torch.Tensor]] = None, batch: int = 64,
-                  progress: Optional[Callable[[int, int], None]] = None, skin_tones: Optional[int] = 1) -> Path:
-    """Fetch both emoji sets with npm and write emoji.npz (uint8 [N, size, size, 3]) and
-    emoji.json (name, style, keywords, measured colour and `captions` per image), `variants`
+                  progress: Optional[Callable[[int, int], None]] = None, skin_tones: Optional[int] = 1,
+                  sets: Sequence[str] = tuple(EMOJI_SETS)) -> Path:
+    """Fetch the emoji `sets` (EMOJI_SETS) with npm and write emoji.npz (uint8 [N, size, size, 3])
+    and emoji.json (name, style, keywords, measured colour and `captions` per image), `variants`
     hue-rotated copies of each one-hue emoji and `skin_tones` skin-tone variants of each emoji
-    included (read_emoji_package); with an `encoder`, also the
-    text contexts of every caption as emoji-contexts.npy (fp16 [N * captions, L, D], image-major)
-    and of the empty prompt as emoji-empty-context.npy."""
+    included (read_emoji_package), every set described by the `version` table; with an `encoder`,
+    also the text contexts of every caption as emoji-contexts.npy (fp16 [N * captions, L, D],
+    image-major) and of the empty prompt as emoji-empty-context.npy."""
+    unknown = set(sets) - set(EMOJI_SETS)
+    if unknown:
+        raise LatentgenError(f"unknown emoji sets {sorted(unknown)}; known: {', '.join(EMOJI_SETS)}")
     rng = random.Random(seed)
+    packages = {name: (EMOJI_SETS[name].package, EMOJI_SETS[name].version or version) for name in sets}
+    pinned = sorted({*packages.values(), (EMOJI_TABLE, version)})
     with tempfile.TemporaryDirectory() as tmp:
-        specs = [f"{package}@{version}" for package in EMOJI_SETS.values()] + [EMOJI_KEYWORDS]
-        npm_pack(specs, Path(tmp))
-        keyword_tgz = next(Path(tmp).glob("emojilib-*.tgz"))
-        with tarfile.open(keyword_tgz) as tar:
+        folder = Path(tmp)
+        npm_pack([f"{package}@{pin}" for package, pin in pinned] + [EMOJI_KEYWORDS], folder)
+        tarballs = {(package, pin): folder / f"{package}-{pin}.tgz" for package, pin in pinned}
+        with tarfile.open(next(folder.glob("emojilib-*.tgz"))) as tar:
             keywords = json.loads(_tar_member(tar, "dist/emoji-en-US.json"))
+        with tarfile.open(tarballs[EMOJI_TABLE, version]) as tar:
+            table = json.loads(_tar_member(tar, "emoji.json"))
         images, records = [], []
-        for set_name, package in EMOJI_SETS.items():
-            tgz = next(Path(tmp).glob(f"{package}-*.tgz"))
-            set_images, set_records = read_emoji_package(tgz, set_name, keywords, size, captions, rng,
-                                                            variants, skin_tones)
+        for set_name in sets:
+            set_images, set_records = read_emoji_package(tarballs[packages[set_name]], set_name, keywords, size,
+                                                         captions, rng, variants, skin_tones, table)
             images += set_images
             records += set_records
     dst.mkdir(parents=True, exist_ok=True)
     np.savez_compressed(dst / "emoji.npz", images=np.stack(images))
     (dst / "emoji.json").write_text(json.dumps({"version": version, "seed": seed, "size": size,
                                                 "captions_per_image": captions, "hue_variants": variants,
-                                                "skin_tones": skin_tones,
+                                                "skin_tones": skin_tones, "sets": list(sets),
                                                 "emoji": records}))
     if encoder is not None:
         texts = [caption for record in records for caption in record["captions"]]
