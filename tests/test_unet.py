@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from diffusers.models.embeddings import get_timestep_embedding
 
 from latentgen.errors import LatentgenError
-from latentgen.models.unet import GroupNorm32, UNetModel, timestep_embedding
+from latentgen.models.unet import GroupNorm32, SpatialTransformer, UNetModel, timestep_embedding
 from latentgen.reference import plain_unet_to_diffusers, transformer_unet_to_diffusers
 
 TOLERANCE = 2e-5  # measured: below 7e-6 everywhere; a GroupNorm eps of 1e-6 for 1e-5 alone gives 3e-5 to 7e-5
@@ -302,6 +302,26 @@ def test_bfloat16_forward_follows_float32():
     reference = model(x, t, context)
     low = model.to(torch.bfloat16)(x.bfloat16(), t, context.bfloat16())
     assert low.dtype == torch.bfloat16 and relative_error(low.float(), reference) < 5e-2
+
+
+@torch.no_grad()
+def test_a_channels_last_unet_keeps_its_layout_and_its_output():
+    """A channels_last UNet computes what the NCHW one does, and its SpatialTransformers hand
+    channels-last maps on as they are instead of copying them back to NCHW."""
+    params = TINY_CROSS["sd1-num-heads"]
+    model = build(params)
+    x, t, context, _ = inputs(params)
+    reference = model(x, t, context)
+    model.to(memory_format=torch.channels_last)
+    layouts = []
+    for module in model.modules():
+        if isinstance(module, SpatialTransformer):
+            module.register_forward_hook(
+                lambda _, args, out: layouts.append((out.is_contiguous(memory_format=torch.channels_last),
+                                                     args[0].is_contiguous(memory_format=torch.channels_last))))
+    out = model(x, t, context)
+    assert layouts and all(kept and came for kept, came in layouts)
+    assert torch.allclose(out, reference, atol=1e-5)
 
 
 @torch.no_grad()
