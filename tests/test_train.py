@@ -241,6 +241,22 @@ def test_an_old_package_is_named_by_the_current_table(tmp_path):
         data.prepare_emoji(tmp_path / "out", sets=["apple"])
 
 
+def test_a_package_without_a_table_is_read_by_its_file_names(tmp_path):
+    """Fluent's 3D emoji are WebP files named by their code points, with no emoji.json: each is
+    found by its bare code points (the variation selector dropped), downsized and described by
+    the current table; the scoped package's tarball is named as npm pack names it."""
+    image = io.BytesIO()
+    Image.new("RGBA", (32, 32), (0, 150, 0, 255)).save(image, format="WEBP", lossless=True)
+    tgz = tmp_path / data._tarball_name(*data.EMOJI_SETS["fluent"][:2])
+    assert tgz.name == "lobehub-fluent-emoji-3d-1.1.0.tgz"
+    _tarball(tgz, {"package/assets/2764-fe0f.webp": image.getvalue(), "package/README.md": b"x"})
+    images, records = data.read_emoji_package(tgz, "fluent", KEYWORDS, 8, 2, random.Random(0),
+                                              table=[_heart_record(tones=True)], skin_tones=None)
+    assert [(r["name"], r["image"], r["style"]) for r in records] == [
+        ("red heart", "2764-fe0f.webp", "fluent 3d emoji style")]
+    assert images[0].shape == (8, 8, 3) and images[0][4, 4].tolist() == [0, 150, 0]
+
+
 def test_prepare_photos_is_seeded_and_documented(tmp_path):
     src = tmp_path / "photos"
     src.mkdir()

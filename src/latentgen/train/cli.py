@@ -58,7 +58,7 @@ def prepare_emoji(
     out: Path = typer.Option(DATA, help="output folder"),
     version: str = typer.Option(datasets.EMOJI_VERSION, help="emoji-datasource version of the current drawings "
                                  "and of the table naming all"),
-    size: int = typer.Option(64, help="image size (the packages' PNGs are 64 px)"),
+    size: int = typer.Option(64, help="image size (emoji-datasource draws 64 px, Fluent 256 px)"),
     captions: int = typer.Option(2, help="captions per image"),
     hue_variants: int = typer.Option(2, help="hue-rotated copies of each one-hue emoji (not faces or people), "
                                              "their colour words rewritten to the new hue"),
@@ -66,7 +66,7 @@ def prepare_emoji(
                                            "they differ in colour alone"),
     contexts: bool = typer.Option(True, help="precompute the MiniLM contexts of all captions (fp16)"),
     sets: str = typer.Option(",".join(datasets.EMOJI_SETS), help="emoji drawings to include (google: Noto, "
-                             "twitter: Twemoji, blob: Noto of 2017)"),
+                             "twitter: Twemoji, blob: Noto of 2017, fluent: Microsoft's Fluent 3D)"),
     seed: int = typer.Option(0),
 ) -> None:
     """The emoji sets (npm), their captions and, optionally, the captions' text contexts."""

@@ -13,7 +13,7 @@ import subprocess
 import tarfile
 import tempfile
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Callable, NamedTuple, Optional, Sequence
 
 import numpy as np
@@ -29,22 +29,27 @@ EMOJI_VERSION = "16.0.0"
 
 
 class EmojiSource(NamedTuple):
-    """One drawing of the emoji: the npm package (and version; None: prepare_emoji's) holding its
-    64 px PNGs under img/<images>/64, and the style word its captions add, so that a prompt can ask
-    for one look or another."""
+    """One drawing of the emoji: the npm package (and version; None: prepare_emoji's), the folder
+    of its images, the style word its captions add, so that a prompt can ask for one look or
+    another, and the vendor whose has_img_<vendor> flags in an emoji-datasource emoji.json list the
+    images (None: the file names are the code points)."""
 
     package: str
     version: Optional[str]
     images: str
     style: str
+    vendor: Optional[str] = None
 
 
 EMOJI_SETS = {
-    "google": EmojiSource("emoji-datasource-google", None, "google", "noto emoji style"),
-    "twitter": EmojiSource("emoji-datasource-twitter", None, "twitter", "twemoji style"),
+    "google": EmojiSource("emoji-datasource-google", None, "img/google/64", "noto emoji style", "google"),
+    "twitter": EmojiSource("emoji-datasource-twitter", None, "img/twitter/64", "twemoji style", "twitter"),
     # Noto before Android 8 (2017), Apache-2.0 like today's: other drawings of the same emoji
     # (the "blobs"), so that a name is seen drawn three ways rather than two.
-    "blob": EmojiSource("emoji-datasource-google", "3.0.0", "google", "blob emoji style"),
+    "blob": EmojiSource("emoji-datasource-google", "3.0.0", "img/google/64", "blob emoji style", "google"),
+    # Microsoft's Fluent Emoji (MIT) in their shaded "3D" look, 256 px WebP named by code points:
+    # a fourth drawing, and one with volume and light.
+    "fluent": EmojiSource("@lobehub/fluent-emoji-3d", "1.1.0", "assets", "fluent 3d emoji style"),
 }
 # The package whose emoji.json (at prepare_emoji's version) names and sorts every set's drawings.
 EMOJI_TABLE = "emoji-datasource-google"
@@ -158,6 +163,11 @@ def npm_pack(specs: Sequence[str], workdir: Path) -> list[Path]:
     except subprocess.CalledProcessError as error:
         raise LatentgenError(f"npm pack {' '.join(specs)} failed: {error.stderr.strip().splitlines()[-1:]}") from None
     return sorted(workdir.glob("*.tgz"))
+
+
+def _tarball_name(package: str, version: str) -> str:
+    """The file `npm pack` writes: a scope's @ dropped and its / a dash."""
+    return f"{package.removeprefix('@').replace('/', '-')}-{version}.tgz"
 
 
 def _tar_member(tar: tarfile.TarFile, name: str) -> Optional[bytes]:
@@ -313,7 +323,7 @@ def hue_variants(image: np.ndarray, info: dict, count: int, rng: random.Random) 
 
 
 def _emoji_image(png: bytes) -> np.ndarray:
-    """An emoji PNG composited over white, uint8 RGB."""
+    """An emoji image (PNG, WebP) composited over white, uint8 RGB."""
     image = Image.open(io.BytesIO(png)).convert("RGBA")
     canvas = Image.new("RGBA", image.size, (255, 255, 255, 255))
     return np.asarray(Image.alpha_composite(canvas, image).convert("RGB"))
@@ -324,11 +334,17 @@ def _bare(unified: str) -> str:
     return unified.upper().replace("-FE0F", "")
 
 
-def _image_files(table: list[dict], images: str) -> dict[str, str]:
-    """The PNG of every emoji and skin-tone variant a package draws, by bare code point sequence."""
-    return {_bare(entry["unified"]): entry["image"]
-            for record in table for entry in [record, *record.get("skin_variations", {}).values()]
-            if entry.get(f"has_img_{images}", True)}
+def _image_files(tar: tarfile.TarFile, source: EmojiSource) -> dict[str, str]:
+    """The image of every emoji and skin-tone variant a package draws, by bare code point sequence:
+    listed by emoji-datasource's emoji.json, or named by its code points."""
+    if source.vendor is None:
+        folder = f"package/{source.images}/"
+        return {_bare(PurePosixPath(name).stem): name.removeprefix("package/")
+                for name in tar.getnames() if name.startswith(folder)}
+    return {_bare(entry["unified"]): f"{source.images}/{entry['image']}"
+            for record in json.loads(_tar_member(tar, "emoji.json"))
+            for entry in [record, *record.get("skin_variations", {}).values()]
+            if entry.get(f"has_img_{source.vendor}", True)}
 
 
 def read_emoji_package(tgz: Path, set_name: str, keywords: dict, size: int, captions: int,
@@ -349,18 +365,18 @@ def read_emoji_package(tgz: Path, set_name: str, keywords: dict, size: int, capt
                         "captions": emoji_captions(info, source.style, rng, captions)})
 
     with tarfile.open(tgz) as tar:
-        own = json.loads(_tar_member(tar, "emoji.json"))
-        files = _image_files(own, source.images)
-        for record in table or own:
+        files = _image_files(tar, source)
+        for record in table or json.loads(_tar_member(tar, "emoji.json")):
             tones = list(record.get("skin_variations", {}))
             if skin_tones is not None:
                 tones = rng.sample(tones, k=min(skin_tones, len(tones)))
             for tone_key in ["", *tones]:
                 entry = record if not tone_key else record["skin_variations"][tone_key]
-                file = files.get(_bare(entry["unified"]))
-                png = _tar_member(tar, f"img/{source.images}/64/{file}") if file else None
+                member = files.get(_bare(entry["unified"]))
+                png = _tar_member(tar, member) if member else None
                 if png is None:
                     continue
+                file = PurePosixPath(member).name
                 image = _emoji_image(png)
                 if image.shape[0] != size:
                     image = np.asarray(Image.fromarray(image).resize((size, size), Image.LANCZOS))
@@ -393,7 +409,7 @@ def prepare_emoji(dst: Path, version: str = EMOJI_VERSION, size: int = 64, capti
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         npm_pack([f"{package}@{pin}" for package, pin in pinned] + [EMOJI_KEYWORDS], folder)
-        tarballs = {(package, pin): folder / f"{package}-{pin}.tgz" for package, pin in pinned}
+        tarballs = {(package, pin): folder / _tarball_name(package, pin) for package, pin in pinned}
         with tarfile.open(next(folder.glob("emojilib-*.tgz"))) as tar:
             keywords = json.loads(_tar_member(tar, "dist/emoji-en-US.json"))
         with tarfile.open(tarballs[EMOJI_TABLE, version]) as tar:
