@@ -480,6 +480,19 @@ def test_txt2img_ldm_resumes_exactly_and_exports_official_layout(tmp_path, first
                                    rtol=1e-4, atol=1e-4)
 
 
+def test_cached_emoji_latents_are_keyed_by_the_images(tmp_path, first_stage):
+    """A run folder reused with other emoji encodes them anew instead of reading stale latents."""
+    def latents(emoji):
+        return LDMTrainer.create(_ldm_config("txt2img", 0), first_stage, LDMData(emoji=emoji),
+                                 text_encoder=FakeTextEncoder(), cache_dir=tmp_path).emoji_latents
+
+    first, other = _emoji(), EmojiSet(_emoji().images[::-1].copy(), _emoji().captions)
+    assert torch.equal(latents(first), latents(first))
+    assert len(list(tmp_path.glob("emoji-latents-*.pt"))) == 1
+    torch.testing.assert_close(latents(other), latents(first).flip(0))
+    assert len(list(tmp_path.glob("emoji-latents-*.pt"))) == 2
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("task,family,extra", [("inpaint", "ldm-inpaint", 4), ("sr", "ldm-sr", 3)])
 def test_concat_ldms_train_and_load(tmp_path, first_stage, task, family, extra):

@@ -6,6 +6,7 @@ the generator's state resumes on exactly the same batches. Batches are float ten
 NCHW, as everywhere else in latentgen.
 """
 
+import hashlib
 import io
 import json
 import random
@@ -468,6 +469,11 @@ class EmojiSet:
             contexts = np.load(folder / "emoji-contexts.npy", mmap_mode="r")
             empty = np.load(folder / "emoji-empty-context.npy")
         return cls(images, [r["captions"] for r in records], contexts, empty)
+
+    def fingerprint(self) -> str:
+        """A hash of the images, so that what was computed from them (cached latents) is not
+        mistaken for another set's."""
+        return hashlib.blake2b(np.ascontiguousarray(self.images).tobytes(), digest_size=6).hexdigest()
 
     def pick_captions(self, indices: torch.Tensor, generator: torch.Generator) -> tuple[list[str], list[int]]:
         """One random caption per image, and its row in `contexts`."""

@@ -152,7 +152,8 @@ class LDMTrainer:
                text_encoder: Optional[Encoder] = None, cache_dir: Optional[Path] = None,
                first_stage_name: Optional[str] = None, rank: distributed.Rank = distributed.Rank()) -> "LDMTrainer":
         """A fresh trainer; the emoji latents are computed once and kept in `cache_dir` (keyed by the
-        first stage's hash and the image size) so that resumed runs skip the encoding. With
+        first stage's hash, the emoji images' and the image size) so that resumed runs skip the
+        encoding and a run folder reused with other emoji encodes them anew. With
         `first_stage_name` (a bundled autoencoder's) the export names it instead of storing a copy.
         Under torchrun (`rank`) the UNet trains under DistributedDataParallel on this rank's slice."""
         if config.task not in TASKS:
@@ -177,7 +178,8 @@ class LDMTrainer:
         trainer.parallel_unet = distributed.data_parallel(unet, rank)
         trainer._check_data()
         if config.task == "txt2img":
-            cache = cache_dir / f"emoji-latents-{latent_space_key(stage)}-{config.image_size}.pt" if cache_dir else None
+            key = f"{latent_space_key(stage)}-{data.emoji.fingerprint()}-{config.image_size}"
+            cache = cache_dir / f"emoji-latents-{key}.pt" if cache_dir else None
             trainer.emoji_latents = trainer._encode_emoji(cache)
             trainer.empty_context = trainer._empty_context()
         trainer.scale_factor = trainer._measure_scale_factor()
