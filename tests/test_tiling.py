@@ -27,3 +27,11 @@ def test_flat_input_stays_flat():
     noisy_offsetless = lambda t: t * 2
     y = map_tiled(noisy_offsetless, x, tile=20, overlap=5, factor=1)
     assert torch.allclose(y, torch.full_like(y, 0.6))
+
+
+def test_half_precision_tiles_are_blended_in_float32():
+    """Tiles of a bf16 decode are summed in float32: the overlaps keep the tiles' own values."""
+    x = torch.randn(1, 3, 70, 45).bfloat16()
+    y = map_tiled(lambda t: t, x, tile=24, overlap=6, factor=1)
+    assert y.dtype == torch.float32
+    torch.testing.assert_close(y, x.float(), rtol=1e-6, atol=1e-6)

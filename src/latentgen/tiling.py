@@ -44,7 +44,8 @@ def map_tiled(
     overlap: int,
     factor: int,
 ) -> torch.Tensor:
-    """Apply `fn` over overlapping `tile`-sized tiles of `x` [N,C,H,W] and blend the outputs."""
+    """Apply `fn` over overlapping `tile`-sized tiles of `x` [N,C,H,W] and blend the outputs,
+    in float32 whatever `fn` returns (a bf16 sum of weighted tiles would be off by a grey level)."""
     _, _, height, width = x.shape
     if height <= tile and width <= tile:
         return fn(x)
@@ -56,12 +57,12 @@ def map_tiled(
             th, tw = piece.shape[-2:]
             wy = _ramp(th, overlap * factor, y == ys[0], y == ys[-1])
             wx = _ramp(tw, overlap * factor, x0 == xs[0], x0 == xs[-1])
-            w = (wy[:, None] * wx[None, :]).to(piece)
+            w = (wy[:, None] * wx[None, :]).to(piece.device)
             if out is None:
-                out = piece.new_zeros(*piece.shape[:2], height * factor, width * factor)
-                weights = piece.new_zeros(height * factor, width * factor)
+                out = piece.new_zeros(*piece.shape[:2], height * factor, width * factor, dtype=torch.float32)
+                weights = piece.new_zeros(height * factor, width * factor, dtype=torch.float32)
             oy, ox = y * factor, x0 * factor
-            out[:, :, oy : oy + th, ox : ox + tw] += piece * w
+            out[:, :, oy : oy + th, ox : ox + tw] += piece.float() * w
             weights[oy : oy + th, ox : ox + tw] += w
     return out / weights
 
