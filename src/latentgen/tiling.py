@@ -44,8 +44,9 @@ def map_tiled(
     overlap: int,
     factor: int,
 ) -> torch.Tensor:
-    """Apply `fn` over overlapping `tile`-sized tiles of `x` [N,C,H,W] and blend the outputs,
-    in float32 whatever `fn` returns (a bf16 sum of weighted tiles would be off by a grey level)."""
+    """Apply `fn` over overlapping `tile`-sized tiles of `x` [N,C,H,W] and blend the outputs in
+    float32 whatever `fn` returns (a bf16 sum of weighted tiles would be off by a grey level); an
+    `x` of one tile is `fn(x)` as it is."""
     _, _, height, width = x.shape
     if height <= tile and width <= tile:
         return fn(x)
