@@ -11,7 +11,8 @@ from latentgen.loader import load_model
 from latentgen.models.dcae import AutoencoderDC, zero_init_residuals
 from latentgen.train.autoencoder import AutoencoderConfig, train_autoencoder
 from latentgen.train.data import ImageBatches
-from latentgen.train.dc import dc_params, learning_rate
+from latentgen.train.dc import dc_params
+from latentgen.train.runs import learning_rate
 
 TINY = [
     # no full-resolution stage (the bundled layout): conv_in / conv_out are pixel-(un)shuffle blocks

@@ -139,6 +139,26 @@ def test_emoji_names_come_from_cldr_without_legacy_colours():
     assert toned["name"] == "red heart, medium skin tone"
 
 
+def test_only_emoji_without_a_side_are_mirrorable():
+    heart = data.describe_emoji(_heart_record(), KEYWORDS)
+    assert data.mirrorable(heart)
+    assert data.mirrorable({**heart, "name": "cat face", "category": "animals & nature"})
+    assert not data.mirrorable({**heart, "name": "flag: france", "category": "flags"})
+    assert not data.mirrorable({**heart, "name": "hash key", "category": "symbols", "tile": True})
+    assert not data.mirrorable({**heart, "name": "backhand index pointing left", "category": "people & body"})
+    assert not data.mirrorable({**heart, "name": "person walking facing right, dark skin tone"})
+    assert not data.mirrorable({**heart, "name": "three o’clock", "category": "travel & places"})
+
+
+def test_a_loaded_emoji_set_knows_which_images_may_be_mirrored(tmp_path):
+    heart = {**data.describe_emoji(_heart_record(), KEYWORDS), "captions": ["a heart", "red heart"]}
+    flag = {**heart, "name": "flag: france", "category": "flags"}
+    np.savez(tmp_path / "emoji.npz", images=np.zeros((2, 8, 8, 3), np.uint8))
+    (tmp_path / "emoji.json").write_text(json.dumps({"emoji": [heart, flag]}))
+    emoji = EmojiSet.load(tmp_path)
+    assert emoji.mirrors.tolist() == [True, False] and emoji.captions[0] == ["a heart", "red heart"]
+
+
 def test_emoji_captions_vary_and_name_the_style():
     info = data.describe_emoji(_heart_record(), KEYWORDS)
     rng = random.Random(0)
@@ -491,6 +511,36 @@ def test_cached_emoji_latents_are_keyed_by_the_images(tmp_path, first_stage):
     assert len(list(tmp_path.glob("emoji-latents-*.pt"))) == 1
     torch.testing.assert_close(latents(other), latents(first).flip(0))
     assert len(list(tmp_path.glob("emoji-latents-*.pt"))) == 2
+
+
+def test_mirrored_emoji_are_the_flipped_images_latents_and_only_mirrorable_ones_flip(tmp_path, first_stage):
+    """--mirror: row N + i holds image i flipped; a batch takes it for mirrorable images only, with
+    the unflipped image's caption."""
+    emoji = _emoji()
+    emoji.mirrors = np.array([True, False] * 3)
+    config = replace(_ldm_config("txt2img", 0), mirror=True)
+    trainer = LDMTrainer.create(config, first_stage, LDMData(emoji=emoji), text_encoder=FakeTextEncoder(),
+                                cache_dir=tmp_path)
+    flipped = EmojiSet(emoji.images[:, :, ::-1].copy(), emoji.captions)
+    plain = LDMTrainer.create(_ldm_config("txt2img", 0), first_stage, LDMData(emoji=flipped),
+                              text_encoder=FakeTextEncoder())
+    assert len(trainer.emoji_latents) == 12
+    torch.testing.assert_close(trainer.emoji_latents[6:], plain.emoji_latents)
+    rows = trainer._mirrored(torch.arange(6).repeat(20), torch.Generator().manual_seed(0))
+    taken = set(zip(torch.arange(6).repeat(20).tolist(), rows.tolist()))
+    assert taken == {(i, i) for i in range(6)} | {(i, i + 6) for i in (0, 2, 4)}
+
+
+def test_ldm_learning_rate_follows_warmup_and_cosine(first_stage):
+    config = replace(_ldm_config("txt2img", 10), warmup=2, min_lr=0.1, channels_last=True)
+    trainer = LDMTrainer.create(config, first_stage, LDMData(emoji=_emoji()), text_encoder=FakeTextEncoder())
+    rates = [trainer.train_step()["lr"] for _ in range(10)]
+    assert rates[0] == pytest.approx(5e-4) and rates[1] == pytest.approx(1e-3)
+    assert rates[2:] == sorted(rates[2:], reverse=True) and rates[-1] > 1e-4
+    assert trainer.unet.input_blocks[0][0].weight.is_contiguous(memory_format=torch.channels_last)
+    constant = LDMTrainer.create(_ldm_config("txt2img", 10), first_stage, LDMData(emoji=_emoji()),
+                                 text_encoder=FakeTextEncoder())
+    assert {constant.train_step()["lr"] for _ in range(3)} == {1e-3}
 
 
 @pytest.mark.slow

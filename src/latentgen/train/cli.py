@@ -211,6 +211,12 @@ def ldm(
     batch: int = typer.Option(16),
     lr: float = typer.Option(2e-4),
     steps: int = typer.Option(20000),
+    warmup: int = typer.Option(0, help="linear learning-rate warm-up steps"),
+    min_lr: float = typer.Option(1.0, help="final learning rate as a fraction of --lr, reached by a cosine at --steps "
+                                           "(1: constant)"),
+    channels_last: bool = typer.Option(False, help="channels-last memory format of the UNet"),
+    mirror: bool = typer.Option(False, help="txt2img: show emoji without a side (not flags, symbols, arrows, "
+                                            "clocks) mirrored half of the time"),
     cond_drop: float = typer.Option(0.1, help="text dropout for classifier-free guidance"),
     prediction: str = typer.Option("eps", help="eps or v (velocity) targets"),
     zero_terminal_snr: bool = typer.Option(False, help="rescale the schedule to pure noise at T (Lin et al. 2023; needs v)"),
@@ -238,7 +244,8 @@ def ldm(
     config = LDMConfig(
         task=task, image_size=image_size, model_channels=model_channels, channel_mult=_numbers(channel_mult),
         num_res_blocks=num_res_blocks, attention_resolutions=_numbers(attention_resolutions),
-        num_head_channels=num_head_channels, batch=batch, lr=lr, steps=steps, cond_drop=cond_drop,
+        num_head_channels=num_head_channels, batch=batch, lr=lr, steps=steps, warmup=warmup, min_lr=min_lr,
+        channels_last=channels_last, mirror=mirror, cond_drop=cond_drop,
         parameterization=prediction, zero_terminal_snr=zero_terminal_snr, min_snr_gamma=min_snr_gamma,
         precision=precision, ema_half_life=ema_half_life, emoji_fraction=emoji_fraction, seed=seed, checkpoint_every=checkpoint_every, sample_every=sample_every,
         max_minutes=max_minutes, device=device,

@@ -68,6 +68,10 @@ ROTATION_COLOURS = ("red", "orange", "yellow", "green", "blue", "purple", "pink"
 # Faces, people and flags keep their hues: a green face is another thing than a green heart.
 NO_ROTATION_CATEGORIES = ("people & body", "flags")
 NO_ROTATION_SUBCATEGORIES = ("face", "person", "hand", "family")
+# What a mirror image would make wrong: flags, letters, digits, arrows and signs (symbols), and
+# anything whose name says a side or reads a time.
+NO_MIRROR_CATEGORIES = ("flags", "symbols")
+SIDED_WORDS = frozenset({"left", "right", "leftwards", "rightwards", "arrow", "clock", "o’clock", "letter", "text"})
 
 
 # ---- photos ---------------------------------------------------------------------------------
@@ -323,6 +327,14 @@ def hue_variants(image: np.ndarray, info: dict, count: int, rng: random.Random) 
     return variants
 
 
+def mirrorable(record: dict) -> bool:
+    """Whether the emoji's mirror image is still what its captions say (a cat, a pizza), so that
+    training may show it flipped left to right: not a flag, symbol or tile, no side or time in its name."""
+    if record["category"] in NO_MIRROR_CATEGORIES or record.get("tile"):
+        return False
+    return not set(record["name"].replace(",", " ").split()) & SIDED_WORDS
+
+
 def _emoji_image(png: bytes) -> np.ndarray:
     """An emoji image (PNG, WebP) composited over white, uint8 RGB."""
     image = Image.open(io.BytesIO(png)).convert("RGBA")
@@ -451,12 +463,14 @@ def encode_texts(encoder: Callable[[list[str]], torch.Tensor], texts: list[str],
 
 @dataclass
 class EmojiSet:
-    """The prepared emoji: images, one caption list per image, and cached contexts when prepared."""
+    """The prepared emoji: images, one caption list per image, cached contexts when prepared, and
+    which images may be shown mirrored (`mirrors`, by `mirrorable`; None: none)."""
 
     images: np.ndarray
     captions: list[list[str]]
     contexts: Optional[np.ndarray] = None
     empty_context: Optional[np.ndarray] = None
+    mirrors: Optional[np.ndarray] = None
 
     @classmethod
     def load(cls, folder: Path, use_contexts: bool = True) -> "EmojiSet":
@@ -468,7 +482,8 @@ class EmojiSet:
         if use_contexts and (folder / "emoji-contexts.npy").is_file():
             contexts = np.load(folder / "emoji-contexts.npy", mmap_mode="r")
             empty = np.load(folder / "emoji-empty-context.npy")
-        return cls(images, [r["captions"] for r in records], contexts, empty)
+        return cls(images, [r["captions"] for r in records], contexts, empty,
+                   np.array([mirrorable(r) for r in records], dtype=bool))
 
     def fingerprint(self) -> str:
         """A hash of the images, so that what was computed from them (cached latents) is not

@@ -39,14 +39,6 @@ def dc_params(widths: tuple[int, ...], encoder_layers: tuple[int, ...], decoder_
             "decoder_in_shortcut": True, "decoder_conv_act_fn": "relu", "scaling_factor": 1.0}
 
 
-def learning_rate(step: int, base: float, warmup: int, total: int, floor: float) -> float:
-    """Linear warm-up over `warmup` steps, then cosine from `base` down to `floor * base` at `total`."""
-    if step < warmup:
-        return base * (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    return base * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress)))
-
-
 @dataclass
 class DCTrainer:
     """A DC-AE and its optimiser at `step` (driven by `runs.train_loop`); subclasses train another
@@ -149,7 +141,7 @@ class DCTrainer:
 
     def train_step(self) -> dict[str, float]:
         config = self.config
-        lr = learning_rate(self.step, config.lr, config.warmup, config.steps, config.min_lr)
+        lr = runs.learning_rate(self.step, config.lr, config.warmup, config.steps, config.min_lr)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         x = self.batch()

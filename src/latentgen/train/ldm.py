@@ -52,7 +52,9 @@ Encoder = Callable[[list[str]], torch.Tensor]
 
 @dataclass
 class LDMConfig:
-    """UNet architecture (CompVis unet_config names), schedule and recipe."""
+    """UNet architecture (CompVis unet_config names), schedule and recipe. The learning rate warms
+    up over `warmup` steps, then follows a cosine to `min_lr` x `lr` at `steps` (1.0: constant);
+    `mirror` shows mirrorable emoji flipped left to right half of the time."""
 
     task: str = "txt2img"
     image_size: int = 128
@@ -73,6 +75,10 @@ class LDMConfig:
     batch: int = 16
     lr: float = 2e-4
     steps: int = 20000
+    warmup: int = 0
+    min_lr: float = 1.0
+    channels_last: bool = False
+    mirror: bool = False
     ema_decay: float = 0.9999
     ema_half_life: int = 0
     cond_drop: float = 0.1
@@ -169,6 +175,8 @@ class LDMTrainer:
         if config.image_size % (f * 2 ** (len(config.channel_mult) - 1)):
             raise LatentgenError(f"image size {config.image_size} must divide by f x 2^(levels - 1)")
         unet = UNetModel(**config.unet_config(first_stage.spec.latent_channels, f)["params"]).to(device)
+        if config.channels_last:
+            unet = unet.to(memory_format=torch.channels_last)
         trainer = cls(config, unet, copy.deepcopy(unet).requires_grad_(False), torch.optim.AdamW(unet.parameters(), config.lr),
                       stage, first_stage.spec, first_stage.params["first_stage_config"], data, torch.Generator().manual_seed(config.seed),
                       device, make_alphas_cumprod("linear", config.timesteps, config.linear_start, config.linear_end,
@@ -179,6 +187,7 @@ class LDMTrainer:
         trainer._check_data()
         if config.task == "txt2img":
             key = f"{latent_space_key(stage)}-{data.emoji.fingerprint()}-{config.image_size}"
+            key += "-mirrored" if config.mirror else ""
             cache = cache_dir / f"emoji-latents-{key}.pt" if cache_dir else None
             trainer.emoji_latents = trainer._encode_emoji(cache)
             trainer.empty_context = trainer._empty_context()
@@ -197,13 +206,17 @@ class LDMTrainer:
             data.photos.crop = self.config.image_size
 
     def _encode_emoji(self, cache: Optional[Path]) -> torch.Tensor:
-        """Latent statistics of every emoji: KL (mean, logvar) stacked on channels, or VQ's h."""
+        """Latent statistics of every emoji: KL (mean, logvar) stacked on channels, or VQ's h; with
+        `mirror`, those of every emoji flipped left to right follow (row N + i is image i mirrored)."""
         if cache is not None and cache.is_file():
             return torch.load(cache, weights_only=True)
+        images = self.data.emoji.images
+        if self.config.mirror:
+            images = np.concatenate([images, images[:, :, ::-1]])
         out = []
         with torch.no_grad():
-            for start in range(0, len(self.data.emoji.images), 64):
-                x = emoji_at(self.data.emoji.images[start:start + 64], self.config.image_size).to(self.device)
+            for start in range(0, len(images), 64):
+                x = emoji_at(images[start:start + 64], self.config.image_size).to(self.device)
                 if isinstance(self.first_stage, AutoencoderKL):
                     out.append(torch.cat(self.first_stage.encode_moments(x), 1).cpu())
                 else:
@@ -252,8 +265,9 @@ class LDMTrainer:
         """(scaled latents z0, their conditioning) for one training step."""
         task, sf = self.config.task, self.scale_factor
         if task == "txt2img":
-            indices = torch.randint(len(self.emoji_latents), (batch,), generator=generator)
-            return self._emoji_latents(indices) * sf, Conditioning(context=self._text_condition(indices, generator))
+            indices = torch.randint(len(self.data.emoji.images), (batch,), generator=generator)
+            rows = self._mirrored(indices, generator) if self.config.mirror else indices
+            return self._emoji_latents(rows) * sf, Conditioning(context=self._text_condition(indices, generator))
         if task == "sr":
             x = self._sr_targets(batch, generator)
             low = degrade(x.cpu(), self.first_stage_spec.factor, generator).to(self.device)
@@ -268,6 +282,14 @@ class LDMTrainer:
             masked = encode(self.first_stage, x * (mask < 0.5), False) * sf
             small = F.interpolate(mask, size=z.shape[-2:], mode="nearest")
             return z, Conditioning(concat=inpainting_concat(INPAINT_LAYOUT, masked, small))
+
+    def _mirrored(self, indices: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """Latent rows of `indices`, the mirrored copy (row N + i) for half of the mirrorable ones."""
+        emoji = self.data.emoji
+        mirrorable = torch.zeros(len(indices), dtype=torch.bool) if emoji.mirrors is None else \
+            torch.from_numpy(emoji.mirrors)[indices]
+        flip = (torch.rand(len(indices), generator=generator) < 0.5) & mirrorable
+        return indices + flip.long() * len(emoji.images)
 
     def _sr_targets(self, batch: int, generator: torch.Generator) -> torch.Tensor:
         """High-resolution targets: photo crops plus, when emoji are given, sharp emoji mosaics."""
@@ -289,7 +311,7 @@ class LDMTrainer:
         with torch.no_grad():
             for _ in range(max(1, samples // batch)):
                 if self.config.task == "txt2img":
-                    z = self._emoji_latents(torch.randint(len(self.emoji_latents), (batch,), generator=generator))
+                    z = self._emoji_latents(torch.randint(len(self.data.emoji.images), (batch,), generator=generator))
                 else:
                     x = self._sr_targets(batch, generator) if self.config.task == "sr" else self._photos(batch, generator)
                     z = encode(self.first_stage, x, True)
@@ -302,7 +324,11 @@ class LDMTrainer:
     def train_step(self) -> dict[str, float]:
         """One step on the global batch (drawn whole on every rank, so that it does not depend on
         the number of ranks), of which this rank trains its slice."""
-        z0, cond = self.batch(self.config.batch, self.generator)
+        config = self.config
+        lr = runs.learning_rate(self.step, config.lr, config.warmup, config.steps, config.min_lr)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        z0, cond = self.batch(config.batch, self.generator)
         t = torch.randint(0, self.config.timesteps, (len(z0),)).to(self.device)
         noise = torch.randn(z0.shape).to(self.device)
         part = self.rank.part(len(z0))
@@ -311,9 +337,10 @@ class LDMTrainer:
         x_t = losses.q_sample(z0, t, noise, self.alphas_cumprod)
         if concat is not None:
             x_t = torch.cat([x_t, concat], 1)
+        if config.channels_last:
+            x_t = x_t.contiguous(memory_format=torch.channels_last)
         with runs.autocast(self.device, cpu_bf16=self.config.precision == "bf16"):
             output = self.parallel_unet(x_t, t, context=context)
-        config = self.config
         alpha = self.alphas_cumprod.to(self.device)[t].float().view(-1, 1, 1, 1)
         target = losses.v_target(z0, noise, alpha) if config.parameterization == "v" else noise
         weights = losses.min_snr_weights(alpha, config.min_snr_gamma, config.parameterization) \
@@ -324,7 +351,7 @@ class LDMTrainer:
         self.optimizer.step()
         self.step += 1
         self._update_ema()
-        return {"loss": loss.item()}
+        return {"loss": loss.item(), "lr": lr}
 
     def _update_ema(self) -> None:
         """CompVis LitEma: decay warms up as (1 + n) / (10 + n) towards `ema_decay`, or, with

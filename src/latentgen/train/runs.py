@@ -3,6 +3,7 @@ makes a resumed run draw exactly what an uninterrupted one would, the rich progr
 the fp16 safetensors + config.json export that `load_model` reads like an official checkpoint."""
 
 import json
+import math
 import time
 from pathlib import Path
 from typing import Callable, Optional, Protocol
@@ -23,6 +24,14 @@ def autocast(device: torch.device, cpu_bf16: bool = False, enabled: bool = True)
     that way (a conv stack on an avx512_bf16 CPU: 2-4x, issue 14; a transformer layer: slower)."""
     on = enabled and (device.type == "cuda" or (device.type == "cpu" and cpu_bf16))
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=on)
+
+
+def learning_rate(step: int, base: float, warmup: int, total: int, floor: float) -> float:
+    """Linear warm-up over `warmup` steps, then cosine from `base` down to `floor * base` at `total`."""
+    if step < warmup:
+        return base * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return base * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
 def random_state(generator: torch.Generator) -> dict:
