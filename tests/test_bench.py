@@ -7,8 +7,10 @@ import sys
 import types
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import save_file
 
 from latentgen import bench
@@ -53,16 +55,28 @@ def test_time_ms_interleaves_the_runners_so_drift_weighs_on_both():
     assert calls == ["a", "b"] * 4 and len(medians) == 2
 
 
-def test_random_state_dict_is_one_buffer_scaled_per_role():
+def test_random_state_dict_is_scaled_per_role_in_tensors_of_their_own():
     with torch.device("meta"):
         module = torch.nn.Sequential(torch.nn.Linear(256, 64), torch.nn.LayerNorm(64))
     state = bench.random_state_dict(module, CPU, torch.float32, seed=3)
     weight, bias, gain = state["0.weight"], state["0.bias"], state["1.weight"]
-    assert weight.untyped_storage().data_ptr() == gain.untyped_storage().data_ptr()
+    assert weight.untyped_storage().data_ptr() != gain.untyped_storage().data_ptr()
     assert weight.std().item() == pytest.approx(256**-0.5, rel=0.1)
     assert gain.mean().item() == pytest.approx(1.0, abs=0.05) and bias.abs().max().item() < 0.2
     again = bench.random_state_dict(module, CPU, torch.float32, seed=3)
     assert torch.equal(again["0.weight"], weight)
+
+
+def test_random_convolutions_come_channels_last_when_asked():
+    with torch.device("meta"):
+        module = torch.nn.Sequential(torch.nn.Conv2d(4, 8, 3), torch.nn.GroupNorm(2, 8))
+    state = bench.random_state_dict(module, CPU, torch.bfloat16, memory_format=torch.channels_last)
+    weight = state["0.weight"]
+    assert weight.shape == (8, 4, 3, 3) and weight.is_contiguous(memory_format=torch.channels_last)
+    assert state["1.weight"].is_contiguous()
+    unet, vae = bench.build_latentgen(bench.architecture("tiny"), CPU, torch.bfloat16)
+    assert unet.input_blocks[0][0].weight.is_contiguous(memory_format=torch.channels_last)
+    assert vae.decoder.conv_out.weight.is_contiguous(memory_format=torch.channels_last)
 
 
 @pytest.fixture(scope="module")
@@ -177,7 +191,10 @@ Image.new("RGB", (int(value("-W")), int(value("-H")))).save(value("-o"))
 '''
 
 
-def test_bench_peer_sd_cpp_times_both_processes_on_one_checkpoint(tmp_path):
+@pytest.mark.slow
+def test_bench_processes_times_latentgen_diffusers_and_sd_cpp_on_one_checkpoint(tmp_path):
+    """--processes --peer sd-cpp PATH: three cold processes on one file, side by side, and nothing
+    in-process; diffusers' own pipeline loads the file offline from the config folder we write."""
     from typer.testing import CliRunner
 
     from latentgen.cli import app
@@ -187,13 +204,16 @@ def test_bench_peer_sd_cpp_times_both_processes_on_one_checkpoint(tmp_path):
     fake.chmod(0o755)
     out = tmp_path / "bench.json"
     result = CliRunner().invoke(app, ["bench", "--arch", "tiny", "--latent", "8", "--steps", "2", "--repeats", "1",
-                                      "--no-diffusers", "--device", "cpu", "--peer", "sd-cpp", str(fake),
+                                      "--processes", "--device", "cpu", "--peer", "sd-cpp", str(fake),
                                       "--out", str(out)])
     assert result.exit_code == 0, result.output
     rows = {row.name: row for row in bench.read_json(out)[1]}
+    assert set(rows) == {"2-step 64 px image, cold process (ms)", "peak RSS of that process (MB)"}
     cold, memory = rows["2-step 64 px image, cold process (ms)"], rows["peak RSS of that process (MB)"]
-    assert cold.latentgen_ms > 0 and cold.sdcpp_ms > 0 and cold.sdcpp_ratio == cold.latentgen_ms / cold.sdcpp_ms
+    assert cold.latentgen_ms > 0 and cold.diffusers_ms > 0 and cold.sdcpp_ms > 0
+    assert cold.sdcpp_ratio == cold.latentgen_ms / cold.sdcpp_ms and cold.ratio == cold.latentgen_ms / cold.diffusers_ms
     assert memory.sdcpp_ms >= 64 and memory.latentgen_ms > memory.sdcpp_ms  # the ballast; torch weighs more
+    assert memory.diffusers_ms > memory.sdcpp_ms
     args = json.loads((tmp_path / "args.json").read_text())
     assert args[args.index("--sampling-method") + 1] == "euler" and args[args.index("--steps") + 1] == "2"
     assert args[args.index("-W") + 1] == "64" and args[args.index("--cfg-scale") + 1] == "7.5"
@@ -201,7 +221,22 @@ def test_bench_peer_sd_cpp_times_both_processes_on_one_checkpoint(tmp_path):
 
     console = Console(width=200, record=True)
     console.print(bench.table(list(rows.values()), "peer"))
-    assert "ratio sd.cpp" in console.export_text()
+    text = console.export_text()
+    assert "ratio sd.cpp" in text and "diffusers" in text
+
+
+def test_the_diffusers_process_makes_the_image_latentgen_makes_from_the_same_file(tmp_path):
+    """Both cold processes read one checkpoint and sample Euler with guidance from seed 0's noise:
+    the diffusers config folder describes the file's architecture, or the images would differ."""
+    arch = bench.architecture("tiny")
+    weights, config = bench.write_checkpoint(arch, tmp_path)
+    folder = bench.write_diffusers_config(arch, tmp_path / "diffusers")
+    for name, command in (("ours", bench.latentgen_command(weights, config, 64, 3, tmp_path / "ours.png", "fp32")),
+                          ("theirs", bench.diffusers_command(weights, folder, 64, 3, tmp_path / "theirs.png"))):
+        bench.run_process(command, tmp_path / f"{name}.log")
+    ours, theirs = (np.asarray(Image.open(tmp_path / f"{name}.png"), dtype=np.float64) for name in ("ours", "theirs"))
+    assert ours.shape == theirs.shape == (64, 64, 3)
+    assert ours.std() > 10 and np.abs(ours - theirs).max() <= 1  # rounding apart
 
 
 def test_bench_peer_refuses_a_missing_binary_and_another_peer(tmp_path):

@@ -632,6 +632,25 @@ def test_runs_over_inputs_refuse_what_they_cannot_do(models, inputs, tmp_path, a
     assert result.exit_code == 1 and message in result.output, result.output
 
 
+def test_cpu_bf16_models_run_channels_last_and_draw_what_nchw_draws(models, tmp_path):
+    """bf16 on the CPU lays every 4-D weight out channels-last (oneDNN's fast path there), also a
+    swapped VAE's; the image is the NCHW one to within bf16's rounding, and fp32 stays NCHW."""
+    from latentgen import addons
+
+    fast = tasks.prepare(load_model(models["txt2img"]), "cpu", "bf16")
+    convs = [m.weight for m in (*fast.unet.modules(), *fast.first_stage.modules()) if isinstance(m, torch.nn.Conv2d)]
+    assert all(w.is_contiguous(memory_format=torch.channels_last) for w in convs)
+    assert any(not w.is_contiguous() for w in convs)  # 1x1 kernels are both
+    plain = load_model(models["txt2img"]).to("cpu", torch.bfloat16).eval()
+    options = tasks.Sampling(steps=4, scale=3.0, seed=1)
+    ours, reference = (tasks.txt2img(model, ["a red heart"], options=options) for model in (fast, plain))
+    assert (ours - reference).abs().max() < 0.05
+    exact = tasks.prepare(load_model(models["txt2img"]), "cpu", "fp32")
+    assert all(m.weight.is_contiguous() for m in exact.unet.modules() if isinstance(m, torch.nn.Conv2d))
+    addons.swap_vae(fast, models["txt2img"])
+    assert fast.first_stage.decoder.conv_out.weight.is_contiguous(memory_format=torch.channels_last)
+
+
 def test_auto_dtype_takes_bf16_on_the_cpu_only_for_large_unets_with_native_bf16(monkeypatch):
     from latentgen import devices
 

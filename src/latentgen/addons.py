@@ -17,6 +17,7 @@ from typing import Optional, Union
 import torch
 from torch import nn
 
+from .devices import pick_memory_format
 from .errors import LatentgenError
 from .ldm import LatentDiffusion, UNetLayout
 from .loader import file_sha256, load_model, load_state_dict, read_tensors
@@ -242,7 +243,8 @@ def swap_vae(model: LatentDiffusion, path: Union[str, Path]) -> str:
         raise LatentgenError(f"{Path(path).name} has {theirs.latent_channels} latent channels at f={theirs.factor}; "
                              f"{model.name} needs {mine.latent_channels} at f={mine.factor}")
     reference = next(model.first_stage.parameters())
-    model.first_stage = other.first_stage.to(reference.device, reference.dtype).eval()
+    model.first_stage = other.first_stage.to(reference.device, reference.dtype,
+                                             memory_format=pick_memory_format(reference.device, reference.dtype)).eval()
     model.spec = replace(mine, decoder_width=theirs.decoder_width)
     model.infotext.update({"VAE hash": other.sha256[:10], "VAE": Path(path).name})
     return other.sha256[:10]

@@ -6,12 +6,14 @@ is importable, the very tensors latentgen runs on are handed to diffusers models
 so both runners share weights, device and dtype. Every comparison also records how far the two
 outputs are apart (`rel_diff`), so a fast but wrong path cannot pass unnoticed. Times are medians
 over repeats after warm-up, the two runners called in turn, measured with CUDA events on GPU and
-perf_counter elsewhere. A peer binary cannot share tensors, so both it and latentgen load one
+perf_counter elsewhere. Whole processes cannot share tensors, so latentgen, diffusers'
+`StableDiffusionPipeline.from_single_file` and the stable-diffusion.cpp binary each load one
 random-weight checkpoint written in the official single-file layout and are timed from process
-start to PNG, with each process's own peak RSS.
+start to PNG, with each process's own peak RSS (`process_rows`).
 """
 
 import copy
+import importlib.util
 import json
 import resource
 import statistics
@@ -27,6 +29,7 @@ import torch
 from torch import nn
 
 from . import catalog, metrics
+from .devices import pick_memory_format
 from .errors import LatentgenError
 from .guidance import Conditioning, guided_model
 from .models.autoencoder import AutoencoderKL
@@ -155,18 +158,18 @@ def relative_difference(ours: torch.Tensor, reference: torch.Tensor) -> float:
     return ((ours - reference).norm() / reference.norm().clamp_min(1e-12)).item()
 
 
-def random_state_dict(module: nn.Module, device: torch.device, dtype: torch.dtype, seed: int = 0) -> dict:
+def random_state_dict(module: nn.Module, device: torch.device, dtype: torch.dtype, seed: int = 0,
+                      memory_format: torch.memory_format = torch.contiguous_format) -> dict:
     """Random tensors for every entry of `module.state_dict()` (build it on the meta device), scaled
     like a trained network so that fp16 sees realistic ranges: weights N(0, 1/fan_in), norm gains
-    near 1, small biases. All are views of one buffer drawn in a single generator pass."""
-    shapes = {name: tensor.shape for name, tensor in module.state_dict().items()}
+    near 1, small biases. Each tensor has its own storage, as a loaded checkpoint's have (oneDNN
+    ran channels-last convolutions on views into one shared buffer 1.2x slower), 4-D ones laid out
+    in `memory_format`."""
     generator = torch.Generator(device).manual_seed(seed)
-    flat = torch.empty(sum(s.numel() for s in shapes.values()), device=device, dtype=dtype)
-    flat.normal_(generator=generator)
-    state, offset = {}, 0
-    for name, shape in shapes.items():
-        tensor = flat[offset:offset + shape.numel()].view(shape)
-        offset += shape.numel()
+    state = {}
+    for name, shape in ((name, tensor.shape) for name, tensor in module.state_dict().items()):
+        layout = memory_format if len(shape) == 4 else torch.contiguous_format
+        tensor = torch.empty(shape, device=device, dtype=dtype, memory_format=layout).normal_(generator=generator)
         if len(shape) >= 2:
             tensor.mul_(shape[1:].numel() ** -0.5)
         elif name.endswith("weight"):
@@ -178,7 +181,8 @@ def random_state_dict(module: nn.Module, device: torch.device, dtype: torch.dtyp
 
 
 def build_latentgen(arch: Architecture, device: torch.device, dtype: torch.dtype, seed: int = 0):
-    """(UNet, autoencoder) of `arch` with random weights on `device` in `dtype`."""
+    """(UNet, autoencoder) of `arch` with random weights on `device` in `dtype`, laid out as the
+    commands lay them out there (`pick_memory_format`)."""
     def make_unet():
         return UNetModel(**arch.unet)
 
@@ -186,9 +190,15 @@ def build_latentgen(arch: Architecture, device: torch.device, dtype: torch.dtype
         return AutoencoderKL(arch.ddconfig, embed_dim=arch.embed_dim)
 
     unet_shapes, vae_shapes = on_meta(make_unet), on_meta(make_vae)
-    unet = adopt(make_unet, random_state_dict(unet_shapes, device, dtype, seed))
-    vae = adopt(make_vae, random_state_dict(vae_shapes, device, dtype, seed + 1))
+    layout = pick_memory_format(device, dtype)
+    unet = adopt(make_unet, random_state_dict(unet_shapes, device, dtype, seed, layout))
+    vae = adopt(make_vae, random_state_dict(vae_shapes, device, dtype, seed + 1, layout))
     return unet, vae
+
+
+def has_diffusers() -> bool:
+    """Whether the optional reference, diffusers, is installed."""
+    return importlib.util.find_spec("diffusers") is not None
 
 
 def diffusers_models(unet: Optional[nn.Module], first_stage: Optional[nn.Module], params: dict):
@@ -196,9 +206,7 @@ def diffusers_models(unet: Optional[nn.Module], first_stage: Optional[nn.Module]
     own single-file utilities where they apply). `params` is an official `model.params`
     (unet_config, first_stage_config). Either entry is None where its module was None; the whole
     result is None when diffusers is not installed."""
-    try:
-        import diffusers  # noqa: F401
-    except ImportError:
+    if not has_diffusers():
         return None
     theirs_unet = None if unet is None else unet_to_diffusers(unet, params["unet_config"]["params"])
     theirs_vae = None if first_stage is None else first_stage_to_diffusers(first_stage,
@@ -324,7 +332,8 @@ def compare(name: str, ours: Callable[[], torch.Tensor], theirs: Optional[Callab
 @dataclass
 class Workload:
     """The fixed inputs and timing settings of one run. `x`, `t`, `context` are a guided UNet step's
-    (batch 2; the context rows serve as [uncond, cond]); `z` is one image's latent noise."""
+    (batch 2; the context rows serve as [uncond, cond]); `z` is one image's latent noise; the maps
+    are laid out as the commands lay them out (`pick_memory_format`)."""
 
     device: torch.device
     repeats: int
@@ -346,7 +355,9 @@ class Workload:
             batch, context_length, context_dim, generator=generator, device=device, dtype=dtype)
         z = torch.randn(1, channels, latent, latent, generator=generator, device=device, dtype=dtype)
         t = torch.full((batch,), 500.0, device=device)
-        return Workload(device, repeats, warmup, x, t, context, z, **rest)
+        layout = pick_memory_format(device, dtype)  # as the commands lay out their latents
+        return Workload(device, repeats, warmup, x.contiguous(memory_format=layout), t, context,
+                        z.contiguous(memory_format=layout), **rest)
 
     def first(self, batch: int) -> "Workload":
         """The same inputs cut to `batch` rows."""
@@ -618,29 +629,90 @@ def sdcpp_command(binary: Path, weights: Path, size: int, steps: int, out: Path)
             "--sampling-method", "euler", "--cfg-scale", str(GUIDANCE_SCALE), "-s", "0", "-o", str(out)]
 
 
-def peer_rows(binary: Path, arch: Union[str, Architecture, None], size: int, steps: int, repeats: int, dtype: str,
-              report: Report = lambda text: None) -> list[Row]:
-    """Cold processes, each from start to PNG, latentgen and the stable-diffusion.cpp `binary` in
-    turn on one random-weight checkpoint (median of `repeats`), and each process's peak RSS."""
+# What a diffusers user runs on a single-file checkpoint: the pipeline from the file, diffusers'
+# own key conversion, float32 (diffusers' CPU default); the configs, Euler's included, come from a
+# local folder (`write_diffusers_config`) since nothing may be downloaded.
+_DIFFUSERS_TXT2IMG = """import os, sys
+os.environ["HF_HUB_OFFLINE"] = "1"
+import torch
+from diffusers import StableDiffusionPipeline
+weights, config, prompt, size, steps, scale, out = sys.argv[1:]
+pipe = StableDiffusionPipeline.from_single_file(weights, config=config, local_files_only=True,
+                                                torch_dtype=torch.float32, safety_checker=None)
+pipe(prompt, height=int(size), width=int(size), num_inference_steps=int(steps), guidance_scale=float(scale),
+     generator=torch.Generator().manual_seed(0)).images[0].save(out)
+"""
+
+
+def write_diffusers_config(arch: Architecture, folder: Path) -> Path:
+    """A diffusers pipeline folder of `arch` holding configs only (model_index.json, unet, vae, text
+    encoder, tokenizer, scheduler): what `from_single_file(..., config=folder)` reads offline. The
+    configs are converted from modules on the meta device, so no weights are built."""
+    from diffusers import EulerDiscreteScheduler
+    from transformers import CLIPTextConfig, CLIPTokenizer
+
+    from .models.text import CLIP_VIT_L14, CONTEXT_LENGTH, clip_vocabulary
+
+    unet = unet_to_diffusers(on_meta(lambda: UNetModel(**arch.unet)), arch.unet)
+    vae = first_stage_to_diffusers(on_meta(lambda: AutoencoderKL(arch.ddconfig, embed_dim=arch.embed_dim)),
+                                   arch.params()["first_stage_config"]["params"])
+    unet.save_config(folder / "unet")
+    vae.save_config(folder / "vae")
+    CLIPTextConfig(**{**CLIP_VIT_L14, **(arch.text or {})}).save_pretrained(folder / "text_encoder")
+    vocabulary, ranks = clip_vocabulary()
+    CLIPTokenizer(vocab=vocabulary, merges=sorted(ranks, key=ranks.get),
+                  model_max_length=CONTEXT_LENGTH).save_pretrained(folder / "tokenizer")
+    EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                           steps_offset=1).save_config(folder / "scheduler")
+    components = {"unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
+                  "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
+                  "scheduler": ["diffusers", "EulerDiscreteScheduler"], "safety_checker": [None, None],
+                  "feature_extractor": [None, None], "image_encoder": [None, None]}
+    (folder / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline", **components,
+                                                         "requires_safety_checker": False}))
+    return folder
+
+
+def diffusers_command(weights: Path, config: Path, size: int, steps: int, out: Path) -> list[str]:
+    """A diffusers process with the peers' settings (Euler, guidance 7.5, seed 0), float32."""
+    return [sys.executable, "-c", _DIFFUSERS_TXT2IMG, str(weights), str(config), PEER_PROMPT, str(size), str(steps),
+            str(GUIDANCE_SCALE), str(out)]
+
+
+def process_rows(arch: Union[str, Architecture, None], size: int, steps: int, repeats: int, dtype: str,
+                 sdcpp: Optional[Path] = None, with_diffusers: bool = True,
+                 report: Report = lambda text: None) -> list[Row]:
+    """Cold processes, each from start to PNG, on one random-weight checkpoint, called in turn
+    (median of `repeats`): latentgen in `dtype`, diffusers in float32 (where installed, unless
+    `with_diffusers` is off) and the stable-diffusion.cpp binary `sdcpp` (where given); and each
+    process's peak RSS."""
     arch = architecture(arch)
-    if not binary.is_file():
-        raise LatentgenError(f"no stable-diffusion.cpp binary at {binary}")
+    if sdcpp is not None and not sdcpp.is_file():
+        raise LatentgenError(f"no stable-diffusion.cpp binary at {sdcpp}")
+    if with_diffusers and not has_diffusers():
+        report("diffusers is not installed: timing it is skipped")
+        with_diffusers = False
     with tempfile.TemporaryDirectory() as temp:
         work = Path(temp)
         report("writing the random-weight checkpoint (official single-file layout, fp16)")
         weights, config = write_checkpoint(arch, work)
-        ours, theirs = [], []
+        commands = {"latentgen": latentgen_command(weights, config, size, steps, work / "ours.png", dtype)}
+        if with_diffusers:
+            folder = write_diffusers_config(arch, work / "diffusers")
+            commands["diffusers"] = diffusers_command(weights, folder, size, steps, work / "diffusers.png")
+        if sdcpp is not None:
+            commands["sd.cpp"] = sdcpp_command(sdcpp, weights, size, steps, work / "sdcpp.png")
+        runs: dict[str, list[ProcessRun]] = {name: [] for name in commands}
         for repeat in range(repeats):
-            report(f"cold processes, {steps} steps at {size} px ({repeat + 1}/{repeats})")
-            ours.append(run_process(latentgen_command(weights, config, size, steps, work / "ours.png", dtype),
-                                    work / "latentgen.log"))
-            theirs.append(run_process(sdcpp_command(binary, weights, size, steps, work / "sdcpp.png"),
-                                      work / "sd-cpp.log"))
-    seconds = [statistics.median(run.seconds for run in runs) * 1000 for runs in (ours, theirs)]
-    memory = [max(run.peak_rss_mb for run in runs) for runs in (ours, theirs)]
-    return [Row(f"{steps}-step {size} px image, cold process (ms)", seconds[0], sdcpp_ms=seconds[1],
-                extra={"image": size, "steps": steps}),
-            Row("peak RSS of that process (MB)", memory[0], sdcpp_ms=memory[1])]
+            for name, command in commands.items():
+                report(f"cold {name} process, {steps} steps at {size} px ({repeat + 1}/{repeats})")
+                runs[name].append(run_process(command, work / f"{name}.log"))
+    seconds = {name: statistics.median(run.seconds for run in done) * 1000 for name, done in runs.items()}
+    memory = {name: max(run.peak_rss_mb for run in done) for name, done in runs.items()}
+    return [Row(f"{steps}-step {size} px image, cold process (ms)", seconds["latentgen"], seconds.get("diffusers"),
+                {"image": size, "steps": steps}, seconds.get("sd.cpp")),
+            Row("peak RSS of that process (MB)", memory["latentgen"], memory.get("diffusers"),
+                sdcpp_ms=memory.get("sd.cpp"))]
 
 
 def to_json(rows: list[Row], context: dict) -> str:

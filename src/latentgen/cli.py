@@ -629,18 +629,22 @@ def bench(
     channels_last: Annotated[bool, typer.Option("--channels-last", help="Also time channels_last memory format.")] = False,
     compile_unet: Annotated[bool, typer.Option("--compile", help="Also time torch.compile'd UNets.")] = False,
     cuda_graph: Annotated[bool, typer.Option("--cuda-graph", help="Also time a CUDA-graph-captured step (GPU).")] = False,
-    peer: Annotated[Optional[tuple[str, Path]], typer.Option("--peer", help="sd-cpp PATH: also time a stable-diffusion.cpp binary against a latentgen process, both cold, on one random-weight checkpoint file (--steps steps at --latent x 8 px).")] = None,
+    peer: Annotated[Optional[tuple[str, Path]], typer.Option("--peer", help="sd-cpp PATH: also time cold processes on one random-weight checkpoint file (--steps steps at --latent x 8 px): latentgen, diffusers (unless --no-diffusers) and this stable-diffusion.cpp binary.")] = None,
+    processes: Annotated[bool, typer.Option("--processes", help="Time only the cold processes (latentgen, diffusers, and --peer's binary if given), not the in-process rows.")] = False,
     arch: Annotated[Optional[str], typer.Option("--arch", hidden=True, help="sd15 (default) or tiny (for tests).")] = None,
     device: Device = "auto", dtype: Dtype = "auto",
     out: Annotated[Path, typer.Option("--out", "-o", help="JSON file for the results (numbered if it exists).")] = Path("bench.json"),
     overwrite: Overwrite = False,
 ) -> None:
     """Time latentgen and diffusers on the same weights (UNet step, full image, VAE decode, memory),
-    and with --peer sd-cpp PATH latentgen and stable-diffusion.cpp as whole processes."""
+    and with --peer sd-cpp PATH or --processes latentgen, diffusers and stable-diffusion.cpp as
+    whole cold processes on one checkpoint file."""
     from . import bench as benchmark
 
     if peer is not None and (peer[0] != "sd-cpp" or bundled):
         raise LatentgenError("--peer takes sd-cpp PATH (stable-diffusion.cpp's sd binary), without --bundled")
+    if processes and bundled:
+        raise LatentgenError("--processes times the SD architecture as whole processes, not --bundled")
     target = pick_device(device)
     channels = None if bundled else benchmark.ARCHITECTURES[arch or benchmark.DEFAULT_ARCH].unet["model_channels"]
     precision = pick_dtype(dtype, target, channels)  # auto: per the UNet's size (the bundled ones: fp32 on CPU)
@@ -649,13 +653,15 @@ def bench(
         rows = benchmark.run_bundled(target, precision, repeats, not no_diffusers, say,
                                      steps=steps or tasks.DEFAULT_STEPS)
         rows += benchmark.cold_start_rows(target, say) if cold else []
-    else:
+    elif not processes:
         rows = benchmark.run(target, precision, latent or (64 if gpu else 16), steps or (50 if gpu else 4), repeats,
                              not no_diffusers, say, arch=arch, channels_last=channels_last, compile_unet=compile_unet,
                              cuda_graph_step=cuda_graph, cold=cold)
-    if peer is not None:
-        rows += benchmark.peer_rows(peer[1], arch, (latent or (64 if gpu else 16)) * 8, steps or (50 if gpu else 4),
-                                    max(1, repeats // 3), dtype, say)
+    else:
+        rows = []
+    if peer is not None or processes:
+        rows += benchmark.process_rows(arch, (latent or (64 if gpu else 16)) * 8, steps or (50 if gpu else 4),
+                                       max(1, repeats // 3), dtype, peer[1] if peer else None, not no_diffusers, say)
     context = benchmark.environment(target, precision)
     written = write_new(out, benchmark.to_json(rows, context), overwrite)
     if not Settings.quiet:

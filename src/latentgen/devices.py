@@ -49,6 +49,13 @@ def native_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
+def pick_memory_format(device: torch.device, dtype: torch.dtype) -> torch.memory_format:
+    """channels_last for bf16 on the CPU, where oneDNN runs NHWC convolutions without reordering
+    every map (an SD 1.5 guided 512 px step 2.37 -> 1.71-1.84 s, the 512 px decode 5.3-7.0 -> 2.1-2.2 s
+    on a 2-core AMX Xeon); NCHW elsewhere, which stays as measured."""
+    return torch.channels_last if device.type == "cpu" and dtype == torch.bfloat16 else torch.contiguous_format
+
+
 def pick_dtype(name: Union[str, torch.dtype], device: torch.device, model_channels: Optional[int] = None) -> torch.dtype:
     """`auto`: bf16 (else fp16) on CUDA, fp16 on MPS; on the CPU bf16 for UNets of at least
     CPU_BF16_MIN_CHANNELS base channels where the CPU has native bf16 (measured 2x faster there),

@@ -142,11 +142,13 @@ class LatentDiffusion:
     def modules(self) -> list[nn.Module]:
         return [m for m in (self.unet, self.first_stage, self.cond_stage, self.estimator) if m is not None]
 
-    def to(self, device=None, dtype: Optional[torch.dtype] = None) -> "LatentDiffusion":
-        """Move every network. `alphas_cumprod` stays a float64 CPU tensor (MPS has no float64);
-        samplers derive their per-step constants from it and move those."""
+    def to(self, device=None, dtype: Optional[torch.dtype] = None,
+           memory_format: torch.memory_format = torch.preserve_format) -> "LatentDiffusion":
+        """Move every network (its 4-D weights into `memory_format`). `alphas_cumprod` stays a
+        float64 CPU tensor (MPS has no float64); samplers derive their per-step constants from it
+        and move those."""
         for module in self.modules():
-            module.to(device=device, dtype=dtype)
+            module.to(device=device, dtype=dtype, memory_format=memory_format)
         return self
 
     def eval(self) -> "LatentDiffusion":

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from . import metrics
 from . import prompts as prompt_syntax
-from .devices import pick_device, pick_dtype
+from .devices import pick_device, pick_dtype, pick_memory_format
 from .errors import LatentgenError
 from .guidance import Conditioning, guided_model
 from .images import crop_padding, fill_hole, pad_to_multiple
@@ -66,14 +66,23 @@ UPSCALERS = ("latent", "image")
 
 
 def prepare(model: LatentDiffusion, device: str = "auto", dtype: str = "auto") -> LatentDiffusion:
-    """Move the model to the chosen device and dtype, once, and switch to inference mode."""
+    """Move the model to the chosen device, dtype and the memory format measured fastest for them,
+    once, and switch to inference mode."""
     target = pick_device(device)
     channels = model.spec.unet.model_channels if model.spec.unet else None
-    return model.to(target, pick_dtype(dtype, target, channels)).eval()
+    precision = pick_dtype(dtype, target, channels)
+    return model.to(target, precision, pick_memory_format(target, precision)).eval()
 
 
 def _params(module: torch.nn.Module) -> torch.Tensor:
     return next(module.parameters())
+
+
+def _like_params(x: torch.Tensor, module: torch.nn.Module) -> torch.Tensor:
+    """`x` on the module's device, in its dtype and memory format (`prepare`): a map in another
+    layout than the weights is reordered by oneDNN at every convolution."""
+    ref = _params(module)
+    return x.to(ref).contiguous(memory_format=pick_memory_format(ref.device, ref.dtype))
 
 
 def _diffusion(model: LatentDiffusion, task: str) -> ModelSpec:
@@ -179,7 +188,7 @@ def _noise(model: LatentDiffusion, seeds: Sequence[int], latent_size: tuple[int,
     ref = _params(model.unet)
     generators = [seeded_generator(seed, ref.device, options.on_device_noise) for seed in seeds]
     shape = (1, model.spec.latent_channels, *latent_size)
-    return torch.cat([normal(shape, g, ref.device, ref.dtype) for g in generators]), generators
+    return _like_params(torch.cat([normal(shape, g, ref.device, ref.dtype) for g in generators]), model.unet), generators
 
 
 def inpainting_concat(layout: Optional[str], masked_latent: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -198,9 +207,8 @@ def inpainting_concat(layout: Optional[str], masked_latent: torch.Tensor, mask: 
 
 def encode(model: LatentDiffusion, image: torch.Tensor) -> torch.Tensor:
     """Image in [-1, 1] -> the diffusion model's (scaled) latent."""
-    ref = _params(model.first_stage)
     with torch.no_grad():
-        return model.first_stage.encode(image.to(ref)) * model.spec.scale_factor
+        return model.first_stage.encode(_like_params(image, model.first_stage)) * model.spec.scale_factor
 
 
 def _decode_in_float32(first_stage: torch.nn.Module, z: torch.Tensor) -> torch.Tensor:
@@ -220,7 +228,7 @@ def decode(model: LatentDiffusion, z: torch.Tensor) -> torch.Tensor:
     overlapping tiles of 64 latent pixels blended without seams.
     """
     first_stage = model.first_stage
-    z = (z / model.spec.scale_factor).to(_params(first_stage))
+    z = _like_params(z / model.spec.scale_factor, first_stage)
 
     def tiled() -> torch.Tensor:
         return map_tiled(first_stage.decode, z, tile=64, overlap=8, factor=model.spec.factor)
