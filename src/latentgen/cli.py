@@ -649,19 +649,19 @@ def bench(
     channels = None if bundled else benchmark.ARCHITECTURES[arch or benchmark.DEFAULT_ARCH].unet["model_channels"]
     precision = pick_dtype(dtype, target, channels)  # auto: per the UNet's size (the bundled ones: fp32 on CPU)
     gpu = target.type == "cuda"
+    side, count = latent or (64 if gpu else 16), steps or (50 if gpu else 4)
+    rows = []
     if bundled:
         rows = benchmark.run_bundled(target, precision, repeats, not no_diffusers, say,
                                      steps=steps or tasks.DEFAULT_STEPS)
         rows += benchmark.cold_start_rows(target, say) if cold else []
     elif not processes:
-        rows = benchmark.run(target, precision, latent or (64 if gpu else 16), steps or (50 if gpu else 4), repeats,
-                             not no_diffusers, say, arch=arch, channels_last=channels_last, compile_unet=compile_unet,
-                             cuda_graph_step=cuda_graph, cold=cold)
-    else:
-        rows = []
+        rows = benchmark.run(target, precision, side, count, repeats, not no_diffusers, say, arch=arch,
+                             channels_last=channels_last, compile_unet=compile_unet, cuda_graph_step=cuda_graph,
+                             cold=cold)
     if peer is not None or processes:
-        rows += benchmark.process_rows(arch, (latent or (64 if gpu else 16)) * 8, steps or (50 if gpu else 4),
-                                       max(1, repeats // 3), dtype, peer[1] if peer else None, not no_diffusers, say)
+        rows += benchmark.process_rows(arch, side * 8, count, max(1, repeats // 3), dtype, peer[1] if peer else None,
+                                       not no_diffusers, say)
     context = benchmark.environment(target, precision)
     written = write_new(out, benchmark.to_json(rows, context), overwrite)
     if not Settings.quiet:
