@@ -180,7 +180,8 @@ def _disc(colour, size=16) -> np.ndarray:
 
 def test_hue_variants_turn_one_hue_emoji_and_rewrite_their_colour_word():
     """Issue 14: colour words must bind to colours, so a red heart also appears as hearts of other
-    hues, captioned with the hue measured on the new pixels; faces and people keep theirs."""
+    hues, captioned with the hue measured on the new pixels; faces, animals and food keep theirs
+    (hue-turned frogs and bananas taught "a frog" a mixture of colours)."""
     heart = data.describe_emoji(_heart_record(), KEYWORDS)
     red = _disc((220, 20, 30))
     assert data.measured_colour(red) == "red" and data.measured_colour(np.full((16, 16, 3), 255, np.uint8)) is None
@@ -191,11 +192,14 @@ def test_hue_variants_turn_one_hue_emoji_and_rewrite_their_colour_word():
         assert info["name"] == f"{colour} heart" and colour != "red" and colour in data.ROTATION_COLOURS
         assert data.measured_colour(image) == colour
         assert (image[0, 0] == 255).all()  # the white background has no hue to turn
+    car = {**heart, "name": "automobile", "category": "travel & places", "subcategory": "transport ground"}
+    assert all(info["name"].endswith(" automobile") for _, info in data.hue_variants(red, car, 2, random.Random(0)))
     apple = {**heart, "name": "apple", "category": "food & drink", "subcategory": "food fruit"}
-    assert all(info["name"].endswith(" apple") for _, info in data.hue_variants(red, apple, 2, random.Random(0)))
+    frog = {**heart, "name": "frog", "category": "animals & nature", "subcategory": "animal amphibian"}
     face = {**heart, "name": "grinning face", "subcategory": "face smiling"}
     brown = {**heart, "name": "brown heart"}
-    assert data.hue_variants(red, face, 2, random.Random(0)) == [] == data.hue_variants(red, brown, 2, random.Random(0))
+    for kept in (apple, frog, face, brown):
+        assert data.hue_variants(red, kept, 2, random.Random(0)) == []
     captions = data.emoji_captions({**apple, "colour": "red"}, "twemoji style", random.Random(0), 2)
     assert "red apple" in captions[0] and "red" not in captions[1]
 

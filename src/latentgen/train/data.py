@@ -65,9 +65,10 @@ COLOUR_WORDS = frozenset({"red", "orange", "yellow", "green", "cyan", "blue", "p
                           "white", "grey", "gray", "light"})
 # The hues a hue-rotated copy may be turned to (named as metrics.HUE_RANGES names them).
 ROTATION_COLOURS = ("red", "orange", "yellow", "green", "blue", "purple", "pink")
-# Faces, people and flags keep their hues: a green face is another thing than a green heart.
-NO_ROTATION_CATEGORIES = ("people & body", "flags")
-NO_ROTATION_SUBCATEGORIES = ("face", "person", "hand", "family")
+# Only things whose colour is arbitrary are hue-turned: hearts, shapes, objects, vehicles. A frog,
+# a banana, a face or a star is drawn in its own colour, and "a frog" must not get a mixture of hues.
+ROTATION_CATEGORIES = ("objects", "activities", "symbols")
+ROTATION_SUBCATEGORIES = ("heart", "emotion", "transport ground", "transport water")
 # What a mirror image would make wrong: flags, letters, digits, arrows and signs (symbols), and
 # anything whose name says a side or reads a time.
 NO_MIRROR_CATEGORIES = ("flags", "symbols")
@@ -295,12 +296,12 @@ def rotate_hue(image: np.ndarray, degrees: float) -> np.ndarray:
 
 
 def _rotatable(info: dict, colour: Optional[str]) -> bool:
-    """One clear hue, not a face, a person or a square tile (a turned tile would caption its
-    symbol with the background's colour: "a yellow star" on a yellow square), and a name whose
-    colour word (if any) is that hue."""
-    if colour is None or info.get("tile") or info["category"] in NO_ROTATION_CATEGORIES:
+    """One clear hue, a thing whose colour is arbitrary (ROTATION_CATEGORIES), not a square tile (a
+    turned tile would caption its symbol with the background's colour: "a yellow star" on a yellow
+    square), and a name whose colour word (if any) is that hue."""
+    if colour is None or info.get("tile") or "skin tone" in info["name"]:
         return False
-    if info["subcategory"].startswith(NO_ROTATION_SUBCATEGORIES) or "skin tone" in info["name"]:
+    if info["category"] not in ROTATION_CATEGORIES and info["subcategory"] not in ROTATION_SUBCATEGORIES:
         return False
     said = set(info["name"].split()) & COLOUR_WORDS
     return not said or said == {colour}
