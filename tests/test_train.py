@@ -281,6 +281,20 @@ def test_a_package_without_a_table_is_read_by_its_file_names(tmp_path):
     assert images[0].shape == (8, 8, 3) and images[0][4, 4].tolist() == [0, 150, 0]
 
 
+def test_svg_emoji_are_drawn_at_the_set_size(tmp_path):
+    """Fluent's flat emoji are SVG: drawn by resvg straight at the training size, transparent
+    parts on white like the bitmap sets."""
+    svg = (b'<svg xmlns="http://www.w3.org/2000/svg" width="32" height="32" viewBox="0 0 32 32">'
+           b'<rect x="0" y="0" width="16" height="32" fill="#00c800"/></svg>')
+    tgz = tmp_path / data._tarball_name(*data.EMOJI_SETS["fluent-flat"][:2])
+    _tarball(tgz, {"package/assets/2764-fe0f.svg": svg})
+    images, records = data.read_emoji_package(tgz, "fluent-flat", KEYWORDS, 8, 2, random.Random(0),
+                                              table=[_heart_record()])
+    assert [(r["image"], r["style"]) for r in records] == [("2764-fe0f.svg", "fluent flat emoji style")]
+    assert images[0].shape == (8, 8, 3)
+    assert images[0][4, 1].tolist() == [0, 200, 0] and images[0][4, 6].tolist() == [255, 255, 255]
+
+
 def test_prepare_photos_is_seeded_and_documented(tmp_path):
     src = tmp_path / "photos"
     src.mkdir()

@@ -66,7 +66,8 @@ def prepare_emoji(
                                            "they differ in colour alone"),
     contexts: bool = typer.Option(True, help="precompute the MiniLM contexts of all captions (fp16)"),
     sets: str = typer.Option(",".join(datasets.EMOJI_SETS), help="emoji drawings to include (google: Noto, "
-                             "twitter: Twemoji, blob: Noto of 2017, fluent: Microsoft's Fluent 3D)"),
+                             "twitter: Twemoji, blob: Noto of 2017, fluent: Microsoft's Fluent 3D, "
+                             "fluent-flat: Fluent flat, SVG, needs the train extra)"),
     seed: int = typer.Option(0),
 ) -> None:
     """The emoji sets (npm), their captions and, optionally, the captions' text contexts."""

@@ -51,6 +51,8 @@ EMOJI_SETS = {
     # Microsoft's Fluent Emoji (MIT) in their shaded "3D" look, 256 px WebP named by code points:
     # a fourth drawing, and one with volume and light.
     "fluent": EmojiSource("@lobehub/fluent-emoji-3d", "1.1.0", "assets", "fluent 3d emoji style"),
+    # The same designs flat (MIT, SVG drawn by resvg): a fifth drawing, with outlines and no shading.
+    "fluent-flat": EmojiSource("@lobehub/fluent-emoji-flat", "1.1.0", "assets", "fluent flat emoji style"),
 }
 # The package whose emoji.json (at prepare_emoji's version) names and sorts every set's drawings.
 EMOJI_TABLE = "emoji-datasource-google"
@@ -336,11 +338,19 @@ def mirrorable(record: dict) -> bool:
     return not set(record["name"].replace(",", " ").split()) & SIDED_WORDS
 
 
-def _emoji_image(png: bytes) -> np.ndarray:
-    """An emoji image (PNG, WebP) composited over white, uint8 RGB."""
-    image = Image.open(io.BytesIO(png)).convert("RGBA")
+def _emoji_image(payload: bytes, size: int) -> np.ndarray:
+    """An emoji image (PNG, WebP, or SVG drawn at `size` by resvg) composited over white, uint8
+    RGB, `size` pixels square."""
+    if payload.lstrip()[:5] in (b"<svg ", b"<?xml"):
+        try:
+            import resvg_py
+        except ImportError:
+            raise LatentgenError("drawing SVG emoji needs resvg-py: pip install 'latentgen[train]'") from None
+        payload = bytes(resvg_py.svg_to_bytes(svg_string=payload.decode(), width=size, height=size))
+    image = Image.open(io.BytesIO(payload)).convert("RGBA")
     canvas = Image.new("RGBA", image.size, (255, 255, 255, 255))
-    return np.asarray(Image.alpha_composite(canvas, image).convert("RGB"))
+    image = Image.alpha_composite(canvas, image).convert("RGB")
+    return np.asarray(image if image.size == (size, size) else image.resize((size, size), Image.LANCZOS))
 
 
 def _bare(unified: str) -> str:
@@ -387,13 +397,11 @@ def read_emoji_package(tgz: Path, set_name: str, keywords: dict, size: int, capt
             for tone_key in ["", *tones]:
                 entry = record if not tone_key else record["skin_variations"][tone_key]
                 member = files.get(_bare(entry["unified"]))
-                png = _tar_member(tar, member) if member else None
-                if png is None:
+                payload = _tar_member(tar, member) if member else None
+                if payload is None:
                     continue
                 file = PurePosixPath(member).name
-                image = _emoji_image(png)
-                if image.shape[0] != size:
-                    image = np.asarray(Image.fromarray(image).resize((size, size), Image.LANCZOS))
+                image = _emoji_image(payload, size)
                 info = {**describe_emoji(record, keywords, tone_key), "tile": fills_corners(image)}
                 colour = measured_colour(image)
                 said = set(info["name"].split()) & COLOUR_WORDS
