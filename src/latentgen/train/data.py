@@ -341,7 +341,7 @@ def mirrorable(record: dict) -> bool:
 def _emoji_image(payload: bytes, size: int) -> np.ndarray:
     """An emoji image (PNG, WebP, or SVG drawn at `size` by resvg) composited over white, uint8
     RGB, `size` pixels square."""
-    if payload.lstrip()[:5] in (b"<svg ", b"<?xml"):
+    if payload.lstrip().startswith((b"<svg", b"<?xml")):
         try:
             import resvg_py
         except ImportError:

@@ -141,9 +141,7 @@ class DCTrainer:
 
     def train_step(self) -> dict[str, float]:
         config = self.config
-        lr = runs.learning_rate(self.step, config.lr, config.warmup, config.steps, config.min_lr)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+        lr = runs.set_learning_rate(self.optimizer, self.step, config.lr, config.warmup, config.steps, config.min_lr)
         x = self.batch()
         inputs = self.inputs(x)
         loss, parts = self.loss(x, self.reconstruct(inputs, train=True), self.loss_weight(inputs))

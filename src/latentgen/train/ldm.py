@@ -325,11 +325,9 @@ class LDMTrainer:
         """One step on the global batch (drawn whole on every rank, so that it does not depend on
         the number of ranks), of which this rank trains its slice."""
         config = self.config
-        lr = runs.learning_rate(self.step, config.lr, config.warmup, config.steps, config.min_lr)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+        lr = runs.set_learning_rate(self.optimizer, self.step, config.lr, config.warmup, config.steps, config.min_lr)
         z0, cond = self.batch(config.batch, self.generator)
-        t = torch.randint(0, self.config.timesteps, (len(z0),)).to(self.device)
+        t = torch.randint(0, config.timesteps, (len(z0),)).to(self.device)
         noise = torch.randn(z0.shape).to(self.device)
         part = self.rank.part(len(z0))
         z0, t, noise = z0[part], t[part], noise[part]
@@ -339,7 +337,7 @@ class LDMTrainer:
             x_t = torch.cat([x_t, concat], 1)
         if config.channels_last:
             x_t = x_t.contiguous(memory_format=torch.channels_last)
-        with runs.autocast(self.device, cpu_bf16=self.config.precision == "bf16"):
+        with runs.autocast(self.device, cpu_bf16=config.precision == "bf16"):
             output = self.parallel_unet(x_t, t, context=context)
         alpha = self.alphas_cumprod.to(self.device)[t].float().view(-1, 1, 1, 1)
         target = losses.v_target(z0, noise, alpha) if config.parameterization == "v" else noise

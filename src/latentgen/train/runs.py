@@ -34,6 +34,15 @@ def learning_rate(step: int, base: float, warmup: int, total: int, floor: float)
     return base * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
+def set_learning_rate(optimizer: torch.optim.Optimizer, step: int, base: float, warmup: int, total: int,
+                      floor: float) -> float:
+    """Give every parameter group `learning_rate` at `step`, and return it."""
+    lr = learning_rate(step, base, warmup, total, floor)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    return lr
+
+
 def random_state(generator: torch.Generator) -> dict:
     """The global torch RNG (noise, timesteps, KL samples), CUDA's, and the data generator's."""
     state = {"torch": torch.get_rng_state(), "data": generator.get_state()}
