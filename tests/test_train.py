@@ -281,6 +281,19 @@ def test_a_package_without_a_table_is_read_by_its_file_names(tmp_path):
     assert images[0].shape == (8, 8, 3) and images[0][4, 4].tolist() == [0, 150, 0]
 
 
+def test_emojione_reads_its_64_px_folder_only(tmp_path):
+    """EmojiOne 2 ships the same names in png/, png_128x128/ and png_512x512/: only png/ (64 px)
+    is read, by lowercase code points without the variation selector."""
+    tgz = tmp_path / data._tarball_name(*data.EMOJI_SETS["emojione"][:2])
+    assert tgz.name == "emojione-2.2.7.tgz"
+    _tarball(tgz, {"package/assets/png/2764.png": _png((200, 0, 0)),
+                   "package/assets/png_128x128/2764.png": _png((0, 0, 200))})
+    images, records = data.read_emoji_package(tgz, "emojione", KEYWORDS, 8, 2, random.Random(0),
+                                              table=[_heart_record()])
+    assert [(r["name"], r["image"], r["style"]) for r in records] == [("red heart", "2764.png", "emojione style")]
+    assert images[0][0, 0].tolist() == [200, 0, 0]
+
+
 def test_svg_emoji_are_drawn_at_the_set_size(tmp_path):
     """Fluent's flat emoji are SVG: drawn by resvg straight at the training size, transparent
     parts on white like the bitmap sets."""
@@ -547,6 +560,22 @@ def test_mirrored_emoji_are_the_flipped_images_latents_and_only_mirrorable_ones_
     rows = trainer._mirrored(torch.arange(6).repeat(20), torch.Generator().manual_seed(0))
     taken = set(zip(torch.arange(6).repeat(20).tolist(), rows.tolist()))
     assert taken == {(i, i) for i in range(6)} | {(i, i + 6) for i in (0, 2, 4)}
+
+
+def test_category_power_shares_draws_between_categories():
+    """--category-power: a category of n images gets n ** power of the draws; 1 keeps plain uniform draws."""
+    emoji = _emoji(count=40)
+    emoji.categories = ["people"] * 36 + ["food"] * 4
+    share = {}
+    for power in (1.0, 0.5, 0.0):
+        drawn = emoji.draw(20000, torch.Generator().manual_seed(0), power)
+        share[power] = (drawn >= 36).float().mean().item()
+        assert set(drawn[drawn >= 36].tolist()) == {36, 37, 38, 39}
+    assert share[1.0] == pytest.approx(4 / 40, abs=0.01)
+    assert share[0.5] == pytest.approx(2 / (2 + 6), abs=0.01)
+    assert share[0.0] == pytest.approx(0.5, abs=0.01)
+    uniform = torch.randint(40, (20000,), generator=torch.Generator().manual_seed(0))
+    assert torch.equal(emoji.draw(20000, torch.Generator().manual_seed(0)), uniform)
 
 
 def test_ldm_learning_rate_follows_warmup_and_cosine(first_stage):

@@ -67,7 +67,8 @@ def prepare_emoji(
     contexts: bool = typer.Option(True, help="precompute the MiniLM contexts of all captions (fp16)"),
     sets: str = typer.Option(",".join(datasets.EMOJI_SETS), help="emoji drawings to include (google: Noto, "
                              "twitter: Twemoji, blob: Noto of 2017, fluent: Microsoft's Fluent 3D, "
-                             "fluent-flat: Fluent flat, SVG, needs the train extra)"),
+                             "fluent-flat and fluent-modern: Fluent flat and with gradients, SVG, need the "
+                             "train extra, emojione: EmojiOne 2, CC-BY 4.0)"),
     seed: int = typer.Option(0),
 ) -> None:
     """The emoji sets (npm), their captions and, optionally, the captions' text contexts."""
@@ -218,6 +219,8 @@ def ldm(
     channels_last: bool = typer.Option(False, help="channels-last memory format of the UNet"),
     mirror: bool = typer.Option(False, help="txt2img: show emoji without a side (not flags, symbols, arrows, "
                                             "clocks) mirrored half of the time"),
+    category_power: float = typer.Option(1.0, help="txt2img: draw a CLDR category of n emoji in proportion to "
+                                                   "n ** this (1: every image alike; 0: every category alike)"),
     cond_drop: float = typer.Option(0.1, help="text dropout for classifier-free guidance"),
     prediction: str = typer.Option("eps", help="eps or v (velocity) targets"),
     zero_terminal_snr: bool = typer.Option(False, help="rescale the schedule to pure noise at T (Lin et al. 2023; needs v)"),
@@ -246,7 +249,7 @@ def ldm(
         task=task, image_size=image_size, model_channels=model_channels, channel_mult=_numbers(channel_mult),
         num_res_blocks=num_res_blocks, attention_resolutions=_numbers(attention_resolutions),
         num_head_channels=num_head_channels, batch=batch, lr=lr, steps=steps, warmup=warmup, min_lr=min_lr,
-        channels_last=channels_last, mirror=mirror, cond_drop=cond_drop,
+        channels_last=channels_last, mirror=mirror, category_power=category_power, cond_drop=cond_drop,
         parameterization=prediction, zero_terminal_snr=zero_terminal_snr, min_snr_gamma=min_snr_gamma,
         precision=precision, ema_half_life=ema_half_life, emoji_fraction=emoji_fraction, seed=seed, checkpoint_every=checkpoint_every, sample_every=sample_every,
         max_minutes=max_minutes, device=device,

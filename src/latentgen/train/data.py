@@ -53,6 +53,11 @@ EMOJI_SETS = {
     "fluent": EmojiSource("@lobehub/fluent-emoji-3d", "1.1.0", "assets", "fluent 3d emoji style"),
     # The same designs flat (MIT, SVG drawn by resvg): a fifth drawing, with outlines and no shading.
     "fluent-flat": EmojiSource("@lobehub/fluent-emoji-flat", "1.1.0", "assets", "fluent flat emoji style"),
+    # The same designs with gradients (MIT, SVG): a sixth look, shaded like the 3D ones but drawn in 2-D.
+    "fluent-modern": EmojiSource("@lobehub/fluent-emoji-modern", "1.0.0", "assets", "fluent modern emoji style"),
+    # EmojiOne 2 (artwork CC-BY 4.0, Ranks.com; 3.0 and later are not free): 64 px PNGs named by code
+    # points, a seventh design of its own, for the names that five or six drawings have not taught.
+    "emojione": EmojiSource("emojione", "2.2.7", "assets/png", "emojione style"),
 }
 # The package whose emoji.json (at prepare_emoji's version) names and sorts every set's drawings.
 EMOJI_TABLE = "emoji-datasource-google"
@@ -472,14 +477,16 @@ def encode_texts(encoder: Callable[[list[str]], torch.Tensor], texts: list[str],
 
 @dataclass
 class EmojiSet:
-    """The prepared emoji: images, one caption list per image, cached contexts when prepared, and
-    which images may be shown mirrored (`mirrors`, by `mirrorable`; None: none)."""
+    """The prepared emoji: images, one caption list per image, cached contexts when prepared,
+    which images may be shown mirrored (`mirrors`, by `mirrorable`; None: none) and each image's
+    CLDR category (None: not known)."""
 
     images: np.ndarray
     captions: list[list[str]]
     contexts: Optional[np.ndarray] = None
     empty_context: Optional[np.ndarray] = None
     mirrors: Optional[np.ndarray] = None
+    categories: Optional[list[str]] = None
 
     @classmethod
     def load(cls, folder: Path, use_contexts: bool = True) -> "EmojiSet":
@@ -492,12 +499,23 @@ class EmojiSet:
             contexts = np.load(folder / "emoji-contexts.npy", mmap_mode="r")
             empty = np.load(folder / "emoji-empty-context.npy")
         return cls(images, [r["captions"] for r in records], contexts, empty,
-                   np.array([mirrorable(r) for r in records], dtype=bool))
+                   np.array([mirrorable(r) for r in records], dtype=bool), [r["category"] for r in records])
 
     def fingerprint(self) -> str:
         """A hash of the images, so that what was computed from them (cached latents) is not
         mistaken for another set's."""
         return hashlib.blake2b(np.ascontiguousarray(self.images).tobytes(), digest_size=6).hexdigest()
+
+    def draw(self, batch: int, generator: torch.Generator, category_power: float = 1.0) -> torch.Tensor:
+        """`batch` random image indices. A category of n images is drawn in proportion to
+        n ** `category_power`: 1 draws every image equally often, 0 every category, and between them
+        the large categories (people, flags, objects) give way to the small ones users ask for most
+        (food, animals), as XLM's exponent smooths its language mix (Conneau & Lample 2019)."""
+        if category_power == 1.0 or self.categories is None:
+            return torch.randint(len(self.images), (batch,), generator=generator)
+        _, inverse, counts = np.unique(np.array(self.categories), return_inverse=True, return_counts=True)
+        weights = torch.from_numpy(counts[inverse].astype(np.float64) ** (category_power - 1.0))
+        return torch.multinomial(weights, batch, replacement=True, generator=generator)
 
     def pick_captions(self, indices: torch.Tensor, generator: torch.Generator) -> tuple[list[str], list[int]]:
         """One random caption per image, and its row in `contexts`."""

@@ -79,6 +79,7 @@ class LDMConfig:
     min_lr: float = 1.0
     channels_last: bool = False
     mirror: bool = False
+    category_power: float = 1.0
     ema_decay: float = 0.9999
     ema_half_life: int = 0
     cond_drop: float = 0.1
@@ -265,7 +266,7 @@ class LDMTrainer:
         """(scaled latents z0, their conditioning) for one training step."""
         task, sf = self.config.task, self.scale_factor
         if task == "txt2img":
-            indices = torch.randint(len(self.data.emoji.images), (batch,), generator=generator)
+            indices = self.data.emoji.draw(batch, generator, self.config.category_power)
             rows = self._mirrored(indices, generator) if self.config.mirror else indices
             return self._emoji_latents(rows) * sf, Conditioning(context=self._text_condition(indices, generator))
         if task == "sr":
