@@ -6,6 +6,7 @@ the generator's state resumes on exactly the same batches. Batches are float ten
 NCHW, as everywhere else in latentgen.
 """
 
+import functools
 import hashlib
 import io
 import json
@@ -513,9 +514,14 @@ class EmojiSet:
         (food, animals), as XLM's exponent smooths its language mix (Conneau & Lample 2019)."""
         if category_power == 1.0 or self.categories is None:
             return torch.randint(len(self.images), (batch,), generator=generator)
-        _, inverse, counts = np.unique(np.array(self.categories), return_inverse=True, return_counts=True)
-        weights = torch.from_numpy(counts[inverse].astype(np.float64) ** (category_power - 1.0))
+        weights = self._category_sizes ** (category_power - 1.0)
         return torch.multinomial(weights, batch, replacement=True, generator=generator)
+
+    @functools.cached_property
+    def _category_sizes(self) -> torch.Tensor:
+        """The number of images in each image's category, counted once rather than every step."""
+        _, inverse, counts = np.unique(np.array(self.categories), return_inverse=True, return_counts=True)
+        return torch.from_numpy(counts[inverse].astype(np.float64))
 
     def pick_captions(self, indices: torch.Tensor, generator: torch.Generator) -> tuple[list[str], list[int]]:
         """One random caption per image, and its row in `contexts`."""
