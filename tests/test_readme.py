@@ -92,7 +92,8 @@ def test_every_readme_command_runs_as_written(workdir):
     assert sorted(p.name for p in (workdir / "outs").glob("*.png")) == [f"0000{i}-{42 + i}.png" for i in range(4)]
     assert len(list((workdir / "run").glob("*.png"))) == 2  # the --resume line added nothing
     assert (workdir / "filled.png").is_file() and (workdir / "r.png").is_file()
-    assert (workdir / "model.safetensors").is_file()
+    assert (workdir / "model.safetensors").is_file() and (workdir / "small.png").is_file()
+    assert (workdir / "small.safetensors").stat().st_size < 0.3 * (workdir / "model.safetensors").stat().st_size
     original, again = (np.array(Image.open(workdir / name)) for name in ("outs/00000-42.png", "again.png"))
     np.testing.assert_array_equal(original, again)
     assert len(list((workdir / "hearts").glob("grid-*.png"))) == 1 and len(list((workdir / "hearts").glob("0*.png"))) == 4

@@ -24,7 +24,8 @@ from latentgen.schedules import make_alphas_cumprod
 from latentgen.train import data, losses, runs
 from latentgen.train.autoencoder import AutoencoderConfig, train_autoencoder
 from latentgen.train.data import EmojiSet, ImageBatches
-from latentgen.train.ldm import LDMConfig, LDMData, LDMTrainer, train_ldm
+from latentgen.models.unet import UNetModel
+from latentgen.train.ldm import LDMConfig, LDMData, LDMTrainer, grow_transformer_depth, train_ldm
 
 # ---- losses ---------------------------------------------------------------------------------
 
@@ -630,6 +631,31 @@ def test_ldm_fine_tunes_from_an_exported_model(tmp_path, first_stage):
                               LDMData(photos=_photos()))
     with pytest.raises(LatentgenError, match="another UNet architecture"):
         deeper.start_from(base)
+
+
+def test_grown_transformer_depth_starts_as_the_shallower_model():
+    """--transformer-depth above --init-from's: the trained blocks are kept, the new ones are zero-output
+    residuals, so the deeper UNet computes what the shallower one did and then trains the new blocks."""
+    params = dict(image_size=8, in_channels=4, out_channels=4, model_channels=32, attention_resolutions=[1, 2],
+                  num_res_blocks=1, channel_mult=[1, 2], num_head_channels=16, use_spatial_transformer=True,
+                  context_dim=24)
+    torch.manual_seed(0)
+    shallow = UNetModel(**params, transformer_depth=1)
+    with torch.no_grad():
+        for parameter in shallow.parameters():
+            parameter.add_(0.05 * torch.randn_like(parameter))  # trained: no zero-initialised projections left
+    deep = UNetModel(**params, transformer_depth=2)
+    state = shallow.state_dict()
+    grow_transformer_depth(deep, state)
+    deep.load_state_dict(state)
+    x, t, context = torch.randn(2, 4, 8, 8), torch.tensor([10, 900]), torch.randn(2, 5, 24)
+    with torch.no_grad():
+        torch.testing.assert_close(deep(x, t, context=context), shallow(x, t, context=context))
+    new = deep.middle_block[1].transformer_blocks[1]
+    assert not new.ff.net[2].weight.any() and new.attn2.to_q.weight.any()
+    loss = deep(x, t, context=context).square().mean()
+    loss.backward()
+    assert new.ff.net[2].weight.grad.abs().sum() > 0
 
 
 @pytest.mark.slow

@@ -605,14 +605,15 @@ def models() -> None:
 @app.command()
 @user_errors
 def convert(
-    source: Annotated[Path, typer.Argument(help="A .ckpt/.pt checkpoint.")],
+    source: Annotated[Path, typer.Argument(help="A .ckpt/.pt or .safetensors checkpoint.")],
     target: Annotated[Path, typer.Argument(help="The .safetensors file to write.")],
     half: Annotated[bool, typer.Option("--half", help="Store floating-point tensors as fp16.")] = False,
+    int8: Annotated[bool, typer.Option("--int8", help="Store matrices and kernels as int8, one scale per output channel (half of fp16's size; read back as floats).")] = False,
     trust: Annotated[bool, typer.Option("--trust", help="Fully unpickle a file that needs more than tensors: this RUNS any code in it. Only for files you trust.")] = False,
     overwrite: Overwrite = False,
 ) -> None:
     """Convert a checkpoint to safetensors (without --trust no code is executed while reading it)."""
-    written = convert_checkpoint(source, target, half=half, trust=trust, overwrite=overwrite)
+    written = convert_checkpoint(source, target, half=half, trust=trust, overwrite=overwrite, int8=int8)
     say(f"wrote {written} (sha256 {file_sha256(written)[:10]})")
     summary("convert", output=str(written))
 

@@ -30,6 +30,7 @@ from .errors import LatentgenError
 from .files import atomic_write, require_file, write_new
 from .ldm import LatentDiffusion, ModelSpec, NoiseAugmentation
 from .models import adopt, on_meta
+from .quantize import dequantize_int8, quantize_int8
 from .schedules import TrainingSchedule
 
 PathLike = Union[str, os.PathLike]
@@ -168,7 +169,8 @@ def _validate_entry(path: Path, name: str, entry: Any, data_len: int) -> tuple[i
 
 
 def _read_safetensors(path: Path) -> tuple[dict, dict]:
-    """Every tensor, read at its validated header offsets straight into its own buffer. Not memory
+    """Every tensor, read at its validated header offsets straight into its own buffer (int8 ones
+    dequantised: `quantize`). Not memory
     mapped: the pages a map touches count as resident beside the tensors until it closes (an SD
     checkpoint loaded in bf16 peaked at twice its size)."""
     header, metadata, data_start = _read_header(path)
@@ -184,7 +186,7 @@ def _read_safetensors(path: Path) -> tuple[dict, dict]:
                 state[name] = tensor
     except OSError as error:
         raise LatentgenError(f"{path} could not be read as safetensors: {_first_line(error)}") from None
-    return state, metadata
+    return dequantize_int8(state, str(path)), metadata
 
 
 def _first_line(error: BaseException) -> str:
@@ -340,11 +342,12 @@ def _own_storage(tensor: torch.Tensor, seen: set) -> torch.Tensor:
 
 
 def convert_checkpoint(src: PathLike, dst: PathLike, half: bool = False, trust: bool = False,
-                       overwrite: bool = False) -> Path:
+                       overwrite: bool = False, int8: bool = False) -> Path:
     """Write the tensors of `src` as `dst` (.safetensors), contiguous, shared storage cloned; an
     existing `dst` is kept (the next free numbered name is used) unless `overwrite`.
 
-    `half` stores floating-point tensors as fp16. `trust=True` unpickles `src` fully (it may run
+    `half` stores floating-point tensors as fp16; `int8` stores matrices and kernels as int8 with
+    per-channel scales (`quantize`), the rest as `half` says. `trust=True` unpickles `src` fully (it may run
     code) and is meant only for files from a source one trusts that weights-only loading refuses.
     """
     src, dst = Path(src), Path(dst)
@@ -356,10 +359,12 @@ def convert_checkpoint(src: PathLike, dst: PathLike, half: bool = False, trust: 
         state, metadata = _read_trusted_pickle(src), {}
     else:
         state, metadata = read_checkpoint(src)
+    if half:
+        state = {name: tensor.half() if tensor.is_floating_point() else tensor for name, tensor in state.items()}
+    if int8:
+        state = quantize_int8(state)
     tensors, seen = {}, set()
     for name, tensor in state.items():
-        if half and tensor.is_floating_point():
-            tensor = tensor.half()
         tensors[name] = _own_storage(tensor.detach(), seen)
     metadata = {**metadata, "format": "pt", "converted_from": src.name}
     from safetensors.torch import save_file

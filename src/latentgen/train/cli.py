@@ -210,6 +210,8 @@ def ldm(
     num_res_blocks: int = typer.Option(1),
     attention_resolutions: str = typer.Option("2", help="downsampling factors with attention ('' for none)"),
     num_head_channels: int = typer.Option(32),
+    transformer_depth: int = typer.Option(1, help="txt2img: transformer blocks per SpatialTransformer (deeper than "
+                                                  "--init-from's: the new blocks start as the identity)"),
     batch: int = typer.Option(16),
     lr: float = typer.Option(2e-4),
     steps: int = typer.Option(20000),
@@ -248,7 +250,7 @@ def ldm(
     config = LDMConfig(
         task=task, image_size=image_size, model_channels=model_channels, channel_mult=_numbers(channel_mult),
         num_res_blocks=num_res_blocks, attention_resolutions=_numbers(attention_resolutions),
-        num_head_channels=num_head_channels, batch=batch, lr=lr, steps=steps, warmup=warmup, min_lr=min_lr,
+        num_head_channels=num_head_channels, transformer_depth=transformer_depth, batch=batch, lr=lr, steps=steps, warmup=warmup, min_lr=min_lr,
         channels_last=channels_last, mirror=mirror, category_power=category_power, cond_drop=cond_drop,
         parameterization=prediction, zero_terminal_snr=zero_terminal_snr, min_snr_gamma=min_snr_gamma,
         precision=precision, ema_half_life=ema_half_life, emoji_fraction=emoji_fraction, seed=seed, checkpoint_every=checkpoint_every, sample_every=sample_every,

@@ -15,6 +15,7 @@ never guide (scale 1), so a dropped image would only be wasted capacity.
 
 import copy
 import hashlib
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
@@ -48,6 +49,7 @@ INPAINT_LAYOUT = MASKED_IMAGE_THEN_MASK  # what the loader reads off a "concat" 
 SAMPLE_PROMPTS = ("a red heart", "a blue heart", "a green apple", "a yellow star",
                   "a smiling face, twemoji style", "a cat face, noto emoji style", "a red car", "a pizza")
 Encoder = Callable[[list[str]], torch.Tensor]
+BLOCK = re.compile(r"(.*\.transformer_blocks\.\d+)\.")  # a transformer block's name in a UNet state dict
 
 
 @dataclass
@@ -120,6 +122,22 @@ def latent_space_key(first_stage: torch.nn.Module) -> str:
             digest.update(name.encode())
             digest.update(tensor.detach().float().cpu().numpy().tobytes())
     return digest.hexdigest()[:12]
+
+
+def grow_transformer_depth(unet: UNetModel, state: dict[str, torch.Tensor]) -> None:
+    """Fill `state`, a shallower model's UNet weights, with `unet`'s transformer blocks that it lacks,
+    their attention and feed-forward output projections zeroed: each new pre-norm residual block is
+    then the identity, so the grown model starts as the trained one and learns what depth adds."""
+    blocks = {match.group(1) for key in state if (match := BLOCK.match(key))}
+    for name, module in unet.named_modules():
+        stack = name.rpartition(".")[0]
+        if not stack.endswith(".transformer_blocks") or name in blocks or f"{stack}.0" not in blocks:
+            continue
+        block_state = module.state_dict()
+        for output in ("attn1.to_out.0", "attn2.to_out.0", "ff.net.2"):
+            block_state[f"{output}.weight"] = torch.zeros_like(block_state[f"{output}.weight"])
+            block_state[f"{output}.bias"] = torch.zeros_like(block_state[f"{output}.bias"])
+        state.update({f"{name}.{key}": value for key, value in block_state.items()})
 
 
 def encode(first_stage: torch.nn.Module, x: torch.Tensor, sample_posterior: bool) -> torch.Tensor:
@@ -369,14 +387,17 @@ class LDMTrainer:
     def start_from(self, model: LatentDiffusion) -> None:
         """Fine-tune: the UNet (and EMA) start from a trained model's weights and keep its latent
         scale factor (CompVis' `ckpt_path`); the optimiser starts afresh. The model must share this
-        run's architecture and first-stage encoder, or its latents would mean something else (a
-        fine-tuned decoder is fine: it renders the same latents)."""
+        run's architecture, but for deeper transformers (`grow_transformer_depth`), and its
+        first-stage encoder, or its latents would mean something else (a fine-tuned decoder is
+        fine: it renders the same latents)."""
         if model.unet is None:
             raise LatentgenError("--init-from needs a diffusion model, not an autoencoder")
         if latent_space_key(self.first_stage) != latent_space_key(model.first_stage):
             raise LatentgenError("--init-from model was trained on another latent space (first-stage encoder) "
                                  "than --first-stage's")
-        runs.load_weights(self.unet, model.unet.state_dict(), "--init-from model has another UNet architecture")
+        state = model.unet.state_dict()
+        grow_transformer_depth(self.unet, state)
+        runs.load_weights(self.unet, state, "--init-from model has another UNet architecture")
         self.ema.load_state_dict(self.unet.state_dict())
         self.scale_factor = model.scale_factor
 
