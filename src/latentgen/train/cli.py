@@ -4,6 +4,7 @@ Every command is reproducible from its arguments (seeded), and the training comm
 their run folder's checkpoint when run again.
 """
 
+import gc
 import json
 from collections import Counter
 from pathlib import Path
@@ -153,9 +154,9 @@ def autoencoder(
     emoji = load_emoji_crops(data, emoji_size, crop) if emoji_fraction > 0 else None
     start = load_model(init_from).first_stage if init_from else None
     with _flushed_denormals() if kind == "dc" else nullcontext():
-        trainer = train_autoencoder(config, load_photos(photos, crop), run, resume, export_dir=export_to, emoji=emoji,
-                                    init_from=start, rank=rank)
-    _finish(rank, trainer.step, export_to or run / "export")
+        step = train_autoencoder(config, load_photos(photos, crop), run, resume, export_dir=export_to, emoji=emoji,
+                                 init_from=start, rank=rank).step
+    _finish(rank, step, export_to or run / "export")
 
 
 @contextmanager
@@ -188,7 +189,10 @@ def _join(config) -> distributed.Rank:
 
 def _finish(rank: distributed.Rank, step: int, export: Path) -> None:
     """Leave the process group together, once rank 0 has exported (a rank leaving while another still
-    works can abort in gloo's teardown)."""
+    works can abort in gloo's teardown). Called with the trainer already dropped: its
+    DistributedDataParallel holds the process group, which must be freed now, not while the
+    interpreter shuts down (where gloo's threads can abort the process after a finished run)."""
+    gc.collect()
     distributed.wait_for_all(rank)
     distributed.finish(rank)
     if rank.main:
@@ -265,10 +269,10 @@ def ldm(
     )
     from latentgen import catalog
 
-    trainer = train_ldm(config, load_model(first_stage), sources, run, resume, export_dir=export_to,
-                        init_from=load_model(init_from) if init_from else None,
-                        first_stage_name=catalog.bundled_name(catalog.resolve(first_stage)), rank=rank)
-    _finish(rank, trainer.step, export_to or run / "export")
+    step = train_ldm(config, load_model(first_stage), sources, run, resume, export_dir=export_to,
+                     init_from=load_model(init_from) if init_from else None,
+                     first_stage_name=catalog.bundled_name(catalog.resolve(first_stage)), rank=rank).step
+    _finish(rank, step, export_to or run / "export")
 
 
 @train_app.command("estimator")
@@ -310,8 +314,8 @@ def estimator(
                              max_minutes=max_minutes, device=device)
     rank = _join(config)
     with _flushed_denormals():  # as for dc: the zero-initialised residuals start near zero
-        trainer = train_estimator(config, load_photos(photos, crop), run, resume, rank=rank)
-    _finish(rank, trainer.step, run / "export")
+        step = train_estimator(config, load_photos(photos, crop), run, resume, rank=rank).step
+    _finish(rank, step, run / "export")
     if into is not None and rank.main:
         attach(into, run / "export")
         console.print(f"stored in {into}")
