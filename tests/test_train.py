@@ -686,6 +686,20 @@ def test_v_prediction_zero_snr_min_snr_ldm_trains_exports_and_samples(tmp_path, 
                   text_encoder=FakeTextEncoder(), quiet=True)
 
 
+def test_min_snr_plus_one_keeps_the_noisiest_steps_weighted(first_stage):
+    """Min-SNR's v weight min(SNR, 5) / (SNR + 1) vanishes towards pure noise; clamping SNR + 1
+    instead keeps the plain v-loss weight 1 there and still caps the low-noise steps."""
+    alpha = torch.tensor([2.0**-24, 0.05, 0.5, 0.8, 0.99])
+    snr = alpha / (1 - alpha)
+    torch.testing.assert_close(losses.min_snr_weights(alpha, 5.0, "v"), snr.clamp(max=5) / (snr + 1))
+    assert losses.min_snr_weights(alpha, 5.0, "v")[0] < 1e-6
+    torch.testing.assert_close(losses.min_snr_weights(alpha, 5.0, "v", plus_one=True),
+                               torch.tensor([1.0, 1.0, 1.0, 1.0, 5 / 100]))
+    with pytest.raises(LatentgenError, match=r"SNR \+ 1 needs v-prediction"):
+        LDMTrainer.create(replace(_ldm_config("txt2img", 1), min_snr_gamma=5.0, min_snr_plus_one=True), first_stage,
+                          LDMData(emoji=_emoji()), text_encoder=FakeTextEncoder())
+
+
 def test_bf16_precision_runs_the_unet_in_bf16_on_fp32_master_weights(first_stage):
     """--precision bf16 autocasts the UNet on CPU too (issue 14: avx512_bf16); the weights stay fp32."""
     trainer = LDMTrainer.create(replace(_ldm_config("inpaint", 1), precision="bf16"), first_stage,

@@ -231,6 +231,8 @@ def ldm(
     prediction: str = typer.Option("eps", help="eps or v (velocity) targets"),
     zero_terminal_snr: bool = typer.Option(False, help="rescale the schedule to pure noise at T (Lin et al. 2023; needs v)"),
     min_snr_gamma: float = typer.Option(0.0, help="Min-SNR-gamma loss weighting (Hang et al. 2023; 5 is theirs; 0: off)"),
+    min_snr_plus_one: bool = typer.Option(False, help="v: clamp SNR + 1 rather than SNR, so that high-noise steps keep "
+                                                      "the plain v-loss weight (not ~0 near pure noise)"),
     precision: str = typer.Option("fp32", help="fp32, or bf16 autocast of the UNet (fp32 master weights; also on CPU)"),
     ema_half_life: int = typer.Option(0, help="EMA half-life in steps (0: --ema-decay as CompVis, 0.9999)"),
     emoji_fraction: float = typer.Option(0.25, help="sr: share of emoji mosaics among the targets"),
@@ -257,6 +259,7 @@ def ldm(
         num_head_channels=num_head_channels, transformer_depth=transformer_depth, batch=batch, lr=lr, steps=steps, warmup=warmup, min_lr=min_lr,
         channels_last=channels_last, mirror=mirror, category_power=category_power, cond_drop=cond_drop,
         parameterization=prediction, zero_terminal_snr=zero_terminal_snr, min_snr_gamma=min_snr_gamma,
+        min_snr_plus_one=min_snr_plus_one,
         precision=precision, ema_half_life=ema_half_life, emoji_fraction=emoji_fraction, seed=seed, checkpoint_every=checkpoint_every, sample_every=sample_every,
         max_minutes=max_minutes, device=device,
     )

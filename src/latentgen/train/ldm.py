@@ -73,6 +73,7 @@ class LDMConfig:
     zero_terminal_snr: bool = False
     parameterization: str = "eps"
     min_snr_gamma: float = 0.0
+    min_snr_plus_one: bool = False
     precision: str = "fp32"
     batch: int = 16
     lr: float = 2e-4
@@ -187,6 +188,8 @@ class LDMTrainer:
             raise LatentgenError(f"parameterization must be eps or v, got {config.parameterization!r}")
         if config.zero_terminal_snr and config.parameterization != "v":
             raise LatentgenError("a zero-terminal-SNR schedule needs v-prediction (eps is undefined at pure noise)")
+        if config.min_snr_plus_one and config.parameterization != "v":
+            raise LatentgenError("Min-SNR over SNR + 1 needs v-prediction (its eps weight is infinite at pure noise)")
         torch.manual_seed(config.seed)
         device = pick_device(config.device)
         stage = first_stage.first_stage.to(device).eval().requires_grad_(False)
@@ -360,7 +363,7 @@ class LDMTrainer:
             output = self.parallel_unet(x_t, t, context=context)
         alpha = self.alphas_cumprod.to(self.device)[t].float().view(-1, 1, 1, 1)
         target = losses.v_target(z0, noise, alpha) if config.parameterization == "v" else noise
-        weights = losses.min_snr_weights(alpha, config.min_snr_gamma, config.parameterization) \
+        weights = losses.min_snr_weights(alpha, config.min_snr_gamma, config.parameterization, config.min_snr_plus_one) \
             if config.min_snr_gamma > 0 else torch.ones_like(alpha)
         loss = losses.diffusion_loss(output, target, weights)
         self.optimizer.zero_grad(set_to_none=True)

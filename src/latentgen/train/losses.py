@@ -114,10 +114,18 @@ def v_target(x0: torch.Tensor, noise: torch.Tensor, alpha: torch.Tensor) -> torc
     return alpha.sqrt() * noise - (1 - alpha).sqrt() * x0
 
 
-def min_snr_weights(alpha: torch.Tensor, gamma: float, parameterization: str) -> torch.Tensor:
+def min_snr_weights(alpha: torch.Tensor, gamma: float, parameterization: str, plus_one: bool = False) -> torch.Tensor:
     """Min-SNR-gamma loss weights (Hang et al. 2023): min(SNR, gamma) over SNR for eps targets,
-    over SNR + 1 for v targets (whose plain loss already weighs each step by SNR + 1)."""
+    over SNR + 1 for v targets (whose plain loss already weighs each step by SNR + 1).
+
+    `plus_one` (v targets only) clamps SNR + 1 instead, min(SNR + 1, gamma) / (SNR + 1): the plain
+    v-loss where SNR + 1 <= gamma, capped only at low noise. min(SNR, gamma) / (SNR + 1) falls to 0
+    as the noise takes over (0 at t = T on a zero-terminal-SNR schedule), so the steps where the
+    text alone must set the layout and colour, and from which trailing samplers start, are hardly
+    trained (the question raised in Min-SNR-Diffusion-Training issue #5)."""
     snr = alpha / (1 - alpha)
+    if plus_one:
+        return (snr + 1).clamp(max=gamma) / (snr + 1)
     return snr.clamp(max=gamma) / (snr + 1 if parameterization == "v" else snr)
 
 
