@@ -124,9 +124,8 @@ def min_snr_weights(alpha: torch.Tensor, gamma: float, parameterization: str, pl
     text alone must set the layout and colour, and from which trailing samplers start, are hardly
     trained (the question raised in Min-SNR-Diffusion-Training issue #5)."""
     snr = alpha / (1 - alpha)
-    if plus_one:
-        return (snr + 1).clamp(max=gamma) / (snr + 1)
-    return snr.clamp(max=gamma) / (snr + 1 if parameterization == "v" else snr)
+    clamped = (snr + 1 if plus_one else snr).clamp(max=gamma)
+    return clamped / (snr + 1 if parameterization == "v" else snr)
 
 
 def diffusion_loss(output: torch.Tensor, target: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
