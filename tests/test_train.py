@@ -563,6 +563,41 @@ def test_mirrored_emoji_are_the_flipped_images_latents_and_only_mirrorable_ones_
     assert taken == {(i, i) for i in range(6)} | {(i, i + 6) for i in (0, 2, 4)}
 
 
+def test_random_views_move_the_drawing_on_white_and_keep_it_at_zero_strength():
+    """--augment: a view with no scale, turn or shift is the image itself (mirrored where asked);
+    a real one moves the drawing and fills what it uncovers with white."""
+    x = data.emoji_at(_emoji(count=4, size=16).images, 16)
+    generator = torch.Generator().manual_seed(0)
+    flip = torch.tensor([False, True, False, True])
+    same = data.random_views(x, generator, flip, scale=(1.0, 1.0), degrees=0.0, shift=0.0)
+    torch.testing.assert_close(same[0::2], x[0::2], atol=1e-5, rtol=0)
+    torch.testing.assert_close(same[1::2], x[1::2].flip(-1), atol=1e-5, rtol=0)
+    small = data.random_views(x, generator, torch.zeros(4, dtype=torch.bool), scale=(0.5, 0.5), degrees=30.0)
+    assert small.shape == x.shape and (small - x).abs().mean() > 0.1
+    assert torch.allclose(small[:, :, 0, 0], torch.ones(4, 3), atol=1e-5)  # a corner left uncovered is white
+
+
+def test_augmented_views_follow_the_mirrors_and_take_half_of_the_batch(tmp_path, first_stage):
+    """--augment 2 with --mirror: rows 2N + kN + i hold view k of image i, encoded once and cached
+    under their own key; a batch draws them for about half of its images, the rest as before."""
+    emoji = _emoji()
+    emoji.mirrors = np.array([True, False] * 3)
+    config = replace(_ldm_config("txt2img", 0), mirror=True, augment=2)
+
+    def trainer():
+        return LDMTrainer.create(config, first_stage, LDMData(emoji=emoji), text_encoder=FakeTextEncoder(),
+                                 cache_dir=tmp_path)
+
+    latents = trainer().emoji_latents
+    assert len(latents) == 24 and len(list(tmp_path.glob("emoji-latents-*views2-0.pt"))) == 1
+    assert not torch.allclose(latents[12:18], latents[:6]) and not torch.allclose(latents[12:18], latents[18:])
+    torch.testing.assert_close(trainer().emoji_latents, latents)
+    indices = torch.arange(6).repeat(200)
+    rows = trainer()._viewed(indices, indices, torch.Generator().manual_seed(0))
+    assert ((rows - indices) % 6 == 0).all() and set(((rows - indices) // 6).tolist()) == {0, 2, 3}
+    assert (rows >= 12).float().mean().item() == pytest.approx(0.5, abs=0.05)
+
+
 def test_category_power_shares_draws_between_categories():
     """--category-power: a category of n images gets n ** power of the draws; 1 keeps plain uniform draws."""
     emoji = _emoji(count=40)

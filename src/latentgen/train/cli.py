@@ -225,6 +225,8 @@ def ldm(
     channels_last: bool = typer.Option(False, help="channels-last memory format of the UNet"),
     mirror: bool = typer.Option(False, help="txt2img: show emoji without a side (not flags, symbols, arrows, "
                                             "clocks) mirrored half of the time"),
+    augment: int = typer.Option(0, help="txt2img: random views of every emoji (scaled, turned, shifted; mirrored as "
+                                        "--mirror allows), encoded once, drawn for half of each batch"),
     category_power: float = typer.Option(1.0, help="txt2img: draw a CLDR category of n emoji in proportion to "
                                                    "n ** this (1: every image alike; 0: every category alike)"),
     cond_drop: float = typer.Option(0.1, help="text dropout for classifier-free guidance"),
@@ -257,7 +259,7 @@ def ldm(
         task=task, image_size=image_size, model_channels=model_channels, channel_mult=_numbers(channel_mult),
         num_res_blocks=num_res_blocks, attention_resolutions=_numbers(attention_resolutions),
         num_head_channels=num_head_channels, transformer_depth=transformer_depth, batch=batch, lr=lr, steps=steps, warmup=warmup, min_lr=min_lr,
-        channels_last=channels_last, mirror=mirror, category_power=category_power, cond_drop=cond_drop,
+        channels_last=channels_last, mirror=mirror, augment=augment, category_power=category_power, cond_drop=cond_drop,
         parameterization=prediction, zero_terminal_snr=zero_terminal_snr, min_snr_gamma=min_snr_gamma,
         min_snr_plus_one=min_snr_plus_one,
         precision=precision, ema_half_life=ema_half_life, emoji_fraction=emoji_fraction, seed=seed, checkpoint_every=checkpoint_every, sample_every=sample_every,

@@ -140,6 +140,23 @@ def emoji_at(images: np.ndarray, size: int) -> torch.Tensor:
     return x
 
 
+def random_views(x: torch.Tensor, generator: torch.Generator, flip: torch.Tensor, scale: tuple[float, float] = (0.75, 1.05),
+                 degrees: float = 15.0, shift: float = 0.1) -> torch.Tensor:
+    """Emoji [N, 3, H, W] in [-1, 1], each seen anew: scaled, turned by up to `degrees`, shifted by up
+    to `shift` of the frame and, where `flip`, mirrored, on the white they were composited on. More
+    views of each of an emoji's few drawings than the mirror alone gives."""
+    n = len(x)
+    zoom = torch.empty(n).uniform_(*scale, generator=generator)
+    angle = torch.empty(n).uniform_(-degrees, degrees, generator=generator).deg2rad()
+    offset = torch.empty(n, 2).uniform_(-2 * shift, 2 * shift, generator=generator)  # the frame spans [-1, 1]
+    cos, sin = angle.cos() / zoom, angle.sin() / zoom
+    mirror = 1.0 - 2.0 * flip.float()
+    theta = torch.stack([torch.stack([cos * mirror, -sin, offset[:, 0]], 1),
+                         torch.stack([sin * mirror, cos, offset[:, 1]], 1)], 1)  # output -> input coordinates
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    return F.grid_sample(x - 1, grid, mode="bilinear", padding_mode="zeros", align_corners=False) + 1
+
+
 @dataclass
 class ImageBatches:
     """Random batches from a uint8 [N, H, W, 3] array: random `crop` px windows, random

@@ -39,7 +39,7 @@ from latentgen.tasks import inpainting_concat
 from latentgen.schedules import make_alphas_cumprod
 
 from . import losses, runs
-from .data import EmojiSet, ImageBatches, degrade, emoji_at, emoji_mosaic, random_masks
+from .data import EmojiSet, ImageBatches, degrade, emoji_at, emoji_mosaic, random_masks, random_views
 
 TASKS = ("txt2img", "inpaint", "sr", "uncond")
 CONDITIONING_KEYS = {"txt2img": "crossattn", "inpaint": "concat", "sr": "concat", "uncond": None}
@@ -56,7 +56,9 @@ BLOCK = re.compile(r"(.*\.transformer_blocks\.\d+)\.")  # a transformer block's 
 class LDMConfig:
     """UNet architecture (CompVis unet_config names), schedule and recipe. The learning rate warms
     up over `warmup` steps, then follows a cosine to `min_lr` x `lr` at `steps` (1.0: constant);
-    `mirror` shows mirrorable emoji flipped left to right half of the time."""
+    `mirror` shows mirrorable emoji flipped left to right half of the time; `augment` adds that many
+    views of every emoji (`random_views`: scaled, turned, shifted, mirrored as `mirror` allows),
+    encoded once and drawn for half of the batch, so the drawings themselves stay half of it."""
 
     task: str = "txt2img"
     image_size: int = 128
@@ -82,6 +84,7 @@ class LDMConfig:
     min_lr: float = 1.0
     channels_last: bool = False
     mirror: bool = False
+    augment: int = 0
     category_power: float = 1.0
     ema_decay: float = 0.9999
     ema_half_life: int = 0
@@ -210,6 +213,7 @@ class LDMTrainer:
         if config.task == "txt2img":
             key = f"{latent_space_key(stage)}-{data.emoji.fingerprint()}-{config.image_size}"
             key += "-mirrored" if config.mirror else ""
+            key += f"-views{config.augment}-{config.seed}" if config.augment else ""
             cache = cache_dir / f"emoji-latents-{key}.pt" if cache_dir else None
             trainer.emoji_latents = trainer._encode_emoji(cache)
             trainer.empty_context = trainer._empty_context()
@@ -229,24 +233,39 @@ class LDMTrainer:
 
     def _encode_emoji(self, cache: Optional[Path]) -> torch.Tensor:
         """Latent statistics of every emoji: KL (mean, logvar) stacked on channels, or VQ's h; with
-        `mirror`, those of every emoji flipped left to right follow (row N + i is image i mirrored)."""
+        `mirror`, those of every emoji flipped left to right follow (row N + i is image i mirrored),
+        then the `augment` random views, N rows each."""
         if cache is not None and cache.is_file():
             return torch.load(cache, weights_only=True)
-        images = self.data.emoji.images
-        if self.config.mirror:
-            images = np.concatenate([images, images[:, :, ::-1]])
+        emoji, config = self.data.emoji, self.config
+        blocks = [self._encode_images(emoji.images)]
+        if config.mirror:
+            blocks.append(self._encode_images(emoji.images[:, :, ::-1]))
+        generator = torch.Generator().manual_seed(config.seed)
+        for _ in range(config.augment):
+            flip = (torch.rand(len(emoji.images), generator=generator) < 0.5) & self._mirrorable() & config.mirror
+            blocks.append(self._encode_images(emoji.images, generator, flip))
+        latents = torch.cat(blocks)
+        if cache is not None:
+            atomic_write(cache, lambda temp: torch.save(latents, temp))
+        return latents
+
+    def _encode_images(self, images: np.ndarray, generator: Optional[torch.Generator] = None,
+                       flip: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Latent statistics of emoji (KL: mean and logvar on channels), of random views of them
+        when given a `generator`."""
         out = []
         with torch.no_grad():
             for start in range(0, len(images), 64):
-                x = emoji_at(images[start:start + 64], self.config.image_size).to(self.device)
+                x = emoji_at(images[start:start + 64], self.config.image_size)
+                if generator is not None:
+                    x = random_views(x, generator, flip[start:start + 64])
+                x = x.to(self.device)
                 if isinstance(self.first_stage, AutoencoderKL):
                     out.append(torch.cat(self.first_stage.encode_moments(x), 1).cpu())
                 else:
                     out.append(self.first_stage.encode(x).cpu())
-        latents = torch.cat(out)
-        if cache is not None:
-            atomic_write(cache, lambda temp: torch.save(latents, temp))
-        return latents
+        return torch.cat(out)
 
     def _empty_context(self) -> torch.Tensor:
         emoji = self.data.emoji
@@ -289,6 +308,7 @@ class LDMTrainer:
         if task == "txt2img":
             indices = self.data.emoji.draw(batch, generator, self.config.category_power)
             rows = self._mirrored(indices, generator) if self.config.mirror else indices
+            rows = self._viewed(indices, rows, generator) if self.config.augment else rows
             return self._emoji_latents(rows) * sf, Conditioning(context=self._text_condition(indices, generator))
         if task == "sr":
             x = self._sr_targets(batch, generator)
@@ -307,11 +327,20 @@ class LDMTrainer:
 
     def _mirrored(self, indices: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """Latent rows of `indices`, the mirrored copy (row N + i) for half of the mirrorable ones."""
+        flip = (torch.rand(len(indices), generator=generator) < 0.5) & self._mirrorable()[indices]
+        return indices + flip.long() * len(self.data.emoji.images)
+
+    def _mirrorable(self) -> torch.Tensor:
+        """Which emoji may be shown mirrored (none when the set does not say)."""
         emoji = self.data.emoji
-        mirrorable = torch.zeros(len(indices), dtype=torch.bool) if emoji.mirrors is None else \
-            torch.from_numpy(emoji.mirrors)[indices]
-        flip = (torch.rand(len(indices), generator=generator) < 0.5) & mirrorable
-        return indices + flip.long() * len(emoji.images)
+        return torch.zeros(len(emoji.images), dtype=torch.bool) if emoji.mirrors is None else torch.from_numpy(emoji.mirrors)
+
+    def _viewed(self, indices: torch.Tensor, rows: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """`rows` with half of them, at random, replaced by one of their image's random views."""
+        count, first = len(self.data.emoji.images), 2 if self.config.mirror else 1
+        view = torch.randint(self.config.augment, (len(indices),), generator=generator)
+        take = torch.rand(len(indices), generator=generator) < 0.5
+        return torch.where(take, indices + (first + view) * count, rows)
 
     def _sr_targets(self, batch: int, generator: torch.Generator) -> torch.Tensor:
         """High-resolution targets: photo crops plus, when emoji are given, sharp emoji mosaics."""
