@@ -25,7 +25,7 @@ from latentgen.train import data, losses, runs
 from latentgen.train.autoencoder import AutoencoderConfig, train_autoencoder
 from latentgen.train.data import EmojiSet, ImageBatches
 from latentgen.models.unet import UNetModel
-from latentgen.train.ldm import LDMConfig, LDMData, LDMTrainer, grow_transformer_depth, train_ldm
+from latentgen.train.ldm import LDMConfig, LDMData, LDMTrainer, grow_res_blocks, grow_transformer_depth, train_ldm
 
 # ---- losses ---------------------------------------------------------------------------------
 
@@ -662,35 +662,47 @@ def test_ldm_fine_tunes_from_an_exported_model(tmp_path, first_stage):
         other.first_stage.encoder.conv_in.weight.add_(1)
     with pytest.raises(LatentgenError, match="another latent space"):
         trainer.start_from(other)
-    deeper = LDMTrainer.create(replace(_ldm_config("inpaint", 0), num_res_blocks=2), first_stage,
-                              LDMData(photos=_photos()))
+    wider = LDMTrainer.create(replace(_ldm_config("inpaint", 0), model_channels=64), first_stage,
+                             LDMData(photos=_photos()))
     with pytest.raises(LatentgenError, match="another UNet architecture"):
-        deeper.start_from(base)
+        wider.start_from(base)
 
 
-def test_grown_transformer_depth_starts_as_the_shallower_model():
-    """--transformer-depth above --init-from's: the trained blocks are kept, the new ones are zero-output
-    residuals, so the deeper UNet computes what the shallower one did and then trains the new blocks."""
+GROWTHS = {  # a larger UNet's parameters, how it grows from the smaller one, and a weight that starts at zero
+    "transformer-depth-2": ({"transformer_depth": 2}, grow_transformer_depth,
+                            lambda unet: unet.middle_block[1].transformer_blocks[1].ff.net[2].weight),
+    "res-blocks-2": ({"num_res_blocks": 2}, lambda unet, state: grow_res_blocks(unet, state, levels=3),
+                     lambda unet: unet.output_blocks[1][0].out_layers[3].weight),  # the 4 x 4 level's second
+    "res-blocks-3": ({"num_res_blocks": 3}, lambda unet, state: grow_res_blocks(unet, state, levels=3),
+                     lambda unet: unet.output_blocks[5][1].proj_out.weight),  # the 8 x 8 level's third
+}
+
+
+@pytest.mark.parametrize("case", GROWTHS)
+def test_grown_unet_starts_as_the_smaller_model(case):
+    """--transformer-depth or --num-res-blocks above --init-from's: the trained blocks are kept (and
+    renumbered), the new ones are zero-output residuals (a new output block's skip convolution drops
+    the repeated skip it is fed), so the grown UNet computes what the smaller one did and then trains
+    the new blocks."""
+    larger, grow, new_weight = GROWTHS[case]
     params = dict(image_size=8, in_channels=4, out_channels=4, model_channels=32, attention_resolutions=[1, 2],
-                  num_res_blocks=1, channel_mult=[1, 2], num_head_channels=16, use_spatial_transformer=True,
-                  context_dim=24)
+                  num_res_blocks=1, channel_mult=[1, 2, 2], num_head_channels=16, use_spatial_transformer=True,
+                  transformer_depth=1, context_dim=24)
     torch.manual_seed(0)
-    shallow = UNetModel(**params, transformer_depth=1)
+    small = UNetModel(**params)
     with torch.no_grad():
-        for parameter in shallow.parameters():
+        for parameter in small.parameters():
             parameter.add_(0.05 * torch.randn_like(parameter))  # trained: no zero-initialised projections left
-    deep = UNetModel(**params, transformer_depth=2)
-    state = shallow.state_dict()
-    grow_transformer_depth(deep, state)
-    deep.load_state_dict(state)
+    grown = UNetModel(**{**params, **larger})
+    state = small.state_dict()
+    grow(grown, state)
+    grown.load_state_dict(state)
     x, t, context = torch.randn(2, 4, 8, 8), torch.tensor([10, 900]), torch.randn(2, 5, 24)
     with torch.no_grad():
-        torch.testing.assert_close(deep(x, t, context=context), shallow(x, t, context=context))
-    new = deep.middle_block[1].transformer_blocks[1]
-    assert not new.ff.net[2].weight.any() and new.attn2.to_q.weight.any()
-    loss = deep(x, t, context=context).square().mean()
-    loss.backward()
-    assert new.ff.net[2].weight.grad.abs().sum() > 0
+        torch.testing.assert_close(grown(x, t, context=context), small(x, t, context=context))
+    assert not new_weight(grown).any()
+    grown(x, t, context=context).square().mean().backward()
+    assert new_weight(grown).grad.abs().sum() > 0
 
 
 @pytest.mark.slow

@@ -211,7 +211,8 @@ def ldm(
     image_size: int = typer.Option(128, help="training size in pixels"),
     model_channels: int = typer.Option(64),
     channel_mult: str = typer.Option("1,2,2"),
-    num_res_blocks: int = typer.Option(1),
+    num_res_blocks: int = typer.Option(1, help="ResBlocks per level (more than --init-from's: the new ones start "
+                                               "as the identity)"),
     attention_resolutions: str = typer.Option("2", help="downsampling factors with attention ('' for none)"),
     num_head_channels: int = typer.Option(32),
     transformer_depth: int = typer.Option(1, help="txt2img: transformer blocks per SpatialTransformer (deeper than "

@@ -144,6 +144,50 @@ def grow_transformer_depth(unet: UNetModel, state: dict[str, torch.Tensor]) -> N
         state.update({f"{name}.{key}": value for key, value in block_state.items()})
 
 
+def _identity_block(block: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The state of a new UNet block [ResBlock, attention?] that returns its input `h` unchanged: the
+    ResBlock's last convolution and the attention's output projection zeroed, and an output block's
+    1 x 1 skip convolution, fed cat([h, skip]), passing `h` through and dropping `skip`."""
+    state = {key: value.clone() for key, value in block.state_dict().items()}
+    for key in [k for k in state if k.startswith(("0.out_layers.3.", "1.proj_out."))]:
+        state[key].zero_()
+    if "0.skip_connection.weight" in state:
+        weight = state["0.skip_connection.weight"]
+        weight.zero_()[:, :weight.shape[0], 0, 0] = torch.eye(weight.shape[0])
+        state["0.skip_connection.bias"].zero_()
+    return state
+
+
+def grow_res_blocks(unet: UNetModel, state: dict[str, torch.Tensor], levels: int) -> None:
+    """Rewrite `state`, the UNet weights of a model with fewer ResBlocks per level, for `unet`: its
+    blocks renumbered, and identity blocks added where `unet` has more. A new input block repeats its
+    level's last skip; the new output blocks of a level follow its first one and drop those repeats,
+    so every trained block sees what it saw before and the grown model starts as the trained one."""
+    indices = {int(match.group(1)) for key in state if (match := re.match(r"input_blocks\.(\d+)\.", key))}
+    old, new = len(indices) // levels - 1, len(unet.input_blocks) // levels - 1
+    if not 0 < old < new:
+        return
+    names = {"input_blocks.0": "input_blocks.0"}
+    for level in range(levels):
+        for block in range(old + (level < levels - 1)):
+            target = block if block < old else new
+            names[f"input_blocks.{1 + level * (old + 1) + block}"] = f"input_blocks.{1 + level * (new + 1) + target}"
+        for block in range(old + 1):
+            target = block if block == 0 else block + new - old
+            names[f"output_blocks.{level * (old + 1) + block}"] = f"output_blocks.{level * (new + 1) + target}"
+    grown = {}
+    for key, value in state.items():
+        block = ".".join(key.split(".")[:2])
+        grown[names.get(block, block) + key[len(block):]] = value
+    kept = set(names.values())
+    for stack in ("input_blocks", "output_blocks"):
+        for index, block in enumerate(getattr(unet, stack)):
+            if f"{stack}.{index}" not in kept:
+                grown.update({f"{stack}.{index}.{key}": value for key, value in _identity_block(block).items()})
+    state.clear()
+    state.update(grown)
+
+
 def encode(first_stage: torch.nn.Module, x: torch.Tensor, sample_posterior: bool) -> torch.Tensor:
     """Unscaled latents: a KL posterior sample (CompVis trains on samples) or its mean; VQ's pre-quantisation h."""
     if not isinstance(first_stage, AutoencoderKL):
@@ -419,7 +463,8 @@ class LDMTrainer:
     def start_from(self, model: LatentDiffusion) -> None:
         """Fine-tune: the UNet (and EMA) start from a trained model's weights and keep its latent
         scale factor (CompVis' `ckpt_path`); the optimiser starts afresh. The model must share this
-        run's architecture, but for deeper transformers (`grow_transformer_depth`), and its
+        run's architecture, but for more ResBlocks per level (`grow_res_blocks`) or deeper transformers
+        (`grow_transformer_depth`), and its
         first-stage encoder, or its latents would mean something else (a fine-tuned decoder is
         fine: it renders the same latents)."""
         if model.unet is None:
@@ -428,6 +473,7 @@ class LDMTrainer:
             raise LatentgenError("--init-from model was trained on another latent space (first-stage encoder) "
                                  "than --first-stage's")
         state = model.unet.state_dict()
+        grow_res_blocks(self.unet, state, len(self.config.channel_mult))
         grow_transformer_depth(self.unet, state)
         runs.load_weights(self.unet, state, "--init-from model has another UNet architecture")
         self.ema.load_state_dict(self.unet.state_dict())
