@@ -668,13 +668,17 @@ def test_ldm_fine_tunes_from_an_exported_model(tmp_path, first_stage):
         wider.start_from(base)
 
 
-GROWTHS = {  # a larger UNet's parameters, how it grows from the smaller one, and a weight that starts at zero
+GROWTHS = {  # a larger UNet's parameters, how it grows from the smaller one, and two weights of a new block:
+    # its output projection, which starts at zero, and an inner layer, which keeps its initialisation
     "transformer-depth-2": ({"transformer_depth": 2}, grow_transformer_depth,
-                            lambda unet: unet.middle_block[1].transformer_blocks[1].ff.net[2].weight),
+                            lambda unet: unet.middle_block[1].transformer_blocks[1].ff.net[2].weight,
+                            lambda unet: unet.middle_block[1].transformer_blocks[1].attn2.to_q.weight),
     "res-blocks-2": ({"num_res_blocks": 2}, lambda unet, state: grow_res_blocks(unet, state, levels=3),
-                     lambda unet: unet.output_blocks[1][0].out_layers[3].weight),  # the 4 x 4 level's second
+                     lambda unet: unet.output_blocks[1][0].out_layers[3].weight,  # the 4 x 4 level's second
+                     lambda unet: unet.output_blocks[1][0].in_layers[2].weight),
     "res-blocks-3": ({"num_res_blocks": 3}, lambda unet, state: grow_res_blocks(unet, state, levels=3),
-                     lambda unet: unet.output_blocks[5][1].proj_out.weight),  # the 8 x 8 level's third
+                     lambda unet: unet.output_blocks[5][1].proj_out.weight,  # the 8 x 8 level's third
+                     lambda unet: unet.output_blocks[5][1].proj_in.weight),
 }
 
 
@@ -684,7 +688,7 @@ def test_grown_unet_starts_as_the_smaller_model(case):
     renumbered), the new ones are zero-output residuals (a new output block's skip convolution drops
     the repeated skip it is fed), so the grown UNet computes what the smaller one did and then trains
     the new blocks."""
-    larger, grow, new_weight = GROWTHS[case]
+    larger, grow, new_weight, inner_weight = GROWTHS[case]
     params = dict(image_size=8, in_channels=4, out_channels=4, model_channels=32, attention_resolutions=[1, 2],
                   num_res_blocks=1, channel_mult=[1, 2, 2], num_head_channels=16, use_spatial_transformer=True,
                   transformer_depth=1, context_dim=24)
@@ -700,7 +704,7 @@ def test_grown_unet_starts_as_the_smaller_model(case):
     x, t, context = torch.randn(2, 4, 8, 8), torch.tensor([10, 900]), torch.randn(2, 5, 24)
     with torch.no_grad():
         torch.testing.assert_close(grown(x, t, context=context), small(x, t, context=context))
-    assert not new_weight(grown).any()
+    assert not new_weight(grown).any() and inner_weight(grown).any()
     grown(x, t, context=context).square().mean().backward()
     assert new_weight(grown).grad.abs().sum() > 0
 

@@ -137,20 +137,22 @@ def grow_transformer_depth(unet: UNetModel, state: dict[str, torch.Tensor]) -> N
         stack = name.rpartition(".")[0]
         if not stack.endswith(".transformer_blocks") or name in blocks or f"{stack}.0" not in blocks:
             continue
-        block_state = module.state_dict()
-        for output in ("attn1.to_out.0", "attn2.to_out.0", "ff.net.2"):
-            block_state[f"{output}.weight"] = torch.zeros_like(block_state[f"{output}.weight"])
-            block_state[f"{output}.bias"] = torch.zeros_like(block_state[f"{output}.bias"])
+        block_state = _zeroed_outputs(module, ("attn1.to_out.0.", "attn2.to_out.0.", "ff.net.2."))
         state.update({f"{name}.{key}": value for key, value in block_state.items()})
+
+
+def _zeroed_outputs(module: torch.nn.Module, outputs: tuple[str, ...]) -> dict[str, torch.Tensor]:
+    """A copy of `module`'s state with the layers named by `outputs` (key prefixes) zeroed: the output
+    projections that make a new residual block start as the identity."""
+    return {key: value.clone().zero_() if key.startswith(outputs) else value.clone()
+            for key, value in module.state_dict().items()}
 
 
 def _identity_block(block: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The state of a new UNet block [ResBlock, attention?] that returns its input `h` unchanged: the
     ResBlock's last convolution and the attention's output projection zeroed, and an output block's
     1 x 1 skip convolution, fed cat([h, skip]), passing `h` through and dropping `skip`."""
-    state = {key: value.clone() for key, value in block.state_dict().items()}
-    for key in [k for k in state if k.startswith(("0.out_layers.3.", "1.proj_out."))]:
-        state[key].zero_()
+    state = _zeroed_outputs(block, ("0.out_layers.3.", "1.proj_out."))
     if "0.skip_connection.weight" in state:
         weight = state["0.skip_connection.weight"]
         weight.zero_()[:, :weight.shape[0], 0, 0] = torch.eye(weight.shape[0])
@@ -464,9 +466,8 @@ class LDMTrainer:
         """Fine-tune: the UNet (and EMA) start from a trained model's weights and keep its latent
         scale factor (CompVis' `ckpt_path`); the optimiser starts afresh. The model must share this
         run's architecture, but for more ResBlocks per level (`grow_res_blocks`) or deeper transformers
-        (`grow_transformer_depth`), and its
-        first-stage encoder, or its latents would mean something else (a fine-tuned decoder is
-        fine: it renders the same latents)."""
+        (`grow_transformer_depth`), and its first-stage encoder, or its latents would mean something
+        else (a fine-tuned decoder is fine: it renders the same latents)."""
         if model.unet is None:
             raise LatentgenError("--init-from needs a diffusion model, not an autoencoder")
         if latent_space_key(self.first_stage) != latent_space_key(model.first_stage):
